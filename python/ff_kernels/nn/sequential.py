@@ -1,0 +1,81 @@
+"""FFSequential: a stack of FF layers, each learning from the normalized output of the one below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class FFSequential(nn.Sequential):
+    """Layers with the FF interface (``forward_with_goodness``, ``ff_backward``, ``ff_step``).
+
+    Each layer receives the previous layer's normalized output, computed with the weights
+    before this step's update; no derivative crosses a layer. Training all layers at once is
+    ``layers=None``; greedy layer-by-layer training passes the indices to train (for example
+    ``layers=[k]`` during the k-th stage): layers below them only run forward and layers
+    above the highest trained one are not run at all.
+    """
+
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer normalized outputs for ``x: (B, D_in)``: a list of (B, D_l)."""
+        outputs = []
+        for layer in self:
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
+    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-layer goodness ``(B, L)`` float32 for ``x: (B, D_in)``."""
+        columns = []
+        for layer in self:
+            x, g = layer.forward_with_goodness(x)
+            columns.append(g)
+        return torch.stack(columns, dim=1)
+
+    def _layer_indices(self, layers: Iterable[int] | None) -> set[int]:
+        if layers is None:
+            return set(range(len(self)))
+        chosen = {int(i) for i in layers}
+        bad = sorted(i for i in chosen if not 0 <= i < len(self))
+        if bad or not chosen:
+            raise ValueError(f"FFSequential: layers must be a non-empty subset of 0..{len(self) - 1}, got {sorted(chosen)}")
+        return chosen
+
+    def _train(self, x_pos, x_neg, layers, step_fn) -> list[torch.Tensor]:
+        chosen = self._layer_indices(layers)
+        n_pos = x_pos.shape[0]
+        losses = []
+        for i, layer in enumerate(self):
+            if i > max(chosen):
+                break
+            if i in chosen:
+                step = step_fn(layer, x_pos, x_neg)
+                losses.append(step.loss)
+                x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
+            else:
+                x_pos, x_neg = layer(x_pos), layer(x_neg)
+        return losses
+
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
+        """Accumulate every chosen layer's local gradients; returns their losses (0-dim each).
+
+        x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows.
+        """
+        return self._train(x_pos, x_neg, layers, lambda layer, p, n: layer.ff_backward(p, n, return_step=True))
+
+    def ff_step(
+        self,
+        x_pos: torch.Tensor,
+        x_neg: torch.Tensor,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        layers: Iterable[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Fused SGD step on every chosen layer (see ``FFLinear.ff_step``); returns their losses."""
+        return self._train(
+            x_pos, x_neg, layers,
+            lambda layer, p, n: layer.ff_step(p, n, lr=lr, momentum=momentum, weight_decay=weight_decay, return_step=True),
+        )

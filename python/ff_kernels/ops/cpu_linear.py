@@ -1,0 +1,131 @@
+"""CPU fast path for an FF linear layer: explicit local gradients with torch ops, no autograd.
+
+Per step it runs one GEMM for the positive and negative rows together (bias fused by
+``addmm``), a few passes over the (B, D_out) activities, and one weight-gradient GEMM that
+accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with beta 1),
+so dW is never a separate tensor unless a mask or a dtype change needs one. With
+``compute_dtype=torch.bfloat16`` both GEMMs run in bf16 (AMX/AVX512-BF16 where the CPU has
+them) while parameters, goodness and the optimizer stay in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from .results import FFLayerStep
+
+
+def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out)."""
+    if bias is None:
+        return torch.mm(x, weight.t()).relu_()
+    return torch.addmm(bias.to(x.dtype), x, weight.t()).relu_()
+
+
+def _row_scale(h: torch.Tensor, goodness: str) -> torch.Tensor:
+    """Per-row sum (``"sum"``) or length (squared goodness) of ``h``, float32 (B,)."""
+    if goodness == "sum":
+        return h.sum(1, dtype=torch.float32)
+    return torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
+
+
+def _normalized(h: torch.Tensor, scale: torch.Tensor, goodness: str, rms: bool) -> torch.Tensor:
+    """``h / (scale + eps)`` with the rms rescaling of :func:`functional.normalize`."""
+    if rms:
+        d = h.shape[1]
+        scale = scale / (d if goodness == "sum" else d**0.5)
+    return h * (1.0 / (scale + F.NORM_EPS)).to(h.dtype)[:, None]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
+    """Normalized output (B, D_out) in x's dtype and goodness (B,) float32 of ``x: (B, D_in)``.
+
+    Relies on the layer invariant that masked weights are exactly zero, so the mask costs nothing.
+    """
+    h = _activities(_cast(x, compute_dtype), _cast(weight, compute_dtype), bias)
+    scale = _row_scale(h, goodness)
+    g = scale if goodness == "sum" else scale.square()
+    return _normalized(h, scale, goodness, rms).to(x.dtype), g
+
+
+def _add_weight_grad(target: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, mask, alpha: float = 1.0) -> None:
+    """``target += alpha * (delta.T @ x) * mask``: (D_out, B) @ (B, D_in), in one GEMM when possible."""
+    if mask is None and delta.dtype == target.dtype:
+        target.addmm_(delta.t(), x, alpha=alpha)
+        return
+    grad = torch.mm(delta.t(), x)
+    if mask is not None:
+        grad.mul_(mask)
+    target.add_(grad, alpha=alpha)
+
+
+def _add_bias_grad(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
+    target.add_(delta.sum(0, dtype=torch.float32), alpha=alpha)
+
+
+def _accumulate_grad(param: torch.Tensor, add) -> None:
+    """``param.grad += grad`` where ``add(target, alpha)`` adds the gradient into ``target``."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    add(param.grad, 1.0)
+
+
+def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha)``.
+
+    With a buffer: ``buf = momentum * buf + wd * param + grad; param -= lr * buf``.
+    Without (momentum 0): ``param = (1 - lr * wd) * param - lr * grad``.
+    """
+    if buf is None:
+        if weight_decay:
+            param.mul_(1.0 - lr * weight_decay)
+        add(param, -lr)
+        return
+    buf.mul_(momentum)
+    if weight_decay:
+        buf.add_(param, alpha=weight_decay)
+    add(buf, 1.0)
+    param.add_(buf, alpha=-lr)
+
+
+def train_step(
+    x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None,
+) -> FFLayerStep:
+    """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step."""
+    n_pos = x_pos.shape[0]
+    x = _cast(torch.cat([x_pos, x_neg]), compute_dtype)
+    h = _activities(x, _cast(weight, compute_dtype), bias)
+    scale = _row_scale(h, goodness)
+    g = scale if goodness == "sum" else scale.square()
+    loss = F.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
+
+    coef = F.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    if goodness == "sum":
+        delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
+    else:
+        delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
+    mask_w = None if mask is None else mask.to(weight.dtype)
+
+    def add_w(target, alpha):
+        _add_weight_grad(target, delta, x, mask_w, alpha)
+
+    def add_b(target, alpha):
+        _add_bias_grad(target, delta, alpha)
+
+    with torch.no_grad():
+        if mode == "grad":
+            _accumulate_grad(weight, add_w)
+            if bias is not None:
+                _accumulate_grad(bias, add_b)
+        else:
+            _sgd(weight, weight_buf, add_w, lr, momentum, weight_decay)
+            if bias is not None:
+                _sgd(bias, bias_buf, add_b, lr, momentum, weight_decay)
+    return FFLayerStep(loss, g, output)

@@ -1,0 +1,157 @@
+"""Dispatch for the FF linear-layer ops: validate once, pick a backend, call it.
+
+Backends:
+    "reference"  functional.py + autograd (any device): the ground truth for tests
+    "cpu"        explicit local gradients with torch ops (ops/cpu_linear.py)
+    "triton"     fused Triton kernels (fftriton/); CUDA tensors, or CPU tensors when
+                 TRITON_INTERPRET=1 (the test mode)
+    "auto"       "triton" for CUDA tensors, "cpu" for CPU tensors
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import functional as F
+from . import cpu_linear, reference_linear
+from .results import FFLayerStep
+from .validation import FLOAT_DTYPES, check_hyper, check_matrix, check_rows_pair, describe
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+MODES = ("grad", "sgd")
+
+
+def resolve_backend(backend: str, device: torch.device, layer: str = "FFLinear") -> str:
+    """The concrete backend for ``backend`` on ``device`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{layer}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{layer}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"{layer}: backend 'cpu' needs CPU tensors, got device {device}")
+    return backend
+
+
+def _check_params(layer: str, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: weight must be float32 or bfloat16, got {describe(weight)}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"{layer}: bias must have shape ({weight.shape[0]},) and the weight's dtype and device, got {describe(bias)}")
+    if mask is not None and (mask.shape != weight.shape or mask.device != weight.device):
+        raise ValueError(f"{layer}: mask must have shape {tuple(weight.shape)} on {weight.device}, got {describe(mask)}")
+
+
+def _check_compute_dtype(layer: str, compute_dtype: torch.dtype | None, backend: str) -> None:
+    if compute_dtype is None:
+        return
+    if compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: compute_dtype must be None, torch.float32 or torch.bfloat16, got {compute_dtype}")
+    if backend != "cpu" and compute_dtype != torch.float32:
+        raise ValueError(f"{layer}: compute_dtype={compute_dtype} is a mode of the 'cpu' backend; got backend {backend!r}")
+
+
+def ff_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    goodness: str = "ssq",
+    rms: bool = False,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    compute_dtype: torch.dtype | None = None,
+    layer: str = "FFLinear",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized ReLU activities and goodness of one FF linear layer (no gradients).
+
+    x: (B, D_in) float32|bfloat16, weight: (D_out, D_in), bias: (D_out,) or None,
+    mask: (D_out, D_in) bool or None -> (output (B, D_out) in x's dtype, goodness (B,) float32).
+    """
+    F.check_goodness(goodness)
+    _check_params(layer, weight, bias, mask)
+    check_matrix("x", layer, x, weight.shape[1], weight)
+    backend = resolve_backend(backend, weight.device, layer)
+    _check_compute_dtype(layer, compute_dtype, backend)
+    with torch.no_grad():
+        if backend == "reference":
+            return reference_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
+        if backend == "cpu":
+            return cpu_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask, compute_dtype=compute_dtype)
+        from . import triton_linear
+
+        return triton_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
+
+
+def ff_linear_step(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    goodness: str = "ssq",
+    threshold: float = 0.0,
+    temperature: float = 1.0,
+    rms: bool = False,
+    mask: torch.Tensor | None = None,
+    mode: str = "grad",
+    lr: float = 0.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    weight_buf: torch.Tensor | None = None,
+    bias_buf: torch.Tensor | None = None,
+    backend: str = "auto",
+    compute_dtype: torch.dtype | None = None,
+    layer: str = "FFLinear",
+) -> FFLayerStep:
+    """One FF training pass of a linear layer on a positive and a negative batch.
+
+    x_pos: (Bp, D_in), x_neg: (Bn, D_in) in the weight's dtype; weight (D_out, D_in);
+    bias (D_out,) or None; mask (D_out, D_in) bool or None (masked weights must be zero).
+
+    mode "grad": add the local gradients dL/dW, dL/db into ``weight.grad`` / ``bias.grad``
+    exactly as ``loss.backward()`` on :func:`functional.ff_linear_loss` would.
+    mode "sgd": apply ``torch.optim.SGD(lr, momentum, weight_decay)`` to the parameters in
+    place with momentum buffers ``weight_buf`` / ``bias_buf`` (required when momentum > 0),
+    without writing dL/dW to memory on the fused backends.
+
+    Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
+    as they were before this step.
+    """
+    F.check_goodness(goodness)
+    if mode not in MODES:
+        raise ValueError(f"{layer}: mode must be one of {MODES}, got {mode!r}")
+    _check_params(layer, weight, bias, mask)
+    check_rows_pair(layer, x_pos, x_neg)
+    check_matrix("x_pos", layer, x_pos, weight.shape[1], weight)
+    check_matrix("x_neg", layer, x_neg, weight.shape[1], weight)
+    check_hyper(layer, "temperature", temperature, 0.0, allow_equal=False)
+    threshold = float(threshold)
+    if mode == "sgd":
+        lr = check_hyper(layer, "lr", lr)
+        momentum = check_hyper(layer, "momentum", momentum)
+        weight_decay = check_hyper(layer, "weight_decay", weight_decay)
+        for name, buf, param in (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)):
+            if param is None:
+                continue
+            if buf is None and momentum > 0:
+                raise ValueError(f"{layer}: momentum={momentum} needs {name}, got None")
+            if buf is not None and (buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device):
+                raise ValueError(f"{layer}: {name} must match its parameter ({describe(param)}), got {describe(buf)}")
+    backend = resolve_backend(backend, weight.device, layer)
+    _check_compute_dtype(layer, compute_dtype, backend)
+    kwargs = dict(
+        goodness=goodness, threshold=threshold, temperature=float(temperature), rms=rms, mask=mask, mode=mode,
+        lr=lr, momentum=momentum, weight_decay=weight_decay, weight_buf=weight_buf, bias_buf=bias_buf,
+    )
+    if backend == "reference":
+        return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
+    with torch.no_grad():
+        if backend == "cpu":
+            return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, **kwargs)
+        from . import triton_linear
+
+        return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
