@@ -1,0 +1,85 @@
+"""Bad input is rejected with an error naming the layer, what was expected and what came."""
+
+import pytest
+import torch
+
+import ff_kernels
+from ff_kernels import ops
+
+
+@pytest.fixture
+def layer():
+    return ff_kernels.FFLinear(8, 4)
+
+
+def test_wrong_feature_size(layer):
+    with pytest.raises(ValueError, match=r"FFLinear\(8, 4\): x must have shape \(batch, 8\), got shape \(3, 7\)"):
+        layer(torch.ones(3, 7))
+
+
+def test_one_dimensional_input_is_not_broadcast(layer):
+    with pytest.raises(ValueError, match=r"shape \(batch, 8\), got shape \(8,\)"):
+        layer.goodness(torch.ones(8))
+
+
+def test_wrong_dtype(layer):
+    with pytest.raises(TypeError, match=r"x_pos must have dtype torch.float32 .* got .*torch.float64"):
+        layer.ff_backward(torch.ones(2, 8, dtype=torch.float64), torch.ones(2, 8))
+
+
+def test_wrong_device(layer):
+    with pytest.raises(ValueError, match=r"x must be on cpu .* got .*device meta"):
+        layer(torch.ones(2, 8, device="meta"))
+
+
+def test_positive_and_negative_widths_differ(layer):
+    with pytest.raises(ValueError, match=r"same width, got x_pos \(2, 8\) and x_neg \(2, 9\)"):
+        layer.ff_backward(torch.ones(2, 8), torch.ones(2, 9))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input(layer, bad):
+    x = torch.ones(2, 8)
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match="x_neg contains NaN or Inf"):
+        layer.ff_step(torch.ones(2, 8), x, lr=0.1)
+
+
+def test_mask_of_wrong_shape():
+    with pytest.raises(ValueError, match=r"mask must have shape \(4, 8\) .* got shape \(8, 4\)"):
+        ff_kernels.FFLinear(8, 4, mask=torch.ones(8, 4))
+
+
+def test_mask_with_values_other_than_zero_and_one():
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        ff_kernels.FFLinear(8, 4, mask=torch.full((4, 8), 0.5))
+
+
+def test_unknown_goodness_and_backend():
+    with pytest.raises(ValueError, match="goodness must be one of"):
+        ff_kernels.FFLinear(8, 4, goodness="l1")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ff_kernels.FFLinear(8, 4, backend="fast")(torch.ones(1, 8))
+
+
+def test_bad_hyper_parameters(layer):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0.0, got -0.1"):
+        layer.ff_step(torch.ones(2, 8), torch.ones(2, 8), lr=-0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ff_kernels.FFLinear(8, 4, temperature=0.0)
+
+
+def test_empty_batches(layer):
+    with pytest.raises(ValueError, match="both x_pos and x_neg are empty"):
+        layer.ff_backward(torch.ones(0, 8), torch.ones(0, 8))
+
+
+def test_momentum_needs_buffer_at_op_level():
+    w = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="momentum=0.9 needs weight_buf"):
+        ops.ff_linear_step(torch.ones(1, 8), torch.ones(1, 8), w, None, mode="sgd", lr=0.1, momentum=0.9)
+
+
+def test_cpu_backend_refuses_bf16_compute_on_other_backends():
+    with pytest.raises(ValueError, match="compute_dtype=torch.bfloat16 is a mode of the 'cpu' backend"):
+        ff_kernels.FFLinear(8, 4, backend="reference", compute_dtype=torch.bfloat16)(torch.ones(1, 8))
