@@ -1,0 +1,47 @@
+"""Timing and reporting helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+
+import torch
+from torch.utils import benchmark
+
+
+def machine_name(device: str) -> str:
+    """The accelerator's name, or the CPU model and the threads torch uses."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def median_seconds(fn, min_run_time: float = 1.0) -> float:
+    """Median wall time of ``fn()`` over repeated runs (CUDA-synchronized by torch's Timer)."""
+    fn()  # warm up (allocations, Triton compilation)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def append_csv(path: str, rows: list[dict]) -> None:
+    """Append result rows (dicts with the same keys) to a CSV file, writing a header if new."""
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
