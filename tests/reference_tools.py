@@ -36,3 +36,9 @@ def random_mask(n_out: int, n_in: int, generator: torch.Generator, density: floa
     mask[torch.arange(n_out), torch.randint(0, n_in, (n_out,), generator=generator)] = True
     mask[:16, :16] = False
     return mask
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's test tensors live: CUDA for "triton" when there is a GPU, else the CPU
+    (where "triton" runs in the interpreter, see conftest.py)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

@@ -7,22 +7,24 @@ import torch
 
 import ff_kernels
 from ff_kernels import functional as F
-from reference_tools import random_mask
+from reference_tools import device_for, random_mask
 
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "triton"]  # triton: CPU tensors run in the interpreter (conftest)
 
 
-def inputs(n_pos=6, n_neg=4, n_in=30, seed=0, dtype=torch.float32):
+def inputs(n_pos=6, n_neg=4, n_in=30, seed=0, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n_pos, n_in, generator=gen, dtype=dtype), torch.rand(n_neg, n_in, generator=gen, dtype=dtype)
+    pair = torch.rand(n_pos, n_in, generator=gen, dtype=dtype), torch.rand(n_neg, n_in, generator=gen, dtype=dtype)
+    return pair[0].to(device), pair[1].to(device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
 def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
     torch.manual_seed(0)
-    layer = ff_kernels.FFLinear(30, 20, goodness=kind, threshold=3.0, temperature=0.7, backend=backend)
-    x_pos, x_neg = inputs()
+    device = device_for(backend)
+    layer = ff_kernels.FFLinear(30, 20, goodness=kind, threshold=3.0, temperature=0.7, backend=backend, device=device)
+    x_pos, x_neg = inputs(device=device)
     loss = layer.ff_backward(x_pos, x_neg)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
@@ -37,12 +39,13 @@ def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ff_step_equals_ff_backward_plus_torch_sgd(backend):
     torch.manual_seed(1)
-    fused = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend)
-    plain = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend)
+    device = device_for(backend)
+    fused = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device)
+    plain = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device)
     plain.load_state_dict(fused.state_dict())
     opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     for seed in range(4):
-        x_pos, x_neg = inputs(seed=seed)
+        x_pos, x_neg = inputs(seed=seed, device=device)
         fused.ff_step(x_pos, x_neg, lr=0.05, momentum=0.9, weight_decay=1e-3)
         opt.zero_grad()
         plain.ff_backward(x_pos, x_neg)
@@ -74,12 +77,13 @@ def test_training_lowers_the_loss_and_separates_goodness():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_weights_stay_exactly_zero(backend):
     gen = torch.Generator().manual_seed(4)
-    mask = random_mask(24, 30, gen)
-    layer = ff_kernels.FFLinear(30, 24, mask=mask.int(), threshold=4.0, backend=backend)
+    device = device_for(backend)
+    mask = random_mask(24, 30, gen).to(device)
+    layer = ff_kernels.FFLinear(30, 24, mask=mask.int(), threshold=4.0, backend=backend, device=device)
     assert (layer.weight[~mask] == 0).all() and (layer.weight[mask] != 0).all()
     opt = torch.optim.Adam(layer.parameters(), lr=0.05, weight_decay=0.1)
     for seed in range(10):
-        x_pos, x_neg = inputs(seed=seed)
+        x_pos, x_neg = inputs(seed=seed, device=device)
         layer.ff_step(x_pos, x_neg, lr=0.1, momentum=0.9, weight_decay=0.1)
         opt.zero_grad()
         layer.ff_backward(x_pos, x_neg)
