@@ -87,6 +87,10 @@ def main() -> None:
     args = parser.parse_args()
 
     machine = machine_name(args.device)
+    if args.device == "cuda":
+        # Both sides use TF32 tensor cores for fp32: cuBLAS (reference, floor) and the Triton kernels.
+        torch.set_float32_matmul_precision("high")
+        machine += ", fp32 GEMMs in TF32"
     print(f"# FF linear step, batch 2x{args.half_batch}, {machine}, torch {torch.__version__}, {today()}")
     csv_rows = []
     for d_in, d_out in SHAPES:
