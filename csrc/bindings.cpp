@@ -1,0 +1,241 @@
+// The locally connected 2-D FF ops as torch operators: torch.ops.ff_kernels.<name>.
+//
+//   local2d_forward(x, weight, bias?, kernel, stride, padding) -> h = relu(z)
+//   local2d_grad_(x, h, coef, goodness, kernel, stride, padding, weight_grad!, bias_grad?!)
+//   local2d_sgd_(x, h, coef, goodness, kernel, stride, padding, weight!, bias?!, weight_buf?!,
+//                bias_buf?!, lr, momentum, weight_decay)
+//   built_with_cuda() -> bool
+// Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py.
+//
+// Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
+// picks the CPU or CUDA kernel from the tensors' device, (2) the schemas declare which
+// arguments the in-place ops mutate, which torch.compile and functionalization rely on, and
+// (3) the library needs no Python symbols: the setuptools build imports it as ff_kernels._C
+// (the empty module stub at the end), a plain CMake build loads the same library with
+// torch.ops.load_library(path).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "local2d_cpu.h"
+
+#ifdef FF_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "local2d_cuda.h"
+#endif
+
+namespace {
+
+using ff_kernels::Goodness;
+using ff_kernels::Local2dShape;
+using ff_kernels::UpdateMode;
+using ff_kernels::UpdateTarget;
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " (x's device), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ", t.strides(),
+              ")");
+}
+
+int checked_int(const char* op, const char* what, int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), op, ": ", what, " = ", v, " does not fit a 32-bit int");
+  return static_cast<int>(v);
+}
+
+// The call's sizes from x (B, C_in, H_in, W_in), the window spec and weight (L, C_out, K), all checked.
+// weight_name names weight_like in errors.
+Local2dShape shape_of(const char* op, const at::Tensor& x, const char* weight_name, const at::Tensor& weight_like,
+                      int64_t kernel, int64_t stride, int64_t padding) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C_in, H_in, W_in), got shape ", x.sizes());
+  TORCH_CHECK(kernel >= 1 && stride >= 1 && padding >= 0 && padding < kernel, op,
+              ": need kernel >= 1, stride >= 1 and 0 <= padding < kernel, got kernel ", kernel, ", stride ", stride,
+              ", padding ", padding);
+  TORCH_CHECK(std::min(x.size(2), x.size(3)) + 2 * padding >= kernel, op, ": a ", kernel, "x", kernel,
+              " window with padding ", padding, " does not fit the input map ", x.sizes());
+  Local2dShape s{};
+  s.batch = checked_int(op, "batch", x.size(0));
+  s.in_channels = checked_int(op, "C_in", x.size(1));
+  s.in_height = checked_int(op, "H_in", x.size(2));
+  s.in_width = checked_int(op, "W_in", x.size(3));
+  s.kernel = static_cast<int>(kernel);
+  s.stride = static_cast<int>(stride);
+  s.padding = static_cast<int>(padding);
+  s.out_height = (s.in_height + 2 * s.padding - s.kernel) / s.stride + 1;
+  s.out_width = (s.in_width + 2 * s.padding - s.kernel) / s.stride + 1;
+  checked_int(op, "C_in * H_in * W_in", x.size(1) * x.size(2) * x.size(3));
+  checked_int(op, "C_in * kernel * kernel", x.size(1) * kernel * kernel);
+  TORCH_CHECK(weight_like.dim() == 3, op, ": ", weight_name, " must be 3-D (L, C_out, K), got shape ",
+              weight_like.sizes());
+  s.out_channels = checked_int(op, "C_out", weight_like.size(1));
+  checked_int(op, "C_out * H_out * W_out", weight_like.size(1) * s.locations());
+  const std::vector<int64_t> weight_shape{s.locations(), s.out_channels, s.block_size()};
+  check_tensor(op, "x", x, x.sizes(), x);
+  check_tensor(op, weight_name, weight_like, weight_shape, x);
+  return s;
+}
+
+void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                    const at::Tensor& x) {
+  if (t.has_value()) check_tensor(op, name, *t, shape, x);
+}
+
+float* mutable_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<float>() : nullptr;
+}
+
+Goodness goodness_of(const char* op, const std::string& goodness) {
+  if (goodness == "ssq" || goodness == "neg_ssq") return Goodness::kSquared;
+  TORCH_CHECK(goodness == "sum", op, ": goodness must be 'ssq', 'neg_ssq' or 'sum', got '", goodness, "'");
+  return Goodness::kSum;
+}
+
+at::Tensor local2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           int64_t kernel, int64_t stride, int64_t padding) {
+  const char* op = "local2d_forward";
+  const Local2dShape s = shape_of(op, x, "weight", weight, kernel, stride, padding);
+  check_optional(op, "bias", bias, {s.locations(), s.out_channels}, x);
+  at::Tensor h = at::empty({s.batch, s.out_channels, s.out_height, s.out_width}, x.options());
+  const float* bias_ptr = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+#ifdef FF_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaError_t err = ff_kernels::cuda::local2d_forward(x.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                                                              bias_ptr, h.mutable_data_ptr<float>(), s,
+                                                              c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return h;
+  }
+#endif
+  TORCH_CHECK(x.is_cpu(), op, ": tensors on ", x.device(), " are not supported by this build");
+  ff_kernels::cpu::local2d_forward(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), bias_ptr,
+                                   h.mutable_data_ptr<float>(), s, at::get_num_threads());
+  return h;
+}
+
+// Checks h (B, C_out, H_out, W_out) and coef (B,), then runs the update kernel on x's device.
+void run_update(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& coef,
+                const std::string& goodness, const Local2dShape& s, const UpdateTarget& target) {
+  check_tensor(op, "h", h, {s.batch, s.out_channels, s.out_height, s.out_width}, x);
+  check_tensor(op, "coef", coef, {s.batch}, x);
+  const Goodness kind = goodness_of(op, goodness);
+#ifdef FF_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaError_t err = ff_kernels::cuda::local2d_update(x.const_data_ptr<float>(), h.const_data_ptr<float>(),
+                                                             coef.const_data_ptr<float>(), kind, target, s,
+                                                             c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return;
+  }
+#endif
+  TORCH_CHECK(x.is_cpu(), op, ": tensors on ", x.device(), " are not supported by this build");
+  ff_kernels::cpu::local2d_update(x.const_data_ptr<float>(), h.const_data_ptr<float>(), coef.const_data_ptr<float>(),
+                                  kind, target, s, at::get_num_threads());
+}
+
+void local2d_grad_(const at::Tensor& x, const at::Tensor& h, const at::Tensor& coef, const std::string& goodness,
+                   int64_t kernel, int64_t stride, int64_t padding, const at::Tensor& weight_grad,
+                   const std::optional<at::Tensor>& bias_grad) {
+  const char* op = "local2d_grad_";
+  const Local2dShape s = shape_of(op, x, "weight_grad", weight_grad, kernel, stride, padding);
+  check_optional(op, "bias_grad", bias_grad, {s.locations(), s.out_channels}, x);
+  UpdateTarget target{};
+  target.mode = UpdateMode::kAccumulateGrad;
+  target.weight = weight_grad.mutable_data_ptr<float>();
+  target.bias = mutable_ptr(bias_grad);
+  run_update(op, x, h, coef, goodness, s, target);
+}
+
+void local2d_sgd_(const at::Tensor& x, const at::Tensor& h, const at::Tensor& coef, const std::string& goodness,
+                  int64_t kernel, int64_t stride, int64_t padding, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_buf,
+                  const std::optional<at::Tensor>& bias_buf, double lr, double momentum, double weight_decay) {
+  const char* op = "local2d_sgd_";
+  const Local2dShape s = shape_of(op, x, "weight", weight, kernel, stride, padding);
+  const std::vector<int64_t> bias_shape{s.locations(), s.out_channels};
+  check_optional(op, "bias", bias, bias_shape, x);
+  check_optional(op, "weight_buf", weight_buf, weight.sizes(), x);
+  check_optional(op, "bias_buf", bias_buf, bias_shape, x);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0 && std::isfinite(momentum) && momentum >= 0 && std::isfinite(weight_decay) &&
+                  weight_decay >= 0,
+              op, ": lr, momentum and weight_decay must be finite and >= 0, got ", lr, ", ", momentum, ", ",
+              weight_decay);
+  TORCH_CHECK(momentum == 0 || weight_buf.has_value(), op, ": momentum ", momentum, " needs weight_buf");
+  TORCH_CHECK(momentum == 0 || !bias.has_value() || bias_buf.has_value(), op, ": momentum ", momentum,
+              " needs bias_buf");
+  TORCH_CHECK(bias.has_value() || !bias_buf.has_value(), op, ": bias_buf given without a bias");
+  UpdateTarget target{};
+  target.mode = UpdateMode::kSgd;
+  target.weight = weight.mutable_data_ptr<float>();
+  target.bias = mutable_ptr(bias);
+  target.weight_buf = mutable_ptr(weight_buf);
+  target.bias_buf = mutable_ptr(bias_buf);
+  target.lr = static_cast<float>(lr);
+  target.momentum = static_cast<float>(momentum);
+  target.weight_decay = static_cast<float>(weight_decay);
+  run_update(op, x, h, coef, goodness, s, target);
+}
+
+bool built_with_cuda() {
+#ifdef FF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ff_kernels, m) {
+  m.def("local2d_forward(Tensor x, Tensor weight, Tensor? bias, int kernel, int stride, int padding) -> Tensor");
+  m.def(
+      "local2d_grad_(Tensor x, Tensor h, Tensor coef, str goodness, int kernel, int stride, int padding, "
+      "Tensor(a!) weight_grad, Tensor(b!)? bias_grad) -> ()");
+  m.def(
+      "local2d_sgd_(Tensor x, Tensor h, Tensor coef, str goodness, int kernel, int stride, int padding, "
+      "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? weight_buf, Tensor(d!)? bias_buf, "
+      "float lr, float momentum, float weight_decay) -> ()");
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
+  m.impl("local2d_forward", &local2d_forward);
+  m.impl("local2d_grad_", &local2d_grad_);
+  m.impl("local2d_sgd_", &local2d_sgd_);
+}
+
+#ifdef FF_WITH_CUDA
+TORCH_LIBRARY_IMPL(ff_kernels, CUDA, m) {
+  m.impl("local2d_forward", &local2d_forward);
+  m.impl("local2d_grad_", &local2d_grad_);
+  m.impl("local2d_sgd_", &local2d_sgd_);
+}
+#endif
+
+#ifdef TORCH_EXTENSION_NAME
+// Built by setup.py as the Python extension ff_kernels._C: importing it loads this library and
+// so registers the ops above. The module itself is empty.
+#include <Python.h>
+
+#define FF_STR_(x) #x
+#define FF_STR(x) FF_STR_(x)
+#define FF_CAT_(a, b) a##b
+#define FF_CAT(a, b) FF_CAT_(a, b)
+
+PyMODINIT_FUNC FF_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, FF_STR(TORCH_EXTENSION_NAME),
+                               "ff_kernels compiled ops, registered as torch.ops.ff_kernels.*", -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
