@@ -6,8 +6,8 @@
 """
 
 from . import functional, ops
-from .nn import FFLinear, FFSequential
+from .nn import FFLinear, FFLocal2d, FFSequential, PeerNormalization
 
 __version__ = "0.1.0"
 
-__all__ = ["FFLinear", "FFSequential", "functional", "ops", "__version__"]
+__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization", "functional", "ops", "__version__"]

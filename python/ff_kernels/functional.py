@@ -113,20 +113,30 @@ def loss_goodness_grad(
     return dl_ds * (goodness_sign(kind) / temperature)
 
 
+def normalization_scale(
+    g: torch.Tensor, kind: str, n_features: int, rms: bool = False, eps: float = NORM_EPS
+) -> torch.Tensor:
+    """The divisor ``s`` of each row, from its goodness ``g: (B,)`` -> ``(B,)``: ``normalize(h) == h / s[:, None]``.
+
+    Squared goodness (``g = sum h**2``): ``s = sqrt(g) + eps``, or with ``rms``:
+    ``sqrt(g) / sqrt(n_features) + eps``. "sum" (``g = sum h``): ``s = g + eps``, or with ``rms``:
+    ``g / n_features + eps``. ``n_features`` is D, the number of units in a row. Given a layer's
+    normalized output ``y`` and its goodness, the raw activities are ``h = y * s[:, None]``.
+    """
+    scale = g if check_goodness(kind) == "sum" else g.sqrt()
+    if rms:
+        scale = scale / (n_features if kind == "sum" else n_features**0.5)
+    return scale + eps
+
+
 def normalize(h: torch.Tensor, kind: str = "ssq", rms: bool = False, eps: float = NORM_EPS) -> torch.Tensor:
     """Normalize each row of ``h: (B, D)`` so only its orientation passes on -> ``(B, D)``.
 
     Squared goodness: ``h / (||h||_2 + eps)``, or with ``rms``: ``h / (sqrt(mean(h**2)) + eps)``.
     "sum": ``h / (sum(h) + eps)``, or with ``rms``: ``h / (mean(h) + eps)`` (h >= 0 after ReLU).
+    The divisor is :func:`normalization_scale` of the row's goodness.
     """
-    if check_goodness(kind) == "sum":
-        scale = h.sum(-1, keepdim=True)
-    else:
-        scale = h.square().sum(-1, keepdim=True).sqrt()
-    if rms:
-        d = h.shape[-1]
-        scale = scale / (d if kind == "sum" else d**0.5)
-    return h / (scale + eps)
+    return h / normalization_scale(goodness(h, kind), kind, h.shape[-1], rms, eps).unsqueeze(-1)
 
 
 def linear_activity(

@@ -1,6 +1,8 @@
 """Modules users hold: FF layers and the containers that stack them."""
 
 from .linear import FFLinear
+from .local2d import FFLocal2d
+from .peer_norm import PeerNormalization
 from .sequential import FFSequential
 
-__all__ = ["FFLinear", "FFSequential"]
+__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization"]

@@ -11,6 +11,7 @@ from .. import functional as F
 from ..ops import ff_linear_forward, ff_linear_step
 from ..ops.results import FFLayerStep
 from ..ops.validation import check_mask
+from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
 
 
 class FFLinear(nn.Module):
@@ -30,6 +31,9 @@ class FFLinear(nn.Module):
         backend: "auto" | "reference" | "cpu" | "triton" (see :mod:`ff_kernels.ops.linear`).
         compute_dtype: ``torch.bfloat16`` runs the CPU backend's GEMMs in bf16 while the
             parameters stay in their dtype.
+        peer_norm: optional :class:`~ff_kernels.nn.PeerNormalization` (out_features units,
+            footnote 9), a submodule moved to the layer's device; each training step adds its
+            extra gradient (see :mod:`ff_kernels.nn.peer_norm`).
 
     Shapes: ``x: (B, in_features)`` in the layer's dtype -> ``(B, out_features)``.
     """
@@ -48,6 +52,7 @@ class FFLinear(nn.Module):
         compute_dtype: torch.dtype | None = None,
         device=None,
         dtype=None,
+        peer_norm: PeerNormalization | None = None,
     ) -> None:
         super().__init__()
         if int(in_features) <= 0 or int(out_features) <= 0:
@@ -69,6 +74,7 @@ class FFLinear(nn.Module):
         self.register_buffer("mask", mask)
         self.register_buffer("weight_momentum", None)
         self.register_buffer("bias_momentum", None)
+        self.peer_norm = check_peer_norm(self._name(), peer_norm, self.out_features, self.weight.device)
         self.reset_parameters()
 
     def _name(self) -> str:
@@ -133,6 +139,7 @@ class FFLinear(nn.Module):
         :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
         """
         step = self._step(x_pos, x_neg, mode="grad")
+        self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
 
     def ff_step(
@@ -148,6 +155,7 @@ class FFLinear(nn.Module):
 
         Same semantics as ``ff_backward`` followed by ``torch.optim.SGD(lr, momentum,
         weight_decay).step()``; the momentum buffers live in this module (and its state_dict).
+        With ``peer_norm`` its extra gradient is part of the SGD step.
         """
         if momentum > 0 and self.weight_momentum is None:
             self.weight_momentum = torch.zeros_like(self.weight)
@@ -158,7 +166,28 @@ class FFLinear(nn.Module):
             weight_buf=self.weight_momentum if momentum > 0 else None,
             bias_buf=self.bias_momentum if momentum > 0 else None,
         )
+        self._peer_norm_step(
+            step, x_pos, "sgd", lr, self.weight_momentum if momentum > 0 else None,
+            self.bias_momentum if momentum > 0 else None,
+        )
         return step if return_step else step.loss
+
+    @torch.no_grad()
+    def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
+                        weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
+        """Peer normalization after a step: dW += outer(p, mean x_pos) * mask, db += p."""
+        if self.peer_norm is None:
+            return
+        n_pos = x_pos.shape[0]
+        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
+        if p is None:
+            return
+        grad_w = torch.outer(p, x_pos.float().mean(0))
+        if self.mask is not None:
+            grad_w.mul_(self.mask)
+        add_gradient_(self.weight, grad_w, mode, lr, weight_buf)
+        if self.bias is not None:
+            add_gradient_(self.bias, p, mode, lr, bias_buf)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Buffers that are None until first used (mask, momentum) are created from the checkpoint.

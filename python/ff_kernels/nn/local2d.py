@@ -1,0 +1,269 @@
+"""FFLocal2d: a locally connected (non-weight-shared) 2-D layer trained by its own FF objective."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .. import functional_local as FL
+from ..functional_local import LocalSpec
+from ..ops.local2d import ff_local2d_forward, ff_local2d_step
+from ..ops.results import FFLayerStep
+from ..ops.validation import describe
+from .linear import FFLinear
+from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
+
+
+def _pair(in_size) -> tuple[int, int]:
+    if isinstance(in_size, int) and not isinstance(in_size, bool):
+        return in_size, in_size
+    if isinstance(in_size, (tuple, list)) and len(in_size) == 2:
+        return tuple(in_size)
+    raise TypeError(f"FFLocal2d: in_size must be an int or a pair (H, W), got {in_size!r}")
+
+
+class FFLocal2d(nn.Module):
+    """A locally connected layer + ReLU with a local FF loss (Hinton 2022, section 4, footnote 8).
+
+    Every output location has its own weights over a ``kernel x kernel`` window of the input;
+    windows are truncated at the edges (footnote 12). The geometry is ``.spec``, a
+    :class:`~ff_kernels.functional_local.LocalSpec`; the math is in
+    :mod:`ff_kernels.functional_local`, the ops in :mod:`ff_kernels.ops.local2d`. The goodness
+    and the normalization cover all ``C_out * H_out * W_out`` units of an image.
+
+    Args:
+        in_channels, in_size: C_in and the input map, an int or (H_in, W_in).
+        out_channels: C_out, units per location.
+        kernel, stride, padding: window placement (padding only places the windows).
+        bias: learn a bias per unit (L, C_out).
+        goodness: "ssq" | "neg_ssq" | "sum" (see :mod:`ff_kernels.functional`).
+        threshold: theta; default ``C_out * H_out * W_out`` (the number of units).
+        temperature: T.
+        rms_norm: normalize the output to unit mean square instead of unit length.
+        backend: "auto" | "reference" | "cpu" | "cuda" (see :mod:`ff_kernels.ops.local2d`).
+        peer_norm: optional :class:`~ff_kernels.nn.PeerNormalization` over the
+            ``C_out * H_out * W_out`` units, ordered like ``output.flatten(1)`` (footnote 9).
+
+    Parameters: ``weight`` (L, C_out, C_in * k * k) with L = H_out * W_out, entries whose window
+    position lies outside the map zero (:func:`~ff_kernels.functional_local.local_valid_mask`)
+    and kept exactly zero by every update; ``bias`` (L, C_out).
+
+    Shapes: ``x: (B, C_in, H_in, W_in)`` in the layer's dtype -> ``(B, C_out, H_out, W_out)``.
+    Flat ``(B, C_in * H_in * W_in)`` rows are rejected, not reshaped. :class:`FFSequential`
+    stacks FFLocal2d layers whose maps chain; it does not flatten, so it cannot put an FFLinear
+    after them (use :meth:`to_dense` for an all-dense equivalent).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        in_size,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        goodness: str = "ssq",
+        threshold: float | None = None,
+        temperature: float = 1.0,
+        rms_norm: bool = False,
+        backend: str = "auto",
+        peer_norm: PeerNormalization | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        height, width = _pair(in_size)
+        self.spec = LocalSpec(in_channels, height, width, out_channels, kernel, stride, padding)
+        self.goodness_fn = F.check_goodness(goodness)
+        self.threshold = float(self.spec.out_features if threshold is None else threshold)
+        if not float(temperature) > 0:
+            raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.rms_norm = bool(rms_norm)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.spec.weight_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(self.spec.bias_shape, **factory)) if bias else None
+        self.register_buffer("weight_momentum", None)
+        self.register_buffer("bias_momentum", None)
+        self.peer_norm = check_peer_norm(self._name(), peer_norm, self.spec.out_features, self.weight.device)
+        self.reset_parameters()
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """(C_in, H_in, W_in) of one image."""
+        return self.spec.input_shape
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        """(C_out, H_out, W_out) of one image."""
+        return self.spec.output_shape
+
+    def _name(self) -> str:
+        s = self.spec
+        return (f"FFLocal2d({s.in_channels}, {s.in_height}x{s.in_width}, {s.out_channels}, "
+                f"kernel={s.kernel}, stride={s.stride}, padding={s.padding})")
+
+    def valid_mask(self) -> torch.Tensor:
+        """(L, 1, K) bool: True where a weight entry's window position lies inside the map."""
+        return FL.local_valid_mask(self.spec, self.weight.device)[:, None, :]
+
+    def reset_parameters(self) -> None:
+        """Per location l: weight and bias uniform(-1/sqrt(fan_in_l), +), fan_in_l the valid inputs of l.
+
+        Then the entries outside the map are set to zero.
+        """
+        fan_in = self.valid_mask().sum(2, keepdim=True).clamp_min(1)  # (L, 1, 1)
+        bound = fan_in.to(self.weight.dtype).rsqrt()
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0).mul_(bound)
+            if self.bias is not None:
+                self.bias.uniform_(-1.0, 1.0).mul_(bound[:, :, 0])
+        self.zero_invalid_()
+
+    @torch.no_grad()
+    def zero_invalid_(self) -> None:
+        """Zero the weights (and momentum) whose window position lies outside the input map."""
+        valid = self.valid_mask()
+        self.weight.mul_(valid)
+        if self.weight_momentum is not None:
+            self.weight_momentum.mul_(valid)
+
+    def _check_input(self, name: str, x: torch.Tensor) -> None:
+        """Reject flat rows with a hint; every other check is the op's (ops/local2d.py)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == self.spec.in_features:
+            raise ValueError(
+                f"{self._name()}: {name} must have shape (batch, {', '.join(map(str, self.in_shape))}), got flat rows "
+                f"({describe(x)}); reshape them with {name}.view(-1, {', '.join(map(str, self.in_shape))})"
+            )
+
+    def _op_kwargs(self) -> dict:
+        return dict(goodness=self.goodness_fn, rms=self.rms_norm, backend=self.backend, layer=self._name())
+
+    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized output (B, C_out, H_out, W_out), goodness (B,) float32) of ``x: (B, C_in, H_in, W_in)``."""
+        self._check_input("x", x)
+        return ff_local2d_forward(x, self.weight, self.bias, self.spec, **self._op_kwargs())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized ReLU activities (B, C_out, H_out, W_out) of ``x: (B, C_in, H_in, W_in)``."""
+        return self.forward_with_goodness(x)[0]
+
+    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+        """Goodness (B,) float32 over all units of each image."""
+        return self.forward_with_goodness(x)[1]
+
+    def probability(self, x: torch.Tensor) -> torch.Tensor:
+        """p(positive) (B,) of each image."""
+        return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
+
+    def _step(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
+        self._check_input("x_pos", x_pos)
+        self._check_input("x_neg", x_neg)
+        return ff_local2d_step(
+            x_pos, x_neg, self.weight, self.bias, self.spec, threshold=self.threshold,
+            temperature=self.temperature, **self._op_kwargs(), **kwargs,
+        )
+
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False):
+        """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
+
+        x_pos: (Bp, C_in, H_in, W_in) positive images, x_neg: (Bn, C_in, H_in, W_in) negative
+        images. Equal to ``loss.backward()`` on :func:`functional_local.ff_local_loss` (plus the
+        peer-normalization gradient with ``peer_norm``). Returns the loss (0-dim float32), or the
+        whole :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
+        """
+        step = self._step(x_pos, x_neg, mode="grad")
+        self._peer_norm_step(step, x_pos, "grad")
+        return step if return_step else step.loss
+
+    def ff_step(
+        self,
+        x_pos: torch.Tensor,
+        x_neg: torch.Tensor,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        return_step: bool = False,
+    ):
+        """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
+
+        The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
+        state_dict). Entries outside the input map stay exactly zero.
+        """
+        if momentum > 0 and self.weight_momentum is None:
+            self.weight_momentum = torch.zeros_like(self.weight)
+            if self.bias is not None:
+                self.bias_momentum = torch.zeros_like(self.bias)
+        weight_buf = self.weight_momentum if momentum > 0 else None
+        bias_buf = self.bias_momentum if momentum > 0 else None
+        step = self._step(
+            x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
+            weight_buf=weight_buf, bias_buf=bias_buf,
+        )
+        self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
+        return step if return_step else step.loss
+
+    @torch.no_grad()
+    def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
+                        weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
+        """Peer normalization after a step: dW[l, o] += p[o, l] * window_l(mean x_pos), db[l, o] += p[o, l]."""
+        if self.peer_norm is None:
+            return
+        n_pos = x_pos.shape[0]
+        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
+        if p is None:
+            return
+        p = p.view(self.spec.out_channels, self.spec.num_locations).t()  # (L, C_out), like the bias
+        patch = FL.local_patches(x_pos.float().mean(0, keepdim=True), self.spec)[0]  # (L, K), 0 outside the map
+        add_gradient_(self.weight, p[:, :, None] * patch[:, None, :], mode, lr, weight_buf)
+        if self.bias is not None:
+            add_gradient_(self.bias, p, mode, lr, bias_buf)
+
+    @torch.no_grad()
+    def to_dense(self) -> FFLinear:
+        """The equivalent masked dense layer (paper footnote 13) on flattened images.
+
+        ``FFLinear(C_in*H_in*W_in, C_out*H_out*W_out, mask=local_dense_mask(spec))`` with the same
+        weights, bias, momentum buffers, hyper-parameters and a copy of ``peer_norm``; its
+        output, goodness and gradients on ``x.flatten(1)`` are this layer's, flattened
+        (:func:`~ff_kernels.functional_local.local_weight_to_dense` gives the layout).
+        """
+        spec = self.spec
+        peer = None
+        if self.peer_norm is not None:
+            peer = PeerNormalization(spec.out_features, self.peer_norm.strength, self.peer_norm.momentum,
+                                     device=self.weight.device)
+            peer.running_mean.copy_(self.peer_norm.running_mean)
+        dense = FFLinear(
+            spec.in_features, spec.out_features, bias=self.bias is not None, goodness=self.goodness_fn,
+            threshold=self.threshold, temperature=self.temperature, mask=FL.local_dense_mask(spec, self.weight.device),
+            rms_norm=self.rms_norm, backend="reference" if self.backend == "reference" else "auto",
+            device=self.weight.device, dtype=self.weight.dtype, peer_norm=peer,
+        )
+        dense.weight.copy_(FL.local_weight_to_dense(self.weight, spec))
+        if self.bias is not None:
+            dense.bias.copy_(self.bias.t().reshape(-1))
+        if self.weight_momentum is not None:
+            dense.weight_momentum = FL.local_weight_to_dense(self.weight_momentum, spec)
+        if self.bias_momentum is not None:
+            dense.bias_momentum = self.bias_momentum.t().reshape(-1).clone()
+        return dense
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # Momentum buffers are None until first used; they are created from the checkpoint.
+        for name in ("weight_momentum", "bias_momentum"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{s.in_channels}, {s.in_height}x{s.in_width} -> {s.out_channels}x{s.out_height}x{s.out_width}, "
+            f"kernel={s.kernel}, stride={s.stride}, padding={s.padding}, bias={self.bias is not None}, "
+            f"goodness={self.goodness_fn!r}, threshold={self.threshold:g}, temperature={self.temperature:g}"
+        )
