@@ -53,43 +53,49 @@ def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
     return _normalized(h, scale, goodness, rms).to(x.dtype), g
 
 
-def _add_weight_grad(target: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, mask, alpha: float = 1.0) -> None:
-    """``target += alpha * (delta.T @ x) * mask``: (D_out, B) @ (B, D_in), in one GEMM when possible."""
+def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``target = beta * target + alpha * (delta.T @ x) * mask``: (D_out, B) @ (B, D_in).
+
+    One GEMM writing into ``target`` when there is no mask and no dtype change.
+    """
     if mask is None and delta.dtype == target.dtype:
-        target.addmm_(delta.t(), x, alpha=alpha)
+        target.addmm_(delta.t(), x, beta=beta, alpha=alpha)
         return
     grad = torch.mm(delta.t(), x)
     if mask is not None:
         grad.mul_(mask)
+    if beta != 1.0:
+        target.mul_(beta)
     target.add_(grad, alpha=alpha)
 
 
-def _add_bias_grad(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
+def _add_bias_grad(target, delta, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``target = beta * target + alpha * delta.sum(0)``."""
+    if beta != 1.0:
+        target.mul_(beta)
     target.add_(delta.sum(0, dtype=torch.float32), alpha=alpha)
 
 
 def _accumulate_grad(param: torch.Tensor, add) -> None:
-    """``param.grad += grad`` where ``add(target, alpha)`` adds the gradient into ``target``."""
+    """``param.grad += grad`` where ``add(target, alpha, beta)`` adds the gradient into ``target``."""
     if param.grad is None:
         param.grad = torch.zeros_like(param)
-    add(param.grad, 1.0)
+    add(param.grad, 1.0, 1.0)
 
 
 def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha)``.
+    """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha, beta)``.
 
-    With a buffer: ``buf = momentum * buf + wd * param + grad; param -= lr * buf``.
-    Without (momentum 0): ``param = (1 - lr * wd) * param - lr * grad``.
+    With a buffer: ``buf = momentum * buf + grad + wd * param; param -= lr * buf`` (the
+    momentum decay rides on the gradient GEMM as its beta). Without (momentum 0):
+    ``param = (1 - lr * wd) * param - lr * grad``.
     """
     if buf is None:
-        if weight_decay:
-            param.mul_(1.0 - lr * weight_decay)
-        add(param, -lr)
+        add(param, -lr, 1.0 - lr * weight_decay)
         return
-    buf.mul_(momentum)
+    add(buf, 1.0, momentum)
     if weight_decay:
         buf.add_(param, alpha=weight_decay)
-    add(buf, 1.0)
     param.add_(buf, alpha=-lr)
 
 
@@ -113,11 +119,11 @@ def train_step(
         delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
     mask_w = None if mask is None else mask.to(weight.dtype)
 
-    def add_w(target, alpha):
-        _add_weight_grad(target, delta, x, mask_w, alpha)
+    def add_w(target, alpha, beta):
+        _add_weight_grad(target, delta, x, mask_w, alpha, beta)
 
-    def add_b(target, alpha):
-        _add_bias_grad(target, delta, alpha)
+    def add_b(target, alpha, beta):
+        _add_bias_grad(target, delta, alpha, beta)
 
     with torch.no_grad():
         if mode == "grad":
