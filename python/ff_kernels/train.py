@@ -1,0 +1,232 @@
+"""The training loop shared by the recipes: progress bar, metrics log, checkpoints and resume.
+
+A run directory holds:
+
+    config.json      the recipe's config (written at the start of every session)
+    metrics.jsonl    one JSON object per finished epoch
+    checkpoint.pt    the state after the last finished epoch: model, optimizer, RNG states
+                     (torch, CUDA, numpy, python ``random`` and the data generator), metrics
+                     history and elapsed time; replaced atomically each epoch
+    summary.json     the final result, written when the last epoch is done
+
+Resuming restores everything in the checkpoint, so 1 epoch + resume + 1 epoch gives the same
+weights as 2 epochs straight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+CHECKPOINT_FORMAT = 1
+# Config fields a resumed run may change: they do not alter the trained result.
+RESUMABLE_FIELDS = ("epochs", "device", "data_dir")
+POSTFIX_EVERY = 20  # batches between progress-bar updates of the running loss and error
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, truncated or does not fit the run it is loaded into."""
+
+
+class Recipe(Protocol):
+    """What :func:`train` needs from a recipe (see ``ff_kernels.recipes``)."""
+
+    config: Any  # a dataclass with at least ``epochs`` and ``seed``
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_error_name: str  # metrics key of the running train error that train_step counts
+
+    def epoch_batches(self, generator: torch.Generator) -> Sequence[Any]:
+        """The shuffled batches of one epoch, drawn with ``generator``."""
+
+    def train_step(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One update; returns (loss 0-dim, number of training errors 0-dim, batch size)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, e.g. {"test_error": 0.0136}."""
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` all-or-nothing: ``write(file)`` into a temp file beside it, fsync, rename.
+
+    ``mode`` is "wb" or "w". A crash leaves either the old file or the new one, never a mix.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random state a run uses, as tensors and plain Python values (weights_only-safe)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "state": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": np_state["state"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; damage raises CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start without resume, or name the run directory that has one")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from err
+    expected = {"format", "epoch", "config", "model", "optimizer", "rng", "history", "elapsed_s"}
+    if not isinstance(state, dict) or not expected <= state.keys():
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not an ff_kernels checkpoint: expected keys {sorted(expected)}, got {found}"
+        )
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {state['format']}, this version reads format {CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+    """The resumed config may differ from the saved one only in RESUMABLE_FIELDS."""
+    changed = {k for k in saved.keys() | current.keys() if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)}
+    if changed:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in sorted(changed))
+        raise CheckpointError(
+            f"cannot resume {path} with a different config ({details}); only {RESUMABLE_FIELDS} may change"
+        )
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    atomic_write(run_dir / METRICS, lambda f: f.writelines(json.dumps(m) + "\n" for m in history), mode="w")
+
+
+def _run_epoch(recipe: Recipe, generator: torch.Generator, epoch: int, progress: bool) -> dict[str, float]:
+    """Train one epoch with a tqdm bar showing the running loss and train error."""
+    loss_sum = error_sum = 0.0
+    count = steps = 0
+    batches = recipe.epoch_batches(generator)
+    desc = f"epoch {epoch}/{recipe.config.epochs}"
+    with tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for batch in bar:
+            loss, errors, n = recipe.train_step(batch, generator)
+            loss_sum = loss_sum + loss.detach()
+            error_sum = error_sum + errors
+            count += n
+            steps += 1
+            if steps % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}", err=f"{float(error_sum) / count:.4f}")
+    return {"train_loss": float(loss_sum) / max(steps, 1), recipe.train_error_name: float(error_sum) / max(count, 1)}
+
+
+def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``recipe`` up to ``recipe.config.epochs`` epochs, checkpointing into ``run_dir``.
+
+    With ``resume`` the run continues from ``run_dir/checkpoint.pt``; without it a run
+    directory that already has a checkpoint is refused. Returns the summary (also written to
+    ``summary.json`` and printed as one line).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(recipe.config)
+    checkpoint_path = run_dir / CHECKPOINT
+    generator = torch.Generator().manual_seed(int(recipe.config.seed))
+    start_epoch, history, elapsed = 0, [], 0.0
+    if resume:
+        state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
+        _check_resumable(state["config"], config, checkpoint_path)
+        recipe.model.load_state_dict(state["model"])
+        recipe.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed_s"]
+    elif checkpoint_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another run directory")
+    atomic_write(run_dir / CONFIG, lambda f: json.dump(config, f, indent=2), mode="w")
+    _write_metrics(run_dir, history)  # drops lines of epochs after the checkpoint, if any
+
+    for epoch in range(start_epoch + 1, recipe.config.epochs + 1):
+        started = time.perf_counter()
+        metrics = {"epoch": epoch, **_run_epoch(recipe, generator, epoch, progress)}
+        metrics["train_s"] = time.perf_counter() - started
+        metrics.update(recipe.evaluate())
+        metrics["epoch_s"] = time.perf_counter() - started
+        elapsed += metrics["epoch_s"]
+        history.append(metrics)
+        state = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config, "model": recipe.model.state_dict(),
+            "optimizer": recipe.optimizer.state_dict(), "rng": rng_state(generator), "history": history,
+            "elapsed_s": elapsed,
+        }
+        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if progress:
+            tqdm.write(f"epoch {epoch}: " + _format_metrics(metrics))
+
+    summary = {**history[-1], "wall_s": elapsed}
+    atomic_write(run_dir / SUMMARY, lambda f: json.dump(summary, f, indent=2), mode="w")
+    print(f"done after {summary['epoch']} epochs: {_format_metrics(summary)}", flush=True)
+    return summary
+
+
+def _format_metrics(metrics: dict) -> str:
+    """Error rates as percentages, times in seconds: "test_error 1.36%, ..., wall_s 12.3 s"."""
+    parts = []
+    for key, value in metrics.items():
+        if "_error" in key:
+            parts.append(f"{key} {100 * value:.2f}%")
+        elif key.endswith("_s"):
+            parts.append(f"{key} {value:.1f} s")
+        elif key == "train_loss":
+            parts.append(f"{key} {value:.4f}")
+    return ", ".join(parts)
