@@ -147,3 +147,19 @@ def test_cpu_bf16_compute_mode(kind):
         ("dW", fast_dw, ref_dw, truth["dw"]), ("db", fast_db, ref_db, truth["db"]),
     ]:
         check_close(name, got, want_ref, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("flags,warns", [({"avx512f"}, True), ({"avx512f", "amx_bf16"}, False)])
+def test_bf16_mode_warns_when_the_cpu_emulates_bf16(monkeypatch, flags, warns):
+    import warnings
+
+    from ff_kernels.ops import cpu_features
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    cpu_features.warn_if_bf16_emulated.cache_clear()
+    x, _, w, b, _ = make_case(2, 0, 8, 4, torch.float32, "cpu", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops.ff_linear_forward(x, w, b, backend="cpu", compute_dtype=torch.bfloat16)
+    cpu_features.warn_if_bf16_emulated.cache_clear()
+    assert any("emulates bf16" in str(c.message) for c in caught) == warns

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from .cpu_features import warn_if_bf16_emulated
 from .results import FFLayerStep
 
 
@@ -39,7 +40,11 @@ def _normalized(h: torch.Tensor, scale: torch.Tensor, goodness: str, rms: bool) 
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+    if dtype is None or x.dtype == dtype:
+        return x
+    if dtype == torch.bfloat16:
+        warn_if_bf16_emulated()
+    return x.to(dtype)
 
 
 def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
