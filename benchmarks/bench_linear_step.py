@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import ff_kernels
-from common import append_csv, machine_name, median_seconds, today
+from common import append_csv, interleaved_medians, machine_name, today
 
 SHAPES = [(784, 2000), (2000, 2000)]
 
@@ -36,34 +36,37 @@ def reference_step(layer, opt, x_pos, x_neg):
 
 
 def gemm_floor(d_in, d_out, batch, device, dtype):
-    """The two GEMMs of a step: forward (B, D_in) @ (D_in, D_out) and weight grad (D_out, B) @ (B, D_in)."""
+    """The two GEMMs of a step: forward (B, D_in) @ (D_in, D_out) and weight grad (D_out, B) @ (B, D_in),
+    written into preallocated outputs so that only the arithmetic is timed."""
     x = torch.rand(batch, d_in, device=device).to(dtype)
     w = torch.rand(d_out, d_in, device=device).to(dtype)
     delta = torch.rand(batch, d_out, device=device).to(dtype)
-    return lambda: (torch.mm(x, w.t()), torch.mm(delta.t(), x))
+    h, grad = torch.empty(batch, d_out, device=device, dtype=dtype), torch.empty_like(w)
+    return lambda: (torch.mm(x, w.t(), out=h), torch.mm(delta.t(), x, out=grad))
 
 
 def bench_shape(d_in, d_out, half_batch, device, min_run_time):
+    """Median seconds of each provider's step at one shape, timed round-robin."""
     batch = 2 * half_batch
     x_pos = torch.rand(half_batch, d_in, device=device)
     x_neg = torch.rand(half_batch, d_in, device=device)
     sgd = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    times = {}
-
     ref = make_layer(d_in, d_out, device, "reference")
     opt = torch.optim.SGD(ref.parameters(), **sgd)
-    times["reference"] = median_seconds(lambda: reference_step(ref, opt, x_pos, x_neg), min_run_time)
-    times["floor fp32"] = median_seconds(gemm_floor(d_in, d_out, batch, device, torch.float32), min_run_time)
+    fns = {
+        "reference": lambda: reference_step(ref, opt, x_pos, x_neg),
+        "floor fp32": gemm_floor(d_in, d_out, batch, device, torch.float32),
+    }
     if device == "cpu":
         fast = make_layer(d_in, d_out, device, "cpu")
-        times["cpu fp32"] = median_seconds(lambda: fast.ff_step(x_pos, x_neg, **sgd), min_run_time)
         fast16 = make_layer(d_in, d_out, device, "cpu", torch.bfloat16)
-        times["cpu bf16"] = median_seconds(lambda: fast16.ff_step(x_pos, x_neg, **sgd), min_run_time)
-        times["floor bf16"] = median_seconds(gemm_floor(d_in, d_out, batch, device, torch.bfloat16), min_run_time)
+        fns["cpu fp32"] = lambda: fast.ff_step(x_pos, x_neg, **sgd)
+        fns["cpu bf16"] = lambda: fast16.ff_step(x_pos, x_neg, **sgd)
+        fns["floor bf16"] = gemm_floor(d_in, d_out, batch, device, torch.bfloat16)
     else:
         fused = make_layer(d_in, d_out, device, "triton")
-        times["triton fp32"] = median_seconds(lambda: fused.ff_step(x_pos, x_neg, **sgd), min_run_time)
-    return times
+        fns["triton fp32"] = lambda: fused.ff_step(x_pos, x_neg, **sgd)
+    return interleaved_medians(fns, min_run_time)
 
 
 def ratio_rows(times):
@@ -82,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--half-batch", type=int, default=512, help="positive rows = negative rows = this")
-    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
+    parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per provider and shape")
     parser.add_argument("--csv", default="benchmarks/results.csv")
     args = parser.parse_args()
 

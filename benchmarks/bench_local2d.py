@@ -23,7 +23,7 @@ import importlib.util
 import torch
 
 import ff_kernels
-from common import append_csv, machine_name, median_seconds, today
+from common import append_csv, interleaved_medians, machine_name, today
 from ff_kernels import functional_local as FL
 from ff_kernels.ops.local2d import ff_local2d_forward, ff_local2d_step
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=256, help="images per forward; the update: half positive")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per provider and op")
     parser.add_argument("--skip-reference", action="store_true", help="leave out the slow torch reference")
     parser.add_argument("--csv", default="benchmarks/results.csv")
     args = parser.parse_args()
@@ -104,9 +104,11 @@ def main() -> None:
     print(f"# FF local layer {SPEC.input_shape} -> {SPEC.output_shape}, k={SPEC.kernel}, p={SPEC.padding}, "
           f"batch {args.batch}, {machine}, torch {torch.__version__}, {today()}")
     print(f"{'provider':<22}{'forward ms':>12}{'update ms':>12}{'params MiB':>12}")
+    fns = {(name, op): fn for name, (forward, update, _) in providers.items() for op, fn in (("fwd", forward), ("upd", update))}
+    medians = interleaved_medians(fns, args.min_run_time)
     times, csv_rows = {}, []
-    for name, (forward, update, memory) in providers.items():
-        times[name] = (median_seconds(forward, args.min_run_time), median_seconds(update, args.min_run_time))
+    for name, (_, _, memory) in providers.items():
+        times[name] = (medians[(name, "fwd")], medians[(name, "upd")])
         print(f"{name:<22}{times[name][0] * 1e3:>12.2f}{times[name][1] * 1e3:>12.2f}{memory:>12.2f}")
         for op, seconds in zip(("ff_local2d_forward", "ff_local2d_update"), times[name]):
             csv_rows.append(dict(op=op, provider=name, shape="32x32x3-k11p5", batch=args.batch,

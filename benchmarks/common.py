@@ -27,8 +27,23 @@ def machine_name(device: str) -> str:
 def median_seconds(fn, min_run_time: float = 1.0) -> float:
     """Median wall time of ``fn()`` over repeated runs (CUDA-synchronized by torch's Timer)."""
     fn()  # warm up (allocations, Triton compilation)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # torch's Timer runs single-threaded unless told otherwise; time with every thread torch uses.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_medians(fns: dict, min_run_time: float = 1.0, rounds: int = 5) -> dict:
+    """Median time of each ``fns[name]()``, measured in ``rounds`` round-robin rounds.
+
+    Every round times each function for ``min_run_time / rounds`` seconds; the result is the
+    median over rounds. Interleaving keeps the ratios fair on a machine whose speed drifts
+    (shared cores, clock changes) while the benchmark runs.
+    """
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(median_seconds(fn, min_run_time / rounds))
+    return {name: sorted(times)[len(times) // 2] for name, times in per_round.items()}
 
 
 def append_csv(path: str, rows: list[dict]) -> None:

@@ -83,3 +83,8 @@ def test_momentum_needs_buffer_at_op_level():
 def test_cpu_backend_refuses_bf16_compute_on_other_backends():
     with pytest.raises(ValueError, match="compute_dtype=torch.bfloat16 is a mode of the 'cpu' backend"):
         ff_kernels.FFLinear(8, 4, backend="reference", compute_dtype=torch.bfloat16)(torch.ones(1, 8))
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf(layer):
+    x = torch.full((2, 8), 3e38)  # the float32 sum overflows, the values do not
+    assert layer(x).shape == (2, 4)

@@ -26,8 +26,21 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    if check_finite_inputs and x.numel() and not bool(torch.isfinite(x).all()):
+    if check_finite_inputs and not all_finite(x):
         raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element of ``x`` is NaN or Inf.
+
+    A float32 sum is finite whenever every element is (one cheap reduction); only when it is
+    not, because of a NaN/Inf or an overflow of large finite values, are the elements checked.
+    """
+    if x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def check_rows_pair(layer: str, x_pos: torch.Tensor, x_neg: torch.Tensor) -> None:
