@@ -7,14 +7,14 @@ import math
 import torch
 from torch import nn
 
-from .. import functional as F
 from ..ops import ff_linear_forward, ff_linear_step
 from ..ops.results import FFLayerStep
 from ..ops.validation import check_mask
-from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
+from .layer import FFLayer
+from .peer_norm import PeerNormalization
 
 
-class FFLinear(nn.Module):
+class FFLinear(FFLayer):
     """A linear + ReLU layer with a local FF loss (Hinton 2022, section 2).
 
     Args:
@@ -35,8 +35,11 @@ class FFLinear(nn.Module):
             footnote 9), a submodule moved to the layer's device; each training step adds its
             extra gradient (see :mod:`ff_kernels.nn.peer_norm`).
 
-    Shapes: ``x: (B, in_features)`` in the layer's dtype -> ``(B, out_features)``.
+    Shapes: ``x: (B, in_features)`` in the layer's dtype -> ``(B, out_features)``. The FF
+    methods (``forward``, ``goodness``, ``ff_backward``, ``ff_step``, ...) are :class:`FFLayer`'s.
     """
+
+    _lazy_buffers = ("mask", "weight_momentum", "bias_momentum")
 
     def __init__(
         self,
@@ -58,13 +61,6 @@ class FFLinear(nn.Module):
         if int(in_features) <= 0 or int(out_features) <= 0:
             raise ValueError(f"FFLinear: in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.goodness_fn = F.check_goodness(goodness)
-        self.threshold = float(out_features if threshold is None else threshold)
-        if not float(temperature) > 0:
-            raise ValueError(f"FFLinear: temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.rms_norm = bool(rms_norm)
-        self.backend = backend
         self.compute_dtype = compute_dtype
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -72,9 +68,7 @@ class FFLinear(nn.Module):
         if mask is not None:
             mask = check_mask(self._name(), mask, (out_features, in_features)).to(device=self.weight.device)
         self.register_buffer("mask", mask)
-        self.register_buffer("weight_momentum", None)
-        self.register_buffer("bias_momentum", None)
-        self.peer_norm = check_peer_norm(self._name(), peer_norm, self.out_features, self.weight.device)
+        self._init_ff(goodness, threshold, temperature, rms_norm, backend, self.out_features, peer_norm)
         self.reset_parameters()
 
     def _name(self) -> str:
@@ -108,94 +102,22 @@ class FFLinear(nn.Module):
             compute_dtype=self.compute_dtype, layer=self._name(),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized ReLU activities ``(B, out_features)`` of ``x: (B, in_features)``."""
-        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs())[0]
-
-    def goodness(self, x: torch.Tensor) -> torch.Tensor:
-        """Goodness ``(B,)`` float32 of ``x: (B, in_features)``."""
-        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs())[1]
-
-    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both at once: (normalized output (B, out_features), goodness (B,) float32)."""
+    def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) float32)."""
         return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs())
 
-    def probability(self, x: torch.Tensor) -> torch.Tensor:
-        """p(positive) ``(B,)`` of each row of ``x``."""
-        return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
-
-    def _step(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
+    def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         return ff_linear_step(
             x_pos, x_neg, self.weight, self.bias, threshold=self.threshold, temperature=self.temperature,
             **self._op_kwargs(), **kwargs,
         )
 
-    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False):
-        """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
-
-        x_pos: (Bp, in_features) positive rows, x_neg: (Bn, in_features) negative rows. The
-        gradients equal those of ``loss.backward()`` on the layer's FF loss, so any torch
-        optimizer applies them. Returns the loss (0-dim float32), or the whole
-        :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
-        """
-        step = self._step(x_pos, x_neg, mode="grad")
-        self._peer_norm_step(step, x_pos, "grad")
-        return step if return_step else step.loss
-
-    def ff_step(
-        self,
-        x_pos: torch.Tensor,
-        x_neg: torch.Tensor,
-        lr: float,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        return_step: bool = False,
-    ):
-        """One fused FF update: the gradient never reaches ``.grad`` and SGD is applied in place.
-
-        Same semantics as ``ff_backward`` followed by ``torch.optim.SGD(lr, momentum,
-        weight_decay).step()``; the momentum buffers live in this module (and its state_dict).
-        With ``peer_norm`` its extra gradient is part of the SGD step.
-        """
-        if momentum > 0 and self.weight_momentum is None:
-            self.weight_momentum = torch.zeros_like(self.weight)
-            if self.bias is not None:
-                self.bias_momentum = torch.zeros_like(self.bias)
-        step = self._step(
-            x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-            weight_buf=self.weight_momentum if momentum > 0 else None,
-            bias_buf=self.bias_momentum if momentum > 0 else None,
-        )
-        self._peer_norm_step(
-            step, x_pos, "sgd", lr, self.weight_momentum if momentum > 0 else None,
-            self.bias_momentum if momentum > 0 else None,
-        )
-        return step if return_step else step.loss
-
-    @torch.no_grad()
-    def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
-                        weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
-        """Peer normalization after a step: dW += outer(p, mean x_pos) * mask, db += p."""
-        if self.peer_norm is None:
-            return
-        n_pos = x_pos.shape[0]
-        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
-        if p is None:
-            return
+    def _peer_gradients(self, p: torch.Tensor, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dW = outer(p, mean x_pos) * mask (out, in), db = p (out,)."""
         grad_w = torch.outer(p, x_pos.float().mean(0))
         if self.mask is not None:
             grad_w.mul_(self.mask)
-        add_gradient_(self.weight, grad_w, mode, lr, weight_buf)
-        if self.bias is not None:
-            add_gradient_(self.bias, p, mode, lr, bias_buf)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Buffers that are None until first used (mask, momentum) are created from the checkpoint.
-        for name in ("mask", "weight_momentum", "bias_momentum"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        return grad_w, p
 
     def extra_repr(self) -> str:
         masked = "" if self.mask is None else f", mask={int(self.mask.sum())}/{self.mask.numel()}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
 from .. import functional_local as FL
 from ..functional_local import LocalSpec
 from ..ops.local2d import ff_local2d_forward, ff_local2d_step
 from ..ops.results import FFLayerStep
 from ..ops.validation import describe
+from .layer import FFLayer
 from .linear import FFLinear
-from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
+from .peer_norm import PeerNormalization
 
 
 def _pair(in_size) -> tuple[int, int]:
@@ -23,7 +23,7 @@ def _pair(in_size) -> tuple[int, int]:
     raise TypeError(f"FFLocal2d: in_size must be an int or a pair (H, W), got {in_size!r}")
 
 
-class FFLocal2d(nn.Module):
+class FFLocal2d(FFLayer):
     """A locally connected layer + ReLU with a local FF loss (Hinton 2022, section 4, footnote 8).
 
     Every output location has its own weights over a ``kernel x kernel`` window of the input;
@@ -76,19 +76,10 @@ class FFLocal2d(nn.Module):
         super().__init__()
         height, width = _pair(in_size)
         self.spec = LocalSpec(in_channels, height, width, out_channels, kernel, stride, padding)
-        self.goodness_fn = F.check_goodness(goodness)
-        self.threshold = float(self.spec.out_features if threshold is None else threshold)
-        if not float(temperature) > 0:
-            raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.rms_norm = bool(rms_norm)
-        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.spec.weight_shape, **factory))
         self.bias = nn.Parameter(torch.empty(self.spec.bias_shape, **factory)) if bias else None
-        self.register_buffer("weight_momentum", None)
-        self.register_buffer("bias_momentum", None)
-        self.peer_norm = check_peer_norm(self._name(), peer_norm, self.spec.out_features, self.weight.device)
+        self._init_ff(goodness, threshold, temperature, rms_norm, backend, self.spec.out_features, peer_norm)
         self.reset_parameters()
 
     @property
@@ -142,24 +133,12 @@ class FFLocal2d(nn.Module):
     def _op_kwargs(self) -> dict:
         return dict(goodness=self.goodness_fn, rms=self.rms_norm, backend=self.backend, layer=self._name())
 
-    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized output (B, C_out, H_out, W_out), goodness (B,) float32) of ``x: (B, C_in, H_in, W_in)``."""
+    def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C_in, H_in, W_in) -> (normalized output (B, C_out, H_out, W_out), goodness (B,) float32)."""
         self._check_input("x", x)
         return ff_local2d_forward(x, self.weight, self.bias, self.spec, **self._op_kwargs())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized ReLU activities (B, C_out, H_out, W_out) of ``x: (B, C_in, H_in, W_in)``."""
-        return self.forward_with_goodness(x)[0]
-
-    def goodness(self, x: torch.Tensor) -> torch.Tensor:
-        """Goodness (B,) float32 over all units of each image."""
-        return self.forward_with_goodness(x)[1]
-
-    def probability(self, x: torch.Tensor) -> torch.Tensor:
-        """p(positive) (B,) of each image."""
-        return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
-
-    def _step(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
+    def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         self._check_input("x_pos", x_pos)
         self._check_input("x_neg", x_neg)
         return ff_local2d_step(
@@ -167,60 +146,11 @@ class FFLocal2d(nn.Module):
             temperature=self.temperature, **self._op_kwargs(), **kwargs,
         )
 
-    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False):
-        """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
-
-        x_pos: (Bp, C_in, H_in, W_in) positive images, x_neg: (Bn, C_in, H_in, W_in) negative
-        images. Equal to ``loss.backward()`` on :func:`functional_local.ff_local_loss` (plus the
-        peer-normalization gradient with ``peer_norm``). Returns the loss (0-dim float32), or the
-        whole :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
-        """
-        step = self._step(x_pos, x_neg, mode="grad")
-        self._peer_norm_step(step, x_pos, "grad")
-        return step if return_step else step.loss
-
-    def ff_step(
-        self,
-        x_pos: torch.Tensor,
-        x_neg: torch.Tensor,
-        lr: float,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        return_step: bool = False,
-    ):
-        """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
-
-        The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
-        state_dict). Entries outside the input map stay exactly zero.
-        """
-        if momentum > 0 and self.weight_momentum is None:
-            self.weight_momentum = torch.zeros_like(self.weight)
-            if self.bias is not None:
-                self.bias_momentum = torch.zeros_like(self.bias)
-        weight_buf = self.weight_momentum if momentum > 0 else None
-        bias_buf = self.bias_momentum if momentum > 0 else None
-        step = self._step(
-            x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-            weight_buf=weight_buf, bias_buf=bias_buf,
-        )
-        self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
-        return step if return_step else step.loss
-
-    @torch.no_grad()
-    def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
-                        weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
-        """Peer normalization after a step: dW[l, o] += p[o, l] * window_l(mean x_pos), db[l, o] += p[o, l]."""
-        if self.peer_norm is None:
-            return
-        n_pos = x_pos.shape[0]
-        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
-        if p is None:
-            return
+    def _peer_gradients(self, p: torch.Tensor, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dW[l, o] = p[o, l] * window_l(mean x_pos) (L, C_out, K), db[l, o] = p[o, l] (L, C_out)."""
         p = p.view(self.spec.out_channels, self.spec.num_locations).t()  # (L, C_out), like the bias
         patch = FL.local_patches(x_pos.float().mean(0, keepdim=True), self.spec)[0]  # (L, K), 0 outside the map
-        add_gradient_(self.weight, p[:, :, None] * patch[:, None, :], mode, lr, weight_buf)
-        if self.bias is not None:
-            add_gradient_(self.bias, p, mode, lr, bias_buf)
+        return p[:, :, None] * patch[:, None, :], p
 
     @torch.no_grad()
     def to_dense(self) -> FFLinear:
@@ -251,14 +181,6 @@ class FFLocal2d(nn.Module):
         if self.bias_momentum is not None:
             dense.bias_momentum = self.bias_momentum.t().reshape(-1).clone()
         return dense
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        # Momentum buffers are None until first used; they are created from the checkpoint.
-        for name in ("weight_momentum", "bias_momentum"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         s = self.spec

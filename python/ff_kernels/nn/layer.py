@@ -1,0 +1,119 @@
+"""FFLayer: the Forward-Forward interface shared by every FF layer, on top of two op hooks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..ops.results import FFLayerStep
+from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
+
+
+class FFLayer(nn.Module):
+    """Base class of FF layers (FFLinear, FFLocal2d).
+
+    A subclass creates ``weight`` and ``bias`` (or None), calls :meth:`_init_ff`, and supplies:
+
+    - ``_name()``: the layer's name for error messages;
+    - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
+    - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
+    - ``_peer_gradients(p, x_pos)``: the rank-1 peer-normalization gradients (dW, db) for the
+      per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`).
+
+    Buffers listed in ``_lazy_buffers`` are None until first used and are created when a
+    state_dict that holds them is loaded.
+    """
+
+    _lazy_buffers: tuple[str, ...] = ("weight_momentum", "bias_momentum")
+
+    def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
+        """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
+        self.goodness_fn = F.check_goodness(goodness)
+        self.threshold = float(num_units if threshold is None else threshold)
+        if not float(temperature) > 0:
+            raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.rms_norm = bool(rms_norm)
+        self.backend = backend
+        self.register_buffer("weight_momentum", None)
+        self.register_buffer("bias_momentum", None)
+        self.peer_norm: PeerNormalization | None = check_peer_norm(self._name(), peer_norm, num_units, self.weight.device)
+
+    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized output, goodness (B,) float32) of a batch ``x``."""
+        return self._forward_op(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalized ReLU activities of a batch ``x``: what the next layer receives."""
+        return self._forward_op(x)[0]
+
+    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+        """Goodness (B,) float32 of each row (image) of ``x``."""
+        return self._forward_op(x)[1]
+
+    def probability(self, x: torch.Tensor) -> torch.Tensor:
+        """p(positive) (B,) of each row (image) of ``x``."""
+        return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
+
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False):
+        """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
+
+        x_pos: positive rows (Bp, ...), x_neg: negative rows (Bn, ...). The gradients equal those
+        of ``loss.backward()`` on the layer's FF loss (plus the peer-normalization gradient with
+        ``peer_norm``), so any torch optimizer applies them. Returns the loss (0-dim float32),
+        or the whole :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
+        """
+        step = self._step_op(x_pos, x_neg, mode="grad")
+        self._peer_norm_step(step, x_pos, "grad")
+        return step if return_step else step.loss
+
+    def ff_step(
+        self,
+        x_pos: torch.Tensor,
+        x_neg: torch.Tensor,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        return_step: bool = False,
+    ):
+        """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
+
+        The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
+        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step.
+        """
+        if momentum > 0 and self.weight_momentum is None:
+            self.weight_momentum = torch.zeros_like(self.weight)
+            if self.bias is not None:
+                self.bias_momentum = torch.zeros_like(self.bias)
+        weight_buf = self.weight_momentum if momentum > 0 else None
+        bias_buf = self.bias_momentum if momentum > 0 else None
+        step = self._step_op(
+            x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
+            weight_buf=weight_buf, bias_buf=bias_buf,
+        )
+        self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
+        return step if return_step else step.loss
+
+    @torch.no_grad()
+    def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
+                        weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
+        """Add the peer-normalization gradient after a step (see :mod:`ff_kernels.nn.peer_norm`)."""
+        if self.peer_norm is None:
+            return
+        n_pos = x_pos.shape[0]
+        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
+        if p is None:
+            return
+        grad_w, grad_b = self._peer_gradients(p, x_pos)
+        add_gradient_(self.weight, grad_w, mode, lr, weight_buf)
+        if self.bias is not None:
+            add_gradient_(self.bias, grad_b, mode, lr, bias_buf)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # Buffers that are None until first used are created from the checkpoint.
+        for name in self._lazy_buffers:
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
