@@ -177,7 +177,7 @@ class FFLocal2d(FFLayer):
         if self.bias is not None:
             dense.bias.copy_(self.bias.t().reshape(-1))
         if self.weight_momentum is not None:
-            dense.weight_momentum = FL.local_weight_to_dense(self.weight_momentum, spec)
+            dense.weight_momentum = FL.local_weight_to_dense(self.weight_momentum, spec).contiguous()
         if self.bias_momentum is not None:
             dense.bias_momentum = self.bias_momentum.t().reshape(-1).clone()
         return dense

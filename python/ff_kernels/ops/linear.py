@@ -17,10 +17,9 @@ import torch
 from .. import functional as F
 from . import cpu_linear, reference_linear
 from .results import FFLayerStep
-from .validation import FLOAT_DTYPES, check_hyper, check_matrix, check_rows_pair, describe
+from .validation import FLOAT_DTYPES, check_matrix, check_rows_pair, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
-MODES = ("grad", "sgd")
 
 
 def resolve_backend(backend: str, device: torch.device, layer: str = "FFLinear") -> str:
@@ -122,25 +121,15 @@ def ff_linear_step(
     as they were before this step.
     """
     F.check_goodness(goodness)
-    if mode not in MODES:
-        raise ValueError(f"{layer}: mode must be one of {MODES}, got {mode!r}")
     _check_params(layer, weight, bias, mask)
     check_rows_pair(layer, x_pos, x_neg)
     check_matrix("x_pos", layer, x_pos, weight.shape[1], weight)
     check_matrix("x_neg", layer, x_neg, weight.shape[1], weight)
-    check_hyper(layer, "temperature", temperature, 0.0, allow_equal=False)
+    lr, momentum, weight_decay = check_step_args(
+        layer, mode, temperature, lr, momentum, weight_decay,
+        (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)),
+    )
     threshold = float(threshold)
-    if mode == "sgd":
-        lr = check_hyper(layer, "lr", lr)
-        momentum = check_hyper(layer, "momentum", momentum)
-        weight_decay = check_hyper(layer, "weight_decay", weight_decay)
-        for name, buf, param in (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)):
-            if param is None:
-                continue
-            if buf is None and momentum > 0:
-                raise ValueError(f"{layer}: momentum={momentum} needs {name}, got None")
-            if buf is not None and (buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device):
-                raise ValueError(f"{layer}: {name} must match its parameter ({describe(param)}), got {describe(buf)}")
     backend = resolve_backend(backend, weight.device, layer)
     _check_compute_dtype(layer, compute_dtype, backend)
     kwargs = dict(

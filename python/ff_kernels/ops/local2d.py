@@ -20,9 +20,8 @@ import torch
 from .. import functional as F
 from ..functional_local import LocalSpec
 from . import ext_local2d, reference_local2d, validation
-from .linear import MODES
 from .results import FFLayerStep
-from .validation import FLOAT_DTYPES, check_hyper, describe
+from .validation import FLOAT_DTYPES, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
@@ -101,22 +100,6 @@ def _check_input(name: str, layer: str, x: torch.Tensor, spec: LocalSpec, like: 
         raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
 
 
-def _check_buffers(layer: str, momentum: float, pairs) -> None:
-    """SGD momentum buffers: required when momentum > 0, else optional; each must match its parameter."""
-    for name, buf, param in pairs:
-        if param is None:
-            if buf is not None:
-                raise ValueError(f"{layer}: {name} given for a layer without that parameter")
-            continue
-        if buf is None and momentum > 0:
-            raise ValueError(f"{layer}: momentum={momentum} needs {name}, got None")
-        if buf is not None and (buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device
-                                or not buf.is_contiguous()):
-            raise ValueError(
-                f"{layer}: {name} must be contiguous and match its parameter ({describe(param)}), got {describe(buf)}"
-            )
-
-
 def ff_local2d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -180,20 +163,16 @@ def ff_local2d_step(
     (Bp + Bn, C_out, H_out, W_out)) computed with the weights as they were before this step.
     """
     F.check_goodness(goodness)
-    if mode not in MODES:
-        raise ValueError(f"{layer}: mode must be one of {MODES}, got {mode!r}")
     _check_spec(layer, spec)
     _check_params(layer, spec, weight, bias)
     _check_input("x_pos", layer, x_pos, spec, weight)
     _check_input("x_neg", layer, x_neg, spec, weight)
     if x_pos.shape[0] + x_neg.shape[0] == 0:
         raise ValueError(f"{layer}: both x_pos and x_neg are empty; an FF step needs at least one image")
-    check_hyper(layer, "temperature", temperature, 0.0, allow_equal=False)
-    if mode == "sgd":
-        lr = check_hyper(layer, "lr", lr)
-        momentum = check_hyper(layer, "momentum", momentum)
-        weight_decay = check_hyper(layer, "weight_decay", weight_decay)
-        _check_buffers(layer, momentum, (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)))
+    lr, momentum, weight_decay = check_step_args(
+        layer, mode, temperature, lr, momentum, weight_decay,
+        (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)),
+    )
     backend = resolve_backend(backend, weight.device, weight.dtype, layer)
     kwargs = dict(
         goodness=goodness, threshold=float(threshold), temperature=float(temperature), rms=rms, mode=mode,

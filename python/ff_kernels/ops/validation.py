@@ -75,3 +75,37 @@ def check_hyper(layer: str, name: str, value: float, low: float = 0.0, allow_equ
         bound = ">=" if allow_equal else ">"
         raise ValueError(f"{layer}: {name} must be a finite number {bound} {low}, got {value}")
     return value
+
+
+STEP_MODES = ("grad", "sgd")
+
+
+def check_step_args(
+    layer: str, mode: str, temperature: float, lr: float, momentum: float, weight_decay: float, buffers
+) -> tuple[float, float, float]:
+    """Validate the arguments of an FF training step; return ``(lr, momentum, weight_decay)`` as floats.
+
+    ``buffers``: ``(name, buffer, parameter)`` triples. In mode "sgd" a buffer is required when
+    momentum > 0 and must be contiguous and match its parameter; a buffer for an absent
+    parameter is an error.
+    """
+    if mode not in STEP_MODES:
+        raise ValueError(f"{layer}: mode must be one of {STEP_MODES}, got {mode!r}")
+    check_hyper(layer, "temperature", temperature, 0.0, allow_equal=False)
+    if mode != "sgd":
+        return float(lr), float(momentum), float(weight_decay)
+    lr = check_hyper(layer, "lr", lr)
+    momentum = check_hyper(layer, "momentum", momentum)
+    weight_decay = check_hyper(layer, "weight_decay", weight_decay)
+    for name, buf, param in buffers:
+        if param is None:
+            if buf is not None:
+                raise ValueError(f"{layer}: {name} given for a layer without that parameter")
+            continue
+        if buf is None and momentum > 0:
+            raise ValueError(f"{layer}: momentum={momentum} needs {name}, got None")
+        if buf is not None and (
+            buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device or not buf.is_contiguous()
+        ):
+            raise ValueError(f"{layer}: {name} must be contiguous and match its parameter ({describe(param)}), got {describe(buf)}")
+    return lr, momentum, weight_decay
