@@ -133,6 +133,7 @@ def test_forward_matches_reference(backend, kind, batch):
     check_close("goodness", g, ref_g, truth["goodness"], torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:compute_dtype=torch.bfloat16 on a CPU without")
 @pytest.mark.parametrize("kind", GOODNESS)
 def test_cpu_bf16_compute_mode(kind):
     """fp32 parameters, bf16 GEMMs: compare with the reference on bf16-rounded inputs and weights."""
