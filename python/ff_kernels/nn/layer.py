@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as F
 from ..ops.results import FFLayerStep
-from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm
+from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm, mean_activity
 
 
 class FFLayer(nn.Module):
@@ -19,7 +19,8 @@ class FFLayer(nn.Module):
     - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
     - ``_peer_gradients(p, x_pos)``: the rank-1 peer-normalization gradients (dW, db) for the
-      per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`).
+      per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`); they depend on
+      ``x_pos`` only through its mean over rows.
 
     Buffers listed in ``_lazy_buffers`` are None until first used and are created when a
     state_dict that holds them is loaded.
@@ -56,16 +57,22 @@ class FFLayer(nn.Module):
         """p(positive) (B,) of each row (image) of ``x``."""
         return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
 
-    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False):
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
+                    apply_peer_norm: bool = True):
         """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
 
         x_pos: positive rows (Bp, ...), x_neg: negative rows (Bn, ...). The gradients equal those
         of ``loss.backward()`` on the layer's FF loss (plus the peer-normalization gradient with
         ``peer_norm``), so any torch optimizer applies them. Returns the loss (0-dim float32),
         or the whole :class:`~ff_kernels.ops.FFLayerStep` with ``return_step=True``.
+
+        ``apply_peer_norm=False`` leaves peer normalization to the caller, who passes
+        :meth:`peer_norm_statistics` (possibly averaged over data-parallel ranks) to
+        :meth:`apply_peer_norm_`.
         """
         step = self._step_op(x_pos, x_neg, mode="grad")
-        self._peer_norm_step(step, x_pos, "grad")
+        if apply_peer_norm:
+            self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
 
     def ff_step(
@@ -82,12 +89,7 @@ class FFLayer(nn.Module):
         The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
         state_dict). With ``peer_norm`` its extra gradient is part of the SGD step.
         """
-        if momentum > 0 and self.weight_momentum is None:
-            self.weight_momentum = torch.zeros_like(self.weight)
-            if self.bias is not None:
-                self.bias_momentum = torch.zeros_like(self.bias)
-        weight_buf = self.weight_momentum if momentum > 0 else None
-        bias_buf = self.bias_momentum if momentum > 0 else None
+        weight_buf, bias_buf = self.momentum_buffers(momentum)
         step = self._step_op(
             x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
             weight_buf=weight_buf, bias_buf=bias_buf,
@@ -95,17 +97,53 @@ class FFLayer(nn.Module):
         self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
         return step if return_step else step.loss
 
-    @torch.no_grad()
+    def momentum_buffers(self, momentum: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The SGD momentum buffers (weight's, bias's) of a step with ``momentum``.
+
+        None for momentum 0 (and for an absent bias); created as zeros on first use, which
+        equals torch.optim.SGD's first-step ``buf = grad``.
+        """
+        if not momentum > 0:
+            return None, None
+        if self.weight_momentum is None:
+            self.weight_momentum = torch.zeros_like(self.weight)
+            if self.bias is not None:
+                self.bias_momentum = torch.zeros_like(self.bias)
+        return self.weight_momentum, self.bias_momentum
+
     def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
                         weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
         """Add the peer-normalization gradient after a step (see :mod:`ff_kernels.nn.peer_norm`)."""
-        if self.peer_norm is None:
-            return
+        statistics = self.peer_norm_statistics(step, x_pos)
+        if statistics is not None:
+            self.apply_peer_norm_(statistics, mode, lr, weight_buf, bias_buf)
+
+    @torch.no_grad()
+    def peer_norm_statistics(self, step: FFLayerStep, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What peer normalization takes from a step's positive rows x_pos (Bp, ...).
+
+        Returns (mean raw activity (N,) float32, mean positive input (1, ...) float32), or None
+        without ``peer_norm`` or without positive rows. Both are means over the positive rows,
+        so the statistics of equal-size shards of a batch average to those of the whole batch.
+        """
         n_pos = x_pos.shape[0]
-        p = self.peer_norm.observe_(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
-        if p is None:
-            return
-        grad_w, grad_b = self._peer_gradients(p, x_pos)
+        if self.peer_norm is None or n_pos == 0:
+            return None
+        activity = mean_activity(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
+        return activity, x_pos.float().mean(0, keepdim=True)
+
+    @torch.no_grad()
+    def apply_peer_norm_(self, statistics: tuple[torch.Tensor, torch.Tensor], mode: str = "grad", lr: float = 0.0,
+                         weight_buf: torch.Tensor | None = None, bias_buf: torch.Tensor | None = None) -> None:
+        """Fold :meth:`peer_norm_statistics` into the running mean and add the peer gradient.
+
+        ``mode`` "grad" adds it to ``.grad``; "sgd" to a step that has already been applied with
+        learning rate ``lr`` and momentum buffers ``weight_buf`` / ``bias_buf`` (see
+        :func:`~ff_kernels.nn.peer_norm.add_gradient_`).
+        """
+        activity, x_mean = statistics
+        p = self.peer_norm.update_(activity)
+        grad_w, grad_b = self._peer_gradients(p, x_mean)
         add_gradient_(self.weight, grad_w, mode, lr, weight_buf)
         if self.bias is not None:
             add_gradient_(self.bias, grad_b, mode, lr, bias_buf)

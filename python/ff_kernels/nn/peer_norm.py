@@ -22,8 +22,10 @@ for FFLocal2d the mean positive image's window of each location, zero where the 
 the map) and ``db_j += p_j``. Because the zero start of ``r`` scales every unit alike, the pull
 simply ramps up over the first ``1 / (1 - momentum)`` steps.
 
-The layer applies the extra gradient after its own step with :func:`add_gradient_`; a step
-without positive rows neither updates ``r`` nor adds anything.
+The layer takes the two batch statistics the term needs (``FFLayer.peer_norm_statistics``:
+the mean positive activity and the mean positive input) and then applies the extra gradient
+after its own step (``FFLayer.apply_peer_norm_``, with :func:`add_gradient_`); a step without
+positive rows neither updates ``r`` nor adds anything.
 """
 
 from __future__ import annotations
@@ -73,20 +75,6 @@ class PeerNormalization(nn.Module):
         new = self.momentum * self.running_mean.float() + (1.0 - self.momentum) * activity_mean.float()
         self.running_mean.copy_(new)
         return self.derivative()
-
-    @torch.no_grad()
-    def observe_(
-        self, output_pos: torch.Tensor, goodness_pos: torch.Tensor, kind: str, rms: bool
-    ) -> torch.Tensor | None:
-        """Update ``r`` from a step's positive rows; return p (N,) float32, or None without positive rows.
-
-        output_pos: (Bp, ...) the layer's normalized output of the positive rows (N values per
-        row after ``flatten(1)``), goodness_pos: (Bp,) their goodness; ``kind`` and ``rms`` are the
-        layer's, so that the raw activities are ``output * normalization_scale(goodness)``.
-        """
-        if output_pos.shape[0] == 0:
-            return None
-        return self.update_(mean_activity(output_pos, goodness_pos, kind, rms))
 
     def extra_repr(self) -> str:
         return f"{self.num_units}, strength={self.strength:g}, momentum={self.momentum:g}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from ..ops.results import FFLayerStep
 
 
 class FFSequential(nn.Sequential):
@@ -43,27 +45,41 @@ class FFSequential(nn.Sequential):
             raise ValueError(f"FFSequential: layers must be a non-empty subset of 0..{len(self) - 1}, got {sorted(chosen)}")
         return chosen
 
-    def _train(self, x_pos, x_neg, layers, step_fn) -> list[torch.Tensor]:
+    def train_steps(
+        self,
+        x_pos: torch.Tensor,
+        x_neg: torch.Tensor,
+        step_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], FFLayerStep],
+        layers: Iterable[int] | None = None,
+    ) -> list[FFLayerStep]:
+        """The loop behind :meth:`ff_backward` and :meth:`ff_step`, for callers with their own step.
+
+        ``step_fn(layer, x_pos, x_neg)`` trains one chosen layer on its positive (Bp, ...) and
+        negative (Bn, ...) inputs and returns its :class:`~ff_kernels.ops.FFLayerStep`, whose
+        pre-update ``output`` (Bp + Bn, ...) feeds the next layer. Returns the chosen layers'
+        steps, bottom first.
+        """
         chosen = self._layer_indices(layers)
         n_pos = x_pos.shape[0]
-        losses = []
+        steps = []
         for i, layer in enumerate(self):
             if i > max(chosen):
                 break
             if i in chosen:
                 step = step_fn(layer, x_pos, x_neg)
-                losses.append(step.loss)
+                steps.append(step)
                 x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
             else:
                 x_pos, x_neg = layer(x_pos), layer(x_neg)
-        return losses
+        return steps
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
         """Accumulate every chosen layer's local gradients; returns their losses (0-dim each).
 
         x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows.
         """
-        return self._train(x_pos, x_neg, layers, lambda layer, p, n: layer.ff_backward(p, n, return_step=True))
+        steps = self.train_steps(x_pos, x_neg, lambda layer, p, n: layer.ff_backward(p, n, return_step=True), layers)
+        return [step.loss for step in steps]
 
     def ff_step(
         self,
@@ -75,7 +91,9 @@ class FFSequential(nn.Sequential):
         layers: Iterable[int] | None = None,
     ) -> list[torch.Tensor]:
         """Fused SGD step on every chosen layer (see ``FFLinear.ff_step``); returns their losses."""
-        return self._train(
-            x_pos, x_neg, layers,
+        steps = self.train_steps(
+            x_pos, x_neg,
             lambda layer, p, n: layer.ff_step(p, n, lr=lr, momentum=momentum, weight_decay=weight_decay, return_step=True),
+            layers,
         )
+        return [step.loss for step in steps]
