@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as F
 from ..ops.results import FFLayerStep
-from .peer_norm import PeerNormalization, add_gradient_, check_peer_norm, mean_activity
+from .peer_norm import PeerNormalization, check_peer_norm, gradient_targets, mean_activity
 
 
 class FFLayer(nn.Module):
@@ -18,7 +18,8 @@ class FFLayer(nn.Module):
     - ``_name()``: the layer's name for error messages;
     - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
-    - ``_peer_gradients(p, x_pos)``: the rank-1 peer-normalization gradients (dW, db) for the
+    - ``_add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)``: add ``alpha`` times
+      the rank-1 peer-normalization gradients (dW, db) for the
       per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`); they depend on
       ``x_pos`` only through its mean over rows.
 
@@ -139,14 +140,18 @@ class FFLayer(nn.Module):
 
         ``mode`` "grad" adds it to ``.grad``; "sgd" to a step that has already been applied with
         learning rate ``lr`` and momentum buffers ``weight_buf`` / ``bias_buf`` (see
-        :func:`~ff_kernels.nn.peer_norm.add_gradient_`).
+        :func:`~ff_kernels.nn.peer_norm.gradient_targets`). The rank-1 gradient is added in
+        place, never materialized.
         """
         activity, x_mean = statistics
         p = self.peer_norm.update_(activity)
-        grad_w, grad_b = self._peer_gradients(p, x_mean)
-        add_gradient_(self.weight, grad_w, mode, lr, weight_buf)
+        weight_targets = gradient_targets(self.weight, mode, lr, weight_buf)
+        # the bias's targets pair with the weight's: (.grad) or (buffer if any, parameter)
+        bias_targets = [None] * len(weight_targets)
         if self.bias is not None:
-            add_gradient_(self.bias, grad_b, mode, lr, bias_buf)
+            bias_targets = [target for target, _ in gradient_targets(self.bias, mode, lr, bias_buf)]
+        for (weight_target, alpha), bias_target in zip(weight_targets, bias_targets, strict=True):
+            self._add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         # Buffers that are None until first used are created from the checkpoint.

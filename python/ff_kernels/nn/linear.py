@@ -112,12 +112,20 @@ class FFLinear(FFLayer):
             **self._op_kwargs(), **kwargs,
         )
 
-    def _peer_gradients(self, p: torch.Tensor, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """dW = outer(p, mean x_pos) * mask (out, in), db = p (out,)."""
-        grad_w = torch.outer(p, x_pos.float().mean(0))
-        if self.mask is not None:
-            grad_w.mul_(self.mask)
-        return grad_w, p
+    def _add_peer_gradient_(self, weight_target, bias_target, p, x_mean, alpha: float) -> None:
+        """``weight_target += alpha * outer(p, x_mean) * mask``, ``bias_target += alpha * p``.
+
+        p: (out,) float32, x_mean: (1, in) the mean positive input. One in-place rank-1 update
+        (``addr_``) without a mask; with one, the outer product is masked first.
+        """
+        x_mean = x_mean[0].to(weight_target.dtype)
+        p_w = p.to(weight_target.dtype)
+        if self.mask is None:
+            weight_target.addr_(p_w, x_mean, alpha=alpha)
+        else:
+            weight_target.add_(torch.outer(p_w, x_mean).mul_(self.mask), alpha=alpha)
+        if bias_target is not None:
+            bias_target.add_(p.to(bias_target.dtype), alpha=alpha)
 
     def extra_repr(self) -> str:
         masked = "" if self.mask is None else f", mask={int(self.mask.sum())}/{self.mask.numel()}"

@@ -146,11 +146,18 @@ class FFLocal2d(FFLayer):
             temperature=self.temperature, **self._op_kwargs(), **kwargs,
         )
 
-    def _peer_gradients(self, p: torch.Tensor, x_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """dW[l, o] = p[o, l] * window_l(mean x_pos) (L, C_out, K), db[l, o] = p[o, l] (L, C_out)."""
+    def _add_peer_gradient_(self, weight_target, bias_target, p, x_mean, alpha: float) -> None:
+        """``weight_target[l, o] += alpha * p[o, l] * window_l(x_mean)``, ``bias_target[l, o] += alpha * p[o, l]``.
+
+        p: (C_out * L,) float32 ordered like ``output.flatten(1)``; x_mean: (1, C_in, H, W) the
+        mean positive image. One batched rank-1 update per location (``baddbmm_``).
+        """
         p = p.view(self.spec.out_channels, self.spec.num_locations).t()  # (L, C_out), like the bias
-        patch = FL.local_patches(x_pos.float().mean(0, keepdim=True), self.spec)[0]  # (L, K), 0 outside the map
-        return p[:, :, None] * patch[:, None, :], p
+        patch = FL.local_patches(x_mean, self.spec)[0]  # (L, K), 0 outside the map
+        dtype = weight_target.dtype
+        weight_target.baddbmm_(p.to(dtype)[:, :, None], patch.to(dtype)[:, None, :], alpha=alpha)
+        if bias_target is not None:
+            bias_target.add_(p.to(bias_target.dtype), alpha=alpha)
 
     @torch.no_grad()
     def to_dense(self) -> FFLinear:

@@ -24,7 +24,7 @@ simply ramps up over the first ``1 / (1 - momentum)`` steps.
 
 The layer takes the two batch statistics the term needs (``FFLayer.peer_norm_statistics``:
 the mean positive activity and the mean positive input) and then applies the extra gradient
-after its own step (``FFLayer.apply_peer_norm_``, with :func:`add_gradient_`); a step without
+after its own step (``FFLayer.apply_peer_norm_``, with :func:`gradient_targets`); a step without
 positive rows neither updates ``r`` nor adds anything.
 """
 
@@ -107,29 +107,24 @@ def mean_activity(output: torch.Tensor, goodness: torch.Tensor, kind: str, rms: 
 
 
 @torch.no_grad()
-def add_gradient_(
-    param: torch.Tensor, grad: torch.Tensor, mode: str, lr: float = 0.0, buf: torch.Tensor | None = None
-) -> None:
-    """Add an extra gradient to ``param`` after a step of ``mode`` has processed its own gradient g.
+def gradient_targets(
+    param: torch.Tensor, mode: str, lr: float = 0.0, buf: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, float]]:
+    """Where an extra gradient g_extra of ``param`` goes after a step of ``mode``: (tensor, factor) pairs.
 
-    "grad": ``param.grad += grad``. "sgd": ``buf += grad`` (when the step used a momentum
-    buffer) and ``param -= lr * grad``.
+    "grad": ``param.grad += g_extra`` (``.grad`` created as zeros if absent). "sgd":
+    ``buf += g_extra`` (when the step used a momentum buffer) and ``param -= lr * g_extra``.
 
-    This equals including ``grad`` in the SGD step itself. The step (torch.optim.SGD,
+    This equals including g_extra in the SGD step itself. The step (torch.optim.SGD,
     dampening 0) computed, from the parameter W and buffer v before it,
     ``v' = momentum * v + wd * W + g`` and ``W' = W - lr * v'``; both are affine in g with W
-    and v fixed, so with ``g + grad`` instead of g they become ``v' + grad`` and
-    ``W' - lr * grad``. Without a buffer (momentum 0) ``W' = W - lr * (g + wd * W)`` likewise
-    becomes ``W' - lr * grad``. Weight decay is not applied to ``grad`` twice because it used W,
-    which is unchanged. Where ``grad`` is zero (masked connections) nothing changes.
+    and v fixed, so with ``g + g_extra`` instead of g they become ``v' + g_extra`` and
+    ``W' - lr * g_extra``. Without a buffer (momentum 0) ``W' = W - lr * (g + wd * W)`` likewise
+    becomes ``W' - lr * g_extra``. Weight decay is not applied to g_extra twice because it used
+    W, which is unchanged. Where g_extra is zero (masked connections) nothing changes.
     """
-    grad = grad.to(param.dtype)
     if mode == "grad":
         if param.grad is None:
-            param.grad = grad.clone()
-        else:
-            param.grad.add_(grad)
-        return
-    if buf is not None:
-        buf.add_(grad)
-    param.add_(grad, alpha=-lr)
+            param.grad = torch.zeros_like(param)
+        return [(param.grad, 1.0)]
+    return ([(buf, 1.0)] if buf is not None else []) + [(param, -lr)]
