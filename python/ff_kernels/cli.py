@@ -2,6 +2,8 @@
 
     ff-train supervised --epochs 1 --train-subset 10000 --width 500 --depth 2 --data-dir DIR
     ff-train supervised --run-dir runs/x --resume --epochs 10     # continue a run
+    ff-train unsupervised --epochs 2 --width 500 --depth 2 --figures   # section 3.2, hybrid negatives
+    ff-train local --epochs 1 --train-subset 10000                     # footnote 8's local receptive fields
 
 Options left out take the recipe's defaults, or when resuming the saved run's values.
 """
@@ -15,7 +17,14 @@ import time
 from pathlib import Path
 
 from .data import MnistCorruptError, MnistMissingError
-from .recipes import RECIPES, SupervisedMNISTConfig
+from .recipes import (
+    RECIPES,
+    BackpropMNISTConfig,
+    JitterMNISTConfig,
+    LocalMNISTConfig,
+    SupervisedMNISTConfig,
+    UnsupervisedMNISTConfig,
+)
 from .train import CHECKPOINT, CONFIG, CheckpointError, train
 
 
@@ -35,11 +44,24 @@ def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the last 10,000 training images (held out) instead of the test set")
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
-    parser.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), help=f"default {d.optimizer}")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")
+    parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
+    parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
+    parser.add_argument("--lr-schedule", choices=("half_linear", "constant"),
+                        help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+    parser.add_argument("--head-lr", type=float, help=f"learning rate of the softmax head (default {d.head_lr:g})")
+    parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
+    parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")
     parser.add_argument("--negatives", choices=("hard", "random"), help=f"wrong-label choice (default {d.negatives})")
     parser.add_argument("--goodness", choices=("ssq", "neg_ssq", "sum"), help=f"default {d.goodness}")
-    parser.add_argument("--temperature", type=float, help="T in sigmoid((G - threshold) / T) (default: the width)")
+    parser.add_argument("--temperature", type=float,
+                        help=f"T in sigmoid((G - threshold) / T), threshold = width (default {d.temperature:g})")
+    parser.add_argument("--length-norm", action="store_false", dest="rms_norm",
+                        help="pass on activities scaled to unit length (default: unit mean square)")
+    parser.add_argument("--no-input-norm", action="store_false", dest="input_norm",
+                        help="feed the raw pixels (default: input rows scaled to unit mean square)")
+    parser.add_argument("--init", choices=("normal", "uniform"), help=f"weight initialization (default {d.init})")
     parser.add_argument("--seed", type=int, help=f"default {d.seed}")
     parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
     parser.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), help=f"default {d.backend}")
@@ -49,7 +71,96 @@ def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with the four MNIST IDX files (default: $FF_KERNELS_DATA/mnist or download)")
 
 
-ARGUMENTS = {"supervised": _add_supervised_arguments}
+def _add_jitter_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_supervised_arguments(parser)
+    d = JitterMNISTConfig()
+    for action in parser._actions:
+        if "--epochs" in action.option_strings:
+            action.help = f"number of epochs (default {d.epochs}, the paper's)"
+    parser.add_argument("--max-shift", type=int,
+                        help=f"largest shift in pixels in each direction, zero-filled (default {d.max_shift}: 25 shifts)")
+
+
+def _add_backprop_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BackpropMNISTConfig()
+    parser.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
+    parser.add_argument("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
+    parser.add_argument("--depth", type=int, help=f"number of hidden layers (default {d.depth})")
+    parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
+    parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on the last 10,000 training images (held out) instead of the test set")
+    parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
+    parser.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr:g})")
+    parser.add_argument("--lr-decay", type=float,
+                        help=f"learning-rate factor per epoch, applied per step; 1 = constant (default {d.lr_decay:g})")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), help=f"sgd has momentum 0.9 (default {d.optimizer})")
+    parser.add_argument("--weight-decay", type=float, help=f"L2 coefficient (default {d.weight_decay:g})")
+    parser.add_argument("--dropout", type=float, help=f"drop probability of the hidden units (default {d.dropout:g})")
+    parser.add_argument("--seed", type=int, help=f"default {d.seed}")
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
+    parser.add_argument("--data-dir",
+                        help="folder with the four MNIST IDX files (default: $FF_KERNELS_DATA/mnist or download)")
+
+
+def _add_hybrid_arguments(parser: argparse.ArgumentParser, d) -> None:
+    """Options shared by the recipes with hybrid negatives (unsupervised, local); ``d`` their default config."""
+    parser.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs}, the paper's)")
+    parser.add_argument("--head-layers", type=int,
+                        help=f"the softmax reads the last N hidden layers (default {d.head_layers})")
+    parser.add_argument("--blur-steps", type=int, help=f"blurring passes of the hybrid masks (default {d.blur_steps})")
+    parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
+    parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on the last 10,000 training images (held out) instead of the test set")
+    parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")
+    parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
+    parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
+    parser.add_argument("--lr-schedule", choices=("half_linear", "constant"),
+                        help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+    parser.add_argument("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
+    parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
+    parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")
+    parser.add_argument("--goodness", choices=("ssq", "neg_ssq", "sum"), help=f"default {d.goodness}")
+    parser.add_argument("--temperature", type=float,
+                        help=f"T in sigmoid((G - N) / T), N the layer's units (default {d.temperature:g})")
+    parser.add_argument("--length-norm", action="store_false", dest="rms_norm",
+                        help="pass on activities scaled to unit length (default: unit mean square)")
+    parser.add_argument("--no-input-norm", action="store_false", dest="input_norm",
+                        help="feed the raw pixels (default: images scaled to unit mean square)")
+    parser.add_argument("--init", choices=("normal", "uniform"), help=f"weight initialization (default {d.init})")
+    parser.add_argument("--seed", type=int, help=f"default {d.seed}")
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
+    parser.add_argument("--data-dir",
+                        help="folder with the four MNIST IDX files (default: $FF_KERNELS_DATA/mnist or download)")
+    parser.add_argument("--figures", action="store_true",
+                        help="after training, write receptive_fields.png (first layer, like the paper's Figure 2) and "
+                             "hybrid_example.png (Figure 1) into the run directory")
+
+
+def _add_unsupervised_arguments(parser: argparse.ArgumentParser) -> None:
+    d = UnsupervisedMNISTConfig()
+    _add_hybrid_arguments(parser, d)
+    parser.add_argument("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
+    parser.add_argument("--depth", type=int, help=f"number of hidden layers (default {d.depth})")
+    parser.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), help=f"default {d.backend}")
+    parser.add_argument("--bf16", action="store_const", const="bfloat16", dest="compute_dtype",
+                        help="bf16 GEMMs (CPU backend); parameters stay float32")
+
+
+def _add_local_arguments(parser: argparse.ArgumentParser) -> None:
+    d = LocalMNISTConfig()
+    _add_hybrid_arguments(parser, d)
+    parser.add_argument("--channels", type=int, nargs=3, metavar=("C1", "C2", "C3"),
+                        help=f"units per location of the three layers (default {' '.join(map(str, d.channels))})")
+    parser.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda"), help=f"default {d.backend}")
+
+
+ARGUMENTS = {"supervised": _add_supervised_arguments, "jitter": _add_jitter_arguments,
+             "backprop": _add_backprop_arguments}
+ARGUMENTS.update({"unsupervised": _add_unsupervised_arguments, "local": _add_local_arguments})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = options.pop("run_dir", None)
     resume = options.pop("resume", False)
     progress = not options.pop("no_progress", False)
+    figures = options.pop("figures", False)  # unsupervised and local only
     if resume:
         if run_dir is None:
             parser.error("--resume needs --run-dir")
@@ -88,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     try:
-        train(recipe_cls(config), run_dir, resume=resume, progress=progress)
+        recipe = recipe_cls(config)
+        train(recipe, run_dir, resume=resume, progress=progress)
     except (MnistMissingError, MnistCorruptError, CheckpointError, FileExistsError) as err:
         print(f"ff-train: error: {err}", file=sys.stderr)
         return 1
+    if figures:
+        from .figures import write_run_figures
+
+        for path in write_run_figures(recipe, run_dir):
+            print(f"wrote {path}")
     return 0

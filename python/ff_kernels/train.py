@@ -4,7 +4,8 @@ A run directory holds:
 
     config.json      the recipe's config (written at the start of every session)
     metrics.jsonl    one JSON object per finished epoch
-    checkpoint.pt    the state after the last finished epoch: model, optimizer, RNG states
+    checkpoint.pt    the state after the last finished epoch: model, optimizer, learning-rate
+                     scheduler (if the recipe has one), RNG states
                      (torch, CUDA, numpy, python ``random`` and the data generator), metrics
                      history and elapsed time; replaced atomically each epoch
     summary.json     the final result, written when the last epoch is done
@@ -49,6 +50,8 @@ class Recipe(Protocol):
     config: Any  # a dataclass with at least ``epochs`` and ``seed``
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    # Optional (None or absent): stepped once after every epoch's training; saved in the checkpoint.
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     train_error_name: str  # metrics key of the running train error that train_step counts
 
     def epoch_batches(self, generator: torch.Generator) -> Sequence[Any]:
@@ -182,11 +185,16 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
     checkpoint_path = run_dir / CHECKPOINT
     generator = torch.Generator().manual_seed(int(recipe.config.seed))
     start_epoch, history, elapsed = 0, [], 0.0
+    scheduler = getattr(recipe, "scheduler", None)
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
         _check_resumable(state["config"], config, checkpoint_path)
         recipe.model.load_state_dict(state["model"])
         recipe.optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            if state.get("scheduler") is None:
+                raise CheckpointError(f"checkpoint {checkpoint_path} has no learning-rate scheduler state to resume")
+            scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed_s"]
     elif checkpoint_path.exists():
@@ -198,13 +206,16 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
         started = time.perf_counter()
         metrics = {"epoch": epoch, **_run_epoch(recipe, generator, epoch, progress)}
         metrics["train_s"] = time.perf_counter() - started
+        if scheduler is not None:
+            scheduler.step()
         metrics.update(recipe.evaluate())
         metrics["epoch_s"] = time.perf_counter() - started
         elapsed += metrics["epoch_s"]
         history.append(metrics)
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config, "model": recipe.model.state_dict(),
-            "optimizer": recipe.optimizer.state_dict(), "rng": rng_state(generator), "history": history,
+            "optimizer": recipe.optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(), "rng": rng_state(generator), "history": history,
             "elapsed_s": elapsed,
         }
         atomic_write(checkpoint_path, lambda f: torch.save(state, f))

@@ -1,5 +1,6 @@
-"""Data sets and the label handling of supervised FF."""
+"""Data sets, the label handling of supervised FF and the hybrid negatives of unsupervised FF."""
 
+from .hybrid import hybrid_images, hybrid_mask, hybrid_negatives, random_partners
 from .labels import hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from .mnist import MnistCorruptError, MnistMissingError, MnistSplits, load_mnist, mnist_splits
 
@@ -8,9 +9,13 @@ __all__ = [
     "MnistMissingError",
     "MnistSplits",
     "hard_wrong_labels",
+    "hybrid_images",
+    "hybrid_mask",
+    "hybrid_negatives",
     "load_mnist",
     "mnist_splits",
     "neutral_label",
     "overlay_label",
+    "random_partners",
     "random_wrong_labels",
 ]

@@ -4,8 +4,16 @@
 each class has ``Config`` (its dataclass) and is built as ``Recipe(config)``.
 """
 
+from .backprop_mnist import BackpropMNIST, BackpropMNISTConfig
+from .jitter_mnist import JitterMNIST, JitterMNISTConfig
+from .local_mnist import LocalMNIST, LocalMNISTConfig
 from .supervised_mnist import SupervisedMNIST, SupervisedMNISTConfig
+from .unsupervised_mnist import UnsupervisedMNIST, UnsupervisedMNISTConfig
 
-RECIPES = {SupervisedMNIST.name: SupervisedMNIST}
+RECIPES = {SupervisedMNIST.name: SupervisedMNIST, JitterMNIST.name: JitterMNIST, BackpropMNIST.name: BackpropMNIST}
+RECIPES.update({UnsupervisedMNIST.name: UnsupervisedMNIST, LocalMNIST.name: LocalMNIST})
 
-__all__ = ["RECIPES", "SupervisedMNIST", "SupervisedMNISTConfig"]
+__all__ = [
+    "RECIPES", "BackpropMNIST", "BackpropMNISTConfig", "JitterMNIST", "JitterMNISTConfig", "LocalMNIST",
+    "LocalMNISTConfig", "SupervisedMNIST", "SupervisedMNISTConfig", "UnsupervisedMNIST", "UnsupervisedMNISTConfig",
+]
