@@ -11,7 +11,7 @@ import json
 import math
 
 import pytest
-from _paths import require_mnist
+from _paths import require_data
 from ff_kernels.cli import build_parser, main
 from ff_kernels.recipes import RECIPES
 from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
@@ -46,7 +46,9 @@ def small_arguments(name: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_trains_one_small_epoch(name, tmp_path, capsys):
     run_dir = tmp_path / name
-    args = small_arguments(name) + ["--data-dir", str(require_mnist()), "--run-dir", str(run_dir), "--no-progress"]
+    # A recipe names its data set's folder under ../shared/data in ``data_name`` (default "mnist").
+    data_dir = require_data(getattr(RECIPES[name], "data_name", "mnist"))
+    args = small_arguments(name) + ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--no-progress"]
     assert main(args) == 0, capsys.readouterr().err
     assert "done after 1 epochs" in capsys.readouterr().out
     assert {METRICS, CHECKPOINT, SUMMARY} <= {p.name for p in run_dir.iterdir()}

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import MnistCorruptError, MnistMissingError
+from .data import DataError, MnistCorruptError, MnistMissingError
 from .recipes import (
     RECIPES,
     BackpropMNISTConfig,
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, recipe in RECIPES.items():
         sub = commands.add_parser(name, help=(recipe.__doc__ or "").split("\n")[0],
                                   argument_default=argparse.SUPPRESS)
-        ARGUMENTS[name](sub)
+        # Recipes outside ARGUMENTS declare their own options: ``add_arguments(parser)``.
+        (ARGUMENTS.get(name) or recipe.add_arguments)(sub)
         _add_run_arguments(sub)
     return parser
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipe_cls(config)
         train(recipe, run_dir, resume=resume, progress=progress)
-    except (MnistMissingError, MnistCorruptError, CheckpointError, FileExistsError) as err:
+    except (MnistMissingError, MnistCorruptError, DataError, CheckpointError, FileExistsError) as err:
         print(f"ff-train: error: {err}", file=sys.stderr)
         return 1
     if figures:

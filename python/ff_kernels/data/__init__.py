@@ -1,10 +1,12 @@
 """Data sets, the label handling of supervised FF and the hybrid negatives of unsupervised FF."""
 
+from .errors import DataError
 from .hybrid import hybrid_images, hybrid_mask, hybrid_negatives, random_partners
 from .labels import hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from .mnist import MnistCorruptError, MnistMissingError, MnistSplits, load_mnist, mnist_splits
 
 __all__ = [
+    "DataError",
     "MnistCorruptError",
     "MnistMissingError",
     "MnistSplits",

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import DataError
+
 ENV_VAR = "FF_KERNELS_DATA"
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -49,11 +51,11 @@ SPLIT_FILES = {
 NUM_VALIDATION = 10_000  # the paper's tuning protocol: the last 10,000 training images
 
 
-class MnistMissingError(FileNotFoundError):
+class MnistMissingError(DataError, FileNotFoundError):
     """An MNIST file is not where it was looked for (and was not downloaded)."""
 
 
-class MnistCorruptError(ValueError):
+class MnistCorruptError(DataError, ValueError):
     """An MNIST file exists but is damaged: bad gzip, bad magic, wrong size or wrong sha256."""
 
 
