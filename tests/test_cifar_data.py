@@ -14,12 +14,11 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _paths import require_data
 from ff_kernels.data import DataError
 from ff_kernels.data import cifar10 as C
 from ff_kernels.data.cifar10 import Cifar10CorruptError, Cifar10MissingError, load_cifar10
+from PIL import Image
 
 PER_CLASS = {"train": 3, "test": 2}
 

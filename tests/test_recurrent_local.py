@@ -1,4 +1,4 @@
-"""The recurrent locally connected FF net of section 4: its two local ops, dynamics and gradients.
+"""The recurrent locally connected FF net of section 4: dynamics and gradients.
 
 Every check compares against float64 code written independently here: the bottom-up and top-down
 windows as two separate ``functional_local.local_linear`` calls (not one op over concatenated
@@ -8,81 +8,15 @@ state detached. Tiny maps (8x8, kernel 3) with batch 1 and a few images.
 
 import pytest
 import torch
-
 from ff_kernels import functional as F
 from ff_kernels import functional_local as FL
 from ff_kernels.functional_local import LocalSpec
 from ff_kernels.nn.recurrent_local import FFRecurrentLocal
 from ff_kernels.ops import ext_local2d
-from ff_kernels.ops.local2d_parts import local_delta_grad_, local_relu
 
 needs_ext = pytest.mark.skipif(ext_local2d.load_error() is not None, reason="ff_kernels._C is not built")
 IMAGE = (3, 8, 8)
 LABELS = 4
-
-
-def random_local(spec: LocalSpec, generator: torch.Generator):
-    valid = FL.local_valid_mask(spec)[:, None, :]
-    weight = torch.randn(spec.weight_shape, generator=generator, dtype=torch.float64) * valid / spec.block_size**0.5
-    return weight, torch.randn(spec.bias_shape, generator=generator, dtype=torch.float64) * 0.1
-
-
-# ---------------------------------------------------------------- the two ops
-
-
-@needs_ext
-@pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("extra_kind", ["none", "shared", "per_image"])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_local_relu_matches_reference(batch, extra_kind, with_bias):
-    g = torch.Generator().manual_seed(batch)
-    spec = LocalSpec(5, 8, 8, 3, kernel=3, padding=1)
-    weight, bias = random_local(spec, g)
-    bias = bias if with_bias else None
-    x = torch.randn(batch, *spec.input_shape, generator=g, dtype=torch.float64)
-    extra = {"none": None, "shared": torch.randn(1, *spec.output_shape, generator=g, dtype=torch.float64).expand(batch, -1, -1, -1),
-             "per_image": torch.randn(batch, *spec.output_shape, generator=g, dtype=torch.float64)}[extra_kind]
-    z = FL.local_linear(x, weight, bias, spec)
-    expected = torch.relu(z if extra is None else z + extra)
-    f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    got = local_relu(f(x), f(weight), f(bias), spec, f(extra), backend="cpu")
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(local_relu(x, weight, bias, spec, extra, backend="reference"), expected)
-
-
-@needs_ext
-@pytest.mark.parametrize("batch", [1, 6])
-def test_local_delta_grad_matches_autograd(batch):
-    g = torch.Generator().manual_seed(10 + batch)
-    spec = LocalSpec(4, 8, 8, 2, kernel=3, padding=1)
-    weight, bias = random_local(spec, g)
-    x = torch.randn(batch, *spec.input_shape, generator=g, dtype=torch.float64)
-    delta = torch.randn(batch, *spec.output_shape, generator=g, dtype=torch.float64)
-    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    (FL.local_linear(x, w, b, spec) * delta).sum().backward()
-    start_w, start_b = torch.randn(spec.weight_shape, generator=g), torch.randn(spec.bias_shape, generator=g)
-    grad_w, grad_b = start_w.clone(), start_b.clone()
-    local_delta_grad_(x.float(), delta.float(), spec, grad_w, grad_b, backend="cpu")
-    torch.testing.assert_close(grad_w.double() - start_w.double(), w.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_b.double() - start_b.double(), b.grad, rtol=1e-5, atol=1e-5)
-    assert not grad_w[~FL.local_valid_mask(spec)[:, None, :].expand_as(grad_w)].sub(start_w[~FL.local_valid_mask(
-        spec)[:, None, :].expand_as(grad_w)]).any()
-    ref_w, ref_b = torch.zeros_like(weight), torch.zeros_like(bias)
-    local_delta_grad_(x, delta, spec, ref_w, ref_b, backend="reference")
-    torch.testing.assert_close(ref_w, w.grad)
-    torch.testing.assert_close(ref_b, b.grad)
-
-
-def test_ops_reject_wrong_shapes():
-    spec = LocalSpec(2, 8, 8, 2, kernel=3, padding=1)
-    weight, bias = random_local(spec, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"extra must have shape \(2, 2, 8, 8\)"):
-        local_relu(torch.zeros(2, 2, 8, 8, dtype=torch.float64), weight, bias, spec, torch.zeros(2, 2, 4, 4),
-                   backend="reference")
-    with pytest.raises(ValueError, match=r"delta must have shape \(3, 2, 8, 8\)"):
-        local_delta_grad_(torch.zeros(3, 2, 8, 8, dtype=torch.float64), torch.zeros(3, 2, 7, 7, dtype=torch.float64),
-                          spec, torch.zeros_like(weight), backend="reference")
 
 
 # ---------------------------------------------------------------- naive float64 net
@@ -222,7 +156,7 @@ def test_ff_backward_matches_autograd(backend, goodness, depth, n_pos, n_neg):
     losses = net.ff_backward(images, labels, n_pos, iterations=3)
     (ref, ref_label) = Naive(net).grads(images.double(), labels.double(), n_pos, 3)
     assert len(losses) == depth
-    tol = dict(rtol=2e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    tol = {"rtol": 2e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
     for l, (layer, (grad_w, grad_b)) in enumerate(zip(net.layers, ref)):
         assert grad_w.abs().max() > 0
         scale = float(grad_w.abs().max())

@@ -41,7 +41,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -153,8 +153,10 @@ def _check_arrays(source: str, images: np.ndarray, labels: np.ndarray) -> None:
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR batch (a dict of bytes, lists and numpy arrays) and nothing else."""
 
-    _NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-              ("numpy._core.multiarray", "_reconstruct")}
+    _NUMPY: ClassVar[frozenset[tuple[str, str]]] = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._NUMPY:
