@@ -32,6 +32,17 @@ divided by its length for the squared goodness functions and by its sum for "sum
 ``rms=True`` (Hinton's variant) it is scaled instead so that the mean square (mean, for
 "sum") over the D_out units is 1. No mean is subtracted.
 
+Block-wise layers: with ``blocks=k`` the D units of a layer are split into k contiguous
+blocks of D/k units and each block decides positive vs negative by its own goodness, so
+``goodness`` returns ``(B, k)`` and every function of the goodness above works per block (its
+logit, its probability, its normalization). The loss of a block-wise layer is the sum over blocks
+of each block's FF loss, which makes it exactly k independent layers of D/k units sharing the
+input (each block's threshold is the caller's, typically D/k for a mean square activity of 1).
+
+One update per input (the paper's "learning fast and slow" argument and its equation 4):
+:func:`target_goodness_epsilon` and :func:`target_goodness_lr` give the SGD learning rate with
+which one FF step on a single row brings that row's goodness to a chosen value exactly.
+
 Everything here is differentiable torch code with no fused tricks; it is deliberately slow
 and obvious.
 """
@@ -57,9 +68,27 @@ def goodness_sign(kind: str) -> float:
     return -1.0 if check_goodness(kind) == "neg_ssq" else 1.0
 
 
-def goodness(h: torch.Tensor, kind: str = "ssq") -> torch.Tensor:
-    """Goodness of each row of activities ``h: (B, D)`` -> ``(B,)``, summed over the last dim."""
-    if check_goodness(kind) == "sum":
+def split_blocks(h: torch.Tensor, blocks: int) -> torch.Tensor:
+    """View ``h: (..., D)`` as ``(..., blocks, D // blocks)``: contiguous blocks of units.
+
+    Block i holds units ``i * D/k .. (i + 1) * D/k - 1``. ``blocks`` must divide D.
+    """
+    n = h.shape[-1]
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or n % blocks:
+        raise ValueError(f"blocks must be a positive integer that divides the {n} units of a row, got {blocks!r}")
+    return h.unflatten(-1, (blocks, n // blocks))
+
+
+def goodness(h: torch.Tensor, kind: str = "ssq", blocks: int | None = None) -> torch.Tensor:
+    """Goodness of each row of activities ``h: (B, D)`` -> ``(B,)``, summed over the last dim.
+
+    With ``blocks=k``: the goodness of each of k contiguous blocks of D/k units -> ``(B, k)``
+    (see :func:`split_blocks`); ``blocks=1`` gives ``(B, 1)``.
+    """
+    check_goodness(kind)
+    if blocks is not None:
+        h = split_blocks(h, blocks)
+    if kind == "sum":
         return h.sum(-1)
     return h.square().sum(-1)
 
@@ -86,15 +115,17 @@ def ff_loss(
 ) -> torch.Tensor:
     """FF layer loss (scalar) from the goodness of positive rows ``(Bp,)`` and negative rows ``(Bn,)``.
 
-    ``mean(softplus(-s_pos)) + mean(softplus(s_neg))``; an empty batch contributes 0.
+    ``mean(softplus(-s_pos)) + mean(softplus(s_neg))``; an empty batch contributes 0. Per-block
+    goodness ``(Bp, k)``, ``(Bn, k)`` gives the sum over blocks of each block's loss (means over
+    rows, sum over blocks).
     """
     s_pos = positive_logit(g_pos, kind, threshold, temperature)
     s_neg = positive_logit(g_neg, kind, threshold, temperature)
     loss = g_pos.new_zeros(())
-    if s_pos.numel():
-        loss = loss + F.softplus(-s_pos).mean()
-    if s_neg.numel():
-        loss = loss + F.softplus(s_neg).mean()
+    if s_pos.shape[0]:
+        loss = loss + F.softplus(-s_pos).mean(0).sum()
+    if s_neg.shape[0]:
+        loss = loss + F.softplus(s_neg).mean(0).sum()
     return loss
 
 
@@ -104,13 +135,71 @@ def loss_goodness_grad(
     """dL/dG for every row of ``g: (B,)`` whose first ``n_pos`` rows are positive -> ``(B,)``.
 
     Positive rows: ``-sigmoid(-s) * sign / (T * n_pos)``; negative rows:
-    ``sigmoid(s) * sign / (T * n_neg)``.
+    ``sigmoid(s) * sign / (T * n_neg)``. Per-block goodness ``(B, k)`` gives ``(B, k)``.
     """
     n_neg = g.shape[0] - n_pos
     s = positive_logit(g, kind, threshold, temperature)
-    is_pos = torch.arange(g.shape[0], device=g.device) < n_pos
+    is_pos = (torch.arange(g.shape[0], device=g.device) < n_pos).view(-1, *([1] * (g.dim() - 1)))
     dl_ds = torch.where(is_pos, -torch.sigmoid(-s) / max(n_pos, 1), torch.sigmoid(s) / max(n_neg, 1))
     return dl_ds * (goodness_sign(kind) / temperature)
+
+
+def target_goodness_epsilon(g: torch.Tensor, target, kind: str = "ssq") -> torch.Tensor:
+    """The paper's equation 4: ``eps = sqrt(target / g) - 1`` for goodness ``g`` (any shape).
+
+    Scaling every activity of a row by ``1 + eps`` turns its squared goodness ``g = sum_j y_j**2``
+    into ``(1 + eps)**2 * g = target``. Squared goodness only ("ssq", "neg_ssq"); ``target`` > 0.
+    """
+    if check_goodness(kind) == "sum":
+        raise ValueError("target_goodness_epsilon needs a squared goodness ('ssq' or 'neg_ssq'), got 'sum'")
+    return torch.sqrt(target / g) - 1.0
+
+
+def target_goodness_lr(
+    g: torch.Tensor,
+    target,
+    x_sqnorm: torch.Tensor,
+    kind: str = "ssq",
+    threshold: float = 0.0,
+    temperature: float = 1.0,
+    positive: bool = True,
+    bias: bool = True,
+) -> torch.Tensor:
+    """SGD learning rate with which one FF step on the single row x brings its goodness from g to target.
+
+    g: the row's goodness before the step; x_sqnorm: ``||x||**2`` of the layer's input row
+    (1 for a length-normalized input); ``positive``: whether x is passed as the step's one
+    positive row (``x_neg`` empty) or its one negative row (``x_pos`` empty); ``bias``: whether
+    the layer has one. Tensors of any (broadcastable) shape, one value per row -> same shape.
+
+    Derivation (the paper's equation 4 and the update before it). With ``y = relu(W x + b)``,
+    ``G = sum_j y_j**2`` and ``c = dL/dG`` of the one-row loss (``-sigmoid(-s) * sign / T`` for a positive row,
+    ``sigmoid(s) * sign / T`` for a negative one, s the logit), a plain SGD step at rate ``lr``
+    changes unit j's incoming weights and bias by ``-lr * c * 2 y_j * (x, 1)``, so its
+    pre-activation by ``dz_j = -2 lr c (||x||**2 + [bias]) * y_j``: proportional to ``y_j``.
+    An active unit (``y_j = z_j > 0``) becomes ``(1 + eps) y_j`` with
+    ``eps = -2 lr c (||x||**2 + [bias])``; a silent one (``y_j = 0``) does not move and stays
+    silent. So for ``eps > -1`` the step scales the whole activity vector by ``1 + eps`` and the
+    goodness by ``(1 + eps)**2``; eps from :func:`target_goodness_epsilon` makes it ``target``:
+
+        lr = -eps / (2 c (||x||**2 + [bias]))
+
+    (The paper's update ``dw_j = 2 lr * dlog(p)/dG * y_j * x`` is this step: for a
+    positive row ``-c = dlog(p)/dG``.) It holds for full connectivity only (a mask gives unit j
+    ``||x * m_j||**2`` instead of ``||x||**2``), for squared goodness only ("sum"'s gradient adds
+    the same amount to every active unit instead of scaling them), and for plain SGD: no weight
+    decay, no momentum history, no peer normalization.
+
+    The result is positive exactly when the row's loss pushes its goodness towards ``target``:
+    for "ssq", a positive row below ``target`` or a negative row above it ("neg_ssq": the
+    reverse). FF steps take ``lr >= 0``; a negative value means the row belongs on the other
+    side. A row without active units (g = 0) cannot be moved: inf or nan.
+    """
+    eps = target_goodness_epsilon(g, target, kind)
+    s = positive_logit(g, kind, threshold, temperature)
+    dl_ds = -torch.sigmoid(-s) if positive else torch.sigmoid(s)
+    c = dl_ds * (goodness_sign(kind) / temperature)
+    return -eps / (2.0 * c * (x_sqnorm + (1.0 if bias else 0.0)))
 
 
 def normalization_scale(
@@ -129,13 +218,18 @@ def normalization_scale(
     return scale + eps
 
 
-def normalize(h: torch.Tensor, kind: str = "ssq", rms: bool = False, eps: float = NORM_EPS) -> torch.Tensor:
+def normalize(
+    h: torch.Tensor, kind: str = "ssq", rms: bool = False, eps: float = NORM_EPS, blocks: int | None = None
+) -> torch.Tensor:
     """Normalize each row of ``h: (B, D)`` so only its orientation passes on -> ``(B, D)``.
 
     Squared goodness: ``h / (||h||_2 + eps)``, or with ``rms``: ``h / (sqrt(mean(h**2)) + eps)``.
     "sum": ``h / (sum(h) + eps)``, or with ``rms``: ``h / (mean(h) + eps)`` (h >= 0 after ReLU).
-    The divisor is :func:`normalization_scale` of the row's goodness.
+    The divisor is :func:`normalization_scale` of the row's goodness. With ``blocks=k`` each
+    block of D/k units is normalized on its own, so no block's goodness passes on either.
     """
+    if blocks is not None:
+        return normalize(split_blocks(h, blocks), kind, rms, eps).flatten(-2)
     return h / normalization_scale(goodness(h, kind), kind, h.shape[-1], rms, eps).unsqueeze(-1)
 
 
@@ -157,10 +251,14 @@ def ff_linear_loss(
     threshold: float = 0.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    blocks: int | None = None,
 ) -> torch.Tensor:
-    """FF loss (scalar, differentiable in W and b) of one linear layer for x_pos (Bp, D_in), x_neg (Bn, D_in)."""
-    g_pos = goodness(linear_activity(x_pos, weight, bias, mask), kind)
-    g_neg = goodness(linear_activity(x_neg, weight, bias, mask), kind)
+    """FF loss (scalar, differentiable in W and b) of one linear layer for x_pos (Bp, D_in), x_neg (Bn, D_in).
+
+    ``blocks=k``: a block-wise layer, the sum of the k blocks' losses (``threshold`` is per block).
+    """
+    g_pos = goodness(linear_activity(x_pos, weight, bias, mask), kind, blocks)
+    g_neg = goodness(linear_activity(x_neg, weight, bias, mask), kind, blocks)
     return ff_loss(g_pos, g_neg, kind, threshold, temperature)
 
 
@@ -173,18 +271,22 @@ def ff_linear_grads(
     threshold: float = 0.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    blocks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The layer's loss and its local gradients written out explicitly (no autograd).
 
     Returns ``(loss, dW (D_out, D_in), db (D_out,) or None)``; equal to autograd on
     :func:`ff_linear_loss` up to rounding. With a mask, ``dW`` is zero where the mask is.
+    With ``blocks=k`` each unit's dL/dG is its block's.
     """
     x = torch.cat([x_pos, x_neg])
     h = linear_activity(x, weight, bias, mask)
-    g = goodness(h, kind)
+    g = goodness(h, kind, blocks)
     n_pos = x_pos.shape[0]
     loss = ff_loss(g[:n_pos], g[n_pos:], kind, threshold, temperature)
-    delta = loss_goodness_grad(g, n_pos, kind, threshold, temperature)[:, None] * goodness_activity_grad(h, kind)
+    coef = loss_goodness_grad(g, n_pos, kind, threshold, temperature)
+    coef = coef[:, None] if blocks is None else coef.repeat_interleave(h.shape[-1] // blocks, dim=-1)
+    delta = coef * goodness_activity_grad(h, kind)
     grad_w = delta.T @ x
     if mask is not None:
         grad_w = grad_w * mask.to(grad_w.dtype)
