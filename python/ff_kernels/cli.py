@@ -4,6 +4,8 @@
     ff-train supervised --run-dir runs/x --resume --epochs 10     # continue a run
     ff-train unsupervised --epochs 2 --width 500 --depth 2 --figures   # section 3.2, hybrid negatives
     ff-train local --epochs 1 --train-subset 10000                     # footnote 8's local receptive fields
+    ff-train supervised --nproc 2 --parallel data ...                  # 2 local processes, sharded batches
+    torchrun --nproc-per-node 4 -m ff_kernels supervised --parallel pipeline ...   # a layer group per GPU
 
 Options left out take the recipe's defaults, or when resuming the saved run's values.
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from .data import DataError, MnistCorruptError, MnistMissingError
+from .distributed.context import MODES
 from .recipes import (
     RECIPES,
     BackpropMNISTConfig,
@@ -32,6 +36,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="where config, metrics and checkpoints go (default runs/RECIPE-TIME)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--parallel", choices=MODES,
+                        help="train on several processes: data (replicas, sharded batches) or pipeline (a group of "
+                             "layers per process); with --nproc N, or under torchrun (default data with --nproc)")
+    parser.add_argument("--nproc", type=int,
+                        help="start N processes on this machine (gloo on CPU, NCCL with one GPU each)")
+    parser.add_argument("--sync-every", type=int,
+                        help="pipeline: batches between refreshes of rank 0's copy of the whole net (default 100)")
 
 
 def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = options.pop("resume", False)
     progress = not options.pop("no_progress", False)
     figures = options.pop("figures", False)  # unsupervised and local only
+    parallel = _parallel_options(parser, options, recipe_cls)
     if resume:
         if run_dir is None:
             parser.error("--resume needs --run-dir")
@@ -200,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         config = recipe_cls.Config(**options)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
+    if parallel is not None:
+        return _train_parallel(recipe_cls, options, run_dir, resume, progress, parallel)
     try:
         recipe = recipe_cls(config)
         train(recipe, run_dir, resume=resume, progress=progress)
@@ -212,3 +226,66 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_run_figures(recipe, run_dir):
             print(f"wrote {path}")
     return 0
+
+
+def _parallel_options(parser: argparse.ArgumentParser, options: dict, recipe_cls) -> dict | None:
+    """Pop --parallel / --nproc / --sync-every; None for a single-process run.
+
+    Returns {"mode", "nproc" (None under torchrun), "sync_every"}. A parallel run needs either
+    --nproc or torchrun's environment (RANK, WORLD_SIZE, ...), not both.
+    """
+    mode, nproc = options.pop("parallel", None), options.pop("nproc", None)
+    sync_every = options.pop("sync_every", 100)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if mode is None and nproc is None:
+        return None
+    if nproc is not None and under_torchrun:
+        parser.error("--nproc starts processes itself: leave it out under torchrun (torchrun --nproc-per-node N)")
+    if nproc is None and not under_torchrun:
+        parser.error(f"--parallel {mode} needs --nproc N, or the processes started by torchrun")
+    if nproc is not None and nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {nproc}")
+    if sync_every < 1:
+        parser.error(f"--sync-every must be >= 1, got {sync_every}")
+    if not hasattr(recipe_cls, "enable_parallel"):
+        supported = sorted(name for name, cls in RECIPES.items() if hasattr(cls, "enable_parallel"))
+        parser.error(f"recipe {recipe_cls.name!r} does not support --parallel / --nproc yet; these do: {supported}")
+    return {"mode": mode or "data", "nproc": nproc, "sync_every": sync_every}
+
+
+def _train_parallel(recipe_cls, options: dict, run_dir, resume: bool, progress: bool, parallel: dict) -> int:
+    """Run :func:`_parallel_worker` on every rank: in ``nproc`` new processes, or in this one under torchrun."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from .distributed import init_from_env, spawn
+
+    args = (recipe_cls.name, options, str(run_dir), resume, progress, parallel["mode"], parallel["sync_every"])
+    if parallel["nproc"] is None:
+        device = init_from_env()
+        try:
+            _parallel_worker(int(os.environ["RANK"]), device, *args)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        return 0
+    try:
+        spawn(_parallel_worker, parallel["nproc"], args=args, threads=max(1, (os.cpu_count() or 1) // parallel["nproc"]))
+    except ProcessRaisedException as err:
+        print(f"ff-train: error in a training process:\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parallel_worker(rank: int, device, name: str, options: dict, run_dir: str, resume: bool, progress: bool,
+                     mode: str, sync_every: int) -> None:
+    """One rank of a parallel run: the recipe on ``device`` (cuda:LOCAL_RANK with NCCL), trained with a context."""
+    from .distributed.context import ParallelContext
+
+    recipe_cls = RECIPES[name]
+    if device.type == "cuda":
+        options = {**options, "device": str(device)}
+    recipe = recipe_cls(recipe_cls.Config(**options))
+    context = ParallelContext(mode, sync_every)
+    recipe.enable_parallel(context)
+    train(recipe, run_dir, resume=resume, progress=progress, parallel=context)

@@ -12,6 +12,11 @@ A run directory holds:
 
 Resuming restores everything in the checkpoint, so 1 epoch + resume + 1 epoch gives the same
 weights as 2 epochs straight.
+
+Parallel runs (``parallel``, a :class:`~ff_kernels.distributed.context.ParallelContext`): every
+rank runs this loop with the same seed; rank 0 alone shows progress and writes the run
+directory; the epoch's loss and error counts are summed over the ranks. Resuming reads the
+checkpoint on every rank, so the run directory must be on a file system all ranks see.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .distributed.context import ParallelContext
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -62,6 +71,10 @@ class Recipe(Protocol):
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics, e.g. {"test_error": 0.0136}."""
+
+    # Optional, for parallel runs: ``enable_parallel(context)`` (called before training) and, for
+    # the pipeline mode, ``train_pipeline_epoch(batches, generator, totals)``, which trains on the
+    # epoch's batches and records into ``totals`` (an :class:`EpochTotals`).
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -154,33 +167,63 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write(run_dir / METRICS, lambda f: f.writelines(json.dumps(m) + "\n" for m in history), mode="w")
 
 
-def _run_epoch(recipe: Recipe, generator: torch.Generator, epoch: int, progress: bool) -> dict[str, float]:
+class EpochTotals:
+    """Running sums of one epoch: loss over steps, training errors over rows."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.steps, self.errors, self.rows = 0.0, 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor | None = None, errors: torch.Tensor | int = 0, rows: int = 0) -> None:
+        """One step's loss (0-dim, or None for a step whose loss another rank records), its errors and rows."""
+        if loss is not None:
+            self.loss_sum = self.loss_sum + loss.detach()
+            self.steps += 1
+        self.errors = self.errors + errors
+        self.rows += rows
+
+    def postfix(self) -> dict[str, str]:
+        return {"loss": f"{float(self.loss_sum) / max(self.steps, 1):.4f}", "err": f"{float(self.errors) / max(self.rows, 1):.4f}"}
+
+    def means(self, parallel: ParallelContext | None) -> tuple[float, float]:
+        """(mean loss per step, error rate), over all ranks when ``parallel``."""
+        sums = [float(self.loss_sum), float(self.steps), float(self.errors), float(self.rows)]
+        loss_sum, steps, errors, rows = parallel.sum(sums) if parallel is not None else sums
+        return loss_sum / max(steps, 1), errors / max(rows, 1)
+
+
+def _run_epoch(recipe: Recipe, generator: torch.Generator, epoch: int, progress: bool,
+               parallel: ParallelContext | None) -> dict[str, float]:
     """Train one epoch with a tqdm bar showing the running loss and train error."""
-    loss_sum = error_sum = 0.0
-    count = steps = 0
+    totals = EpochTotals()
     batches = recipe.epoch_batches(generator)
     desc = f"epoch {epoch}/{recipe.config.epochs}"
     with tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        for batch in bar:
-            loss, errors, n = recipe.train_step(batch, generator)
-            loss_sum = loss_sum + loss.detach()
-            error_sum = error_sum + errors
-            count += n
-            steps += 1
-            if steps % POSTFIX_EVERY == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}", err=f"{float(error_sum) / count:.4f}")
-    return {"train_loss": float(loss_sum) / max(steps, 1), recipe.train_error_name: float(error_sum) / max(count, 1)}
+        if parallel is not None and parallel.mode == "pipeline":
+            recipe.train_pipeline_epoch(bar, generator, totals)
+        else:
+            for step, batch in enumerate(bar, 1):
+                loss, errors, n = recipe.train_step(batch, generator)
+                totals.add(loss, errors, n)
+                if step % POSTFIX_EVERY == 0:
+                    bar.set_postfix(totals.postfix())
+    loss, error = totals.means(parallel)
+    return {"train_loss": loss, recipe.train_error_name: error}
 
 
-def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+          parallel: ParallelContext | None = None) -> dict:
     """Train ``recipe`` up to ``recipe.config.epochs`` epochs, checkpointing into ``run_dir``.
 
     With ``resume`` the run continues from ``run_dir/checkpoint.pt``; without it a run
-    directory that already has a checkpoint is refused. Returns the summary (also written to
-    ``summary.json`` and printed as one line).
+    directory that already has a checkpoint is refused. ``parallel``: this rank's context in a
+    parallel run (the recipe must already have it, see the module docstring). Returns the
+    summary (also written to ``summary.json`` and printed as one line, by rank 0).
     """
+    writer = parallel is None or parallel.is_writer
+    progress = progress and writer
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(recipe.config)
     checkpoint_path = run_dir / CHECKPOINT
     generator = torch.Generator().manual_seed(int(recipe.config.seed))
@@ -199,12 +242,13 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed_s"]
     elif checkpoint_path.exists():
         raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another run directory")
-    atomic_write(run_dir / CONFIG, lambda f: json.dump(config, f, indent=2), mode="w")
-    _write_metrics(run_dir, history)  # drops lines of epochs after the checkpoint, if any
+    if writer:
+        atomic_write(run_dir / CONFIG, lambda f: json.dump(config, f, indent=2), mode="w")
+        _write_metrics(run_dir, history)  # drops lines of epochs after the checkpoint, if any
 
     for epoch in range(start_epoch + 1, recipe.config.epochs + 1):
         started = time.perf_counter()
-        metrics = {"epoch": epoch, **_run_epoch(recipe, generator, epoch, progress)}
+        metrics = {"epoch": epoch, **_run_epoch(recipe, generator, epoch, progress, parallel)}
         metrics["train_s"] = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step()
@@ -212,6 +256,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
         metrics["epoch_s"] = time.perf_counter() - started
         elapsed += metrics["epoch_s"]
         history.append(metrics)
+        if not writer:
+            continue
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config, "model": recipe.model.state_dict(),
             "optimizer": recipe.optimizer.state_dict(),
@@ -225,8 +271,9 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
             tqdm.write(f"epoch {epoch}: " + _format_metrics(metrics))
 
     summary = {**history[-1], "wall_s": elapsed}
-    atomic_write(run_dir / SUMMARY, lambda f: json.dump(summary, f, indent=2), mode="w")
-    print(f"done after {summary['epoch']} epochs: {_format_metrics(summary)}", flush=True)
+    if writer:
+        atomic_write(run_dir / SUMMARY, lambda f: json.dump(summary, f, indent=2), mode="w")
+        print(f"done after {summary['epoch']} epochs: {_format_metrics(summary)}", flush=True)
     return summary
 
 

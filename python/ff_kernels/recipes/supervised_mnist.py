@@ -36,6 +36,7 @@ from torch import nn
 from .. import functional
 from ..data import MnistSplits, hard_wrong_labels, mnist_splits, neutral_label, overlay_label, random_wrong_labels
 from ..nn import FFLinear, FFSequential, PeerNormalization
+from . import supervised_parallel
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -285,6 +286,15 @@ class SupervisedMNIST:
         self.scheduler = EpochLR(
             self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
         )
+        self.parallel = None  # a ParallelContext once enable_parallel is called
+
+    def enable_parallel(self, context) -> None:
+        """Train as one rank of a parallel run (``context``: a ParallelContext); see ``supervised_parallel``."""
+        supervised_parallel.enable(self, context)
+
+    def train_pipeline_epoch(self, batches, generator: torch.Generator, totals) -> None:
+        """Pipeline mode: train one epoch on ``batches`` (see ``supervised_parallel.pipeline_epoch``)."""
+        supervised_parallel.pipeline_epoch(self, batches, generator, totals)
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """A shuffled epoch: index tensors of up to ``batch_size`` training rows each."""
@@ -295,35 +305,51 @@ class SupervisedMNIST:
         """One update on the rows ``batch`` (index tensor).
 
         Returns (mean FF loss over the layers (0-dim), softmax errors on the batch before the
-        update (0-dim), batch size).
+        update (0-dim), batch size). In data-parallel mode this rank trains on its shard and
+        returns its shard's errors and size (the loss is the whole batch's).
         """
+        if self.parallel is not None:
+            return supervised_parallel.data_parallel_step(self, batch, generator)
         images, labels = self.train_images[batch], self.train_labels[batch]
         logits = self.model.head_logits(images)
         probs = torch.softmax(logits.detach(), dim=1)
-        if self.config.negatives == "hard":
-            wrong = hard_wrong_labels(probs, labels, generator)
-        else:
-            wrong = random_wrong_labels(labels, NUM_CLASSES, generator)
+        wrong = self.wrong_labels(probs, labels, generator)
         self.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(logits, labels).backward()
         x_pos, x_neg = self.model.inputs(images, labels), self.model.inputs(images, wrong)
         if self.config.optimizer == "sgd":
-            ff = self.optimizer.param_groups[0]
-            losses = self.model.net.ff_step(x_pos, x_neg, lr=ff["lr"], momentum=self.config.momentum,
-                                            weight_decay=ff["weight_decay"])
+            losses = self.model.net.ff_step(x_pos, x_neg, **self.sgd_hyper())
         else:
             losses = self.model.net.ff_backward(x_pos, x_neg)
         self.optimizer.step()
         errors = (probs.argmax(1) != labels).sum()
         return torch.stack(losses).mean(), errors, labels.shape[0]
 
+    def wrong_labels(self, probs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Negative labels (B,) for ``labels`` (B,): hard ones drawn from ``probs`` (B, 10), or random."""
+        if self.config.negatives == "hard":
+            return hard_wrong_labels(probs, labels, generator)
+        return random_wrong_labels(labels, NUM_CLASSES, generator)
+
+    def sgd_hyper(self) -> dict[str, float]:
+        """The FF layers' fused SGD arguments now: lr (scheduled), momentum, weight_decay."""
+        ff = self.optimizer.param_groups[0]
+        return {"lr": ff["lr"], "momentum": self.config.momentum, "weight_decay": ff["weight_decay"]}
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Error rates on the evaluation set: ``<split>_error`` by accumulated goodness (i)
-        and ``<split>_error_softmax`` by the neutral-label softmax (ii)."""
+        and ``<split>_error_softmax`` by the neutral-label softmax (ii). In a parallel run each
+        rank evaluates its share of the set and the counts are summed."""
+        images, labels = self.eval_images, self.eval_labels
+        if self.parallel is not None:
+            images = images.tensor_split(self.parallel.world_size)[self.parallel.rank]
+            labels = labels.tensor_split(self.parallel.world_size)[self.parallel.rank]
         goodness_errors = softmax_errors = 0
-        for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
-            goodness_errors += int((self.model.label_scores(images).argmax(1) != labels).sum())
-            softmax_errors += int((self.model.head_logits(images).argmax(1) != labels).sum())
+        for image_batch, label_batch in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)):
+            goodness_errors += int((self.model.label_scores(image_batch).argmax(1) != label_batch).sum())
+            softmax_errors += int((self.model.head_logits(image_batch).argmax(1) != label_batch).sum())
+        if self.parallel is not None:
+            goodness_errors, softmax_errors = self.parallel.sum([goodness_errors, softmax_errors])
         n = self.eval_labels.shape[0]
         return {f"{self.eval_name}_error": goodness_errors / n, f"{self.eval_name}_error_softmax": softmax_errors / n}
