@@ -134,7 +134,7 @@ def _verify(path: Path, algorithm: str, expected: str) -> None:
 def _to_tensors(images_hwc: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 32, 32, 3) and int (N,) -> uint8 (N, 3, 32, 32) contiguous, int64 (N,)."""
     images = torch.from_numpy(np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2)))
-    return images, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return images, torch.from_numpy(np.array(labels, dtype=np.int64))
 
 
 def _check_arrays(source: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -271,11 +271,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def _read_cache(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The cached decoded archive, or None if absent or damaged (then it is decoded again)."""
+def _read_cache(folder: Path, limits: dict[str, int | None]) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The cached decoded archive, each split cut to its first ``limits[split]`` images (memory-mapped,
+    so only those are read), or None if absent or damaged (then it is decoded again)."""
     try:
-        arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in _CACHE_FILES}
-        out = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "test")}
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _CACHE_FILES}
+        out = {s: (arrays[f"{s}_images"][: limits[s]], arrays[f"{s}_labels"][: limits[s]]) for s in ("train", "test")}
         for split, (images, labels) in out.items():
             _check_arrays(f"{folder} ({split})", images, labels)
     except (OSError, ValueError, Cifar10CorruptError):
@@ -287,9 +288,9 @@ def _load_jpeg(folder: Path, train_subset: int | None, eval_subset: int | None) 
     archive = folder / JPEG_ARCHIVE
     _verify(archive, "sha256", SHA256[JPEG_ARCHIVE])
     cached = cache_dir() / f"jpeg-{SHA256[JPEG_ARCHIVE][:16]}"
-    splits = _read_cache(cached)
+    limits = {"train": train_subset, "test": eval_subset}
+    splits = _read_cache(cached, limits)
     if splits is None:
-        limits = {"train": train_subset, "test": eval_subset}
         splits = _decode_archive(archive, limits)
         if train_subset is None and eval_subset is None:
             cached.mkdir(parents=True, exist_ok=True)

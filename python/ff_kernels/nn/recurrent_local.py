@@ -212,9 +212,14 @@ class FFRecurrentLocal(nn.Module):
 
     @torch.no_grad()
     def goodness(self, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
-        """Goodness (iterations, B, K) float32 of every hidden layer at t = 1..iterations."""
-        history = self.run(images, labels, iterations)[1:]
-        return torch.stack([torch.stack([self.goodness_of(s).float() for s in states], 1) for states in history])
+        """Goodness (iterations, B, K) float32 of every hidden layer at t = 1..iterations (keeps no old states)."""
+        states = self.initial_states(images, labels)
+        drive = self.label_drive(labels)
+        rows = []
+        for _ in range(_check_iterations(iterations)):
+            states = self.step(states, images, drive)
+            rows.append(torch.stack([self.goodness_of(s).float() for s in states], 1))
+        return torch.stack(rows)
 
     # ------------------------------------------------------------ training
 

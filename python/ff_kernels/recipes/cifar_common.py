@@ -1,0 +1,109 @@
+"""What the CIFAR-10 recipes (FF and its backprop baseline, paper section 4) share.
+
+Data: :func:`~ff_kernels.data.cifar10.load_cifar10` (python batches, or the JPEG archive with the
+exact test set), kept as uint8 on the device and scaled per batch by :func:`standardize`.
+Evaluation sets, each reported as ``<name>_error`` (and more, per recipe):
+
+    "train"       the first ``train_eval_subset`` training images (the paper's Table 1 reports
+                  training error too; a full pass of the FF test procedure over all 50,000 would
+                  cost five test sets)
+    "test"        the official test set (the JPEG-compressed one for the JPEG archive)
+    "test_exact"  the lossless official test set, when the JPEG archive comes with it
+
+``eval_subset`` caps every one of them. Evaluation runs after every ``eval_every``-th epoch and
+after the last; other epochs report training metrics only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..data.cifar10 import load_cifar10
+
+MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean and standard deviation of the CIFAR-10 training
+STD = (0.2470, 0.2435, 0.2616)  # images scaled to [0, 1] (the commonly used constants)
+EVAL_BATCH = 500
+NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)
+
+
+def standardize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> ``(x / 255 - MEAN) / STD`` per channel, ``dtype`` (B, 3, H, W)."""
+    mean = torch.tensor(MEAN, dtype=dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=dtype, device=images.device).view(1, 3, 1, 1)
+    return (images.to(dtype) / 255.0 - mean) / std
+
+
+def check_positive_ints(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_common(config) -> None:
+    """The fields every CIFAR-10 config has: sizes, subsets and the receptive field."""
+    check_positive_ints(config, ("epochs", "depth", "channels", "batch_size", "eval_every"))
+    rf = config.receptive_field
+    if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1 or rf % 2 == 0 or rf > 2 * IMAGE_SHAPE[1] - 1:
+        raise ValueError(f"receptive_field must be an odd int in 1..{2 * IMAGE_SHAPE[1] - 1} (the maps keep their "
+                         f"32x32 size), got {rf!r}")
+    for name in ("train_subset", "eval_subset", "train_eval_subset"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None (all) or an int >= 1, got {value!r}")
+
+
+class CifarData:
+    """Training data and evaluation sets: images uint8 (N, 3, 32, 32), labels int64 (N,), on one device.
+
+    ``eval_sets`` maps a set's name to (images, labels); :func:`load_data` builds the recipes' sets.
+    """
+
+    def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor,
+                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str = "given tensors") -> None:
+        self.train_images, self.train_labels = train_images, train_labels
+        self.eval_sets = eval_sets
+        self.source = source
+
+    def epoch_batches(self, generator: torch.Generator, batch_size: int) -> list[torch.Tensor]:
+        """A shuffled epoch: index tensors of up to ``batch_size`` training rows each."""
+        order = torch.randperm(self.train_labels.shape[0], generator=generator, device=generator.device)
+        return list(order.to(self.train_labels.device).split(batch_size))
+
+
+def load_data(config, device: torch.device) -> CifarData:
+    """CIFAR-10 from ``config.data_dir`` cut to the config's subsets, on ``device``, with the evaluation
+    sets of the module docstring ("train" = the first min(train_eval_subset, eval_subset) training images)."""
+    data = load_cifar10(config.data_dir, train_subset=config.train_subset, eval_subset=config.eval_subset)
+    train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
+    n_train = min(n for n in (len(train_labels), config.train_eval_subset, config.eval_subset) if n is not None)
+    eval_sets = {"train": (train_images[:n_train], train_labels[:n_train])}
+    eval_sets.update({name: (x.to(device), y.to(device)) for name, (x, y) in data.eval_sets.items()})
+    return CifarData(train_images, train_labels, eval_sets, data.source)
+
+
+def evaluation_due(finished_epochs: int, config) -> bool:
+    """Whether to evaluate after ``finished_epochs``: every ``eval_every``-th epoch and the last."""
+    return finished_epochs % config.eval_every == 0 or finished_epochs >= config.epochs
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, d) -> None:
+    """Options of every CIFAR-10 recipe; ``d`` is its default config."""
+    add = parser.add_argument
+    add("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
+    add("--depth", type=int, help=f"hidden layers, the paper's Table 1 has 2 and 3 (default {d.depth})")
+    add("--channels", type=int, help=f"units per location of every 32x32 hidden map (default {d.channels})")
+    add("--receptive-field", type=int, help=f"odd window size k of the local connections (default {d.receptive_field})")
+    add("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
+    add("--train-subset", type=int, help="train on the first N training images (default all)")
+    add("--eval-subset", type=int, help="evaluate on the first N images of every evaluation set (default all)")
+    add("--train-eval-subset", type=int,
+        help=f"training error on the first N training images (default {d.train_eval_subset})")
+    add("--eval-every", type=int, help=f"evaluate after every N-th epoch and the last (default {d.eval_every})")
+    add("--seed", type=int, help=f"default {d.seed}")
+    add("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
+    add("--data-dir", help="folder with cifar-10-batches-py/ or cifar10-jpeg.tar.gz (+ cifar10-test-exact.npz) "
+                           "(default: $FF_KERNELS_DATA/cifar10, or download the python batches)")

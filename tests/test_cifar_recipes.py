@@ -1,0 +1,178 @@
+"""The CIFAR-10 recipes of section 4: test procedures, evaluation bookkeeping, config checks, learning.
+
+Synthetic 32x32 data (given to the recipes as a CifarData), small receptive fields and few
+iterations keep every test to a few seconds; the real-data run is the smoke test in
+test_recipes_smoke.py.
+"""
+
+import pytest
+import torch
+from ff_kernels import functional as F
+from ff_kernels.data import hard_wrong_labels
+from ff_kernels.nn.recurrent_local import FFRecurrentLocal
+from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
+from ff_kernels.recipes.cifar_common import MEAN, STD, CifarData, evaluation_due, standardize
+from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
+
+SMALL_FF = {"receptive_field": 3, "train_iterations": 2, "score_from": 2, "score_to": 3, "batch_size": 20}
+
+
+def class_coded_data(n: int, seed: int = 0) -> CifarData:
+    """Images whose class is a coloured vertical bar at a class-specific column, on noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 80, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        images[i, label % 3, :, 3 * label:3 * label + 3] = 255
+    return CifarData(images, labels, {"train": (images, labels), "test": (images[: n // 2], labels[: n // 2])})
+
+
+def test_standardize_uses_the_channel_constants():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    out = standardize(images)
+    for c in range(3):
+        assert torch.allclose(out[0, c], torch.full((2, 2), -MEAN[c] / STD[c]))
+        assert torch.allclose(out[1, c], torch.full((2, 2), (1 - MEAN[c]) / STD[c]))
+
+
+# ---------------------------------------------------------------- FF test procedures
+
+
+@pytest.fixture(scope="module")
+def ff_recipe():
+    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(20))
+    with torch.no_grad():
+        recipe.model.head.weight.normal_(0.0, 0.01)
+    return recipe
+
+
+@pytest.mark.parametrize("goodness", ["ssq", "neg_ssq"])
+def test_label_scores_match_one_run_per_label(ff_recipe, goodness):
+    model, c = ff_recipe.model, ff_recipe.config
+    model.config.goodness = model.net.goodness_fn = goodness
+    images = standardize(ff_recipe.data.train_images[:3])
+    got = model.label_scores(images)
+    assert got.shape == (3, 10)
+    sign = -1.0 if goodness == "neg_ssq" else 1.0
+    for label in range(10):
+        code = torch.nn.functional.one_hot(torch.full((3,), label), 10).float()
+        history = model.net.run(images, code, c.score_to)  # states at t = 0..score_to
+        expected = sum(F.goodness(s.flatten(1)) for states in history[c.score_from:c.score_to + 1] for s in states)
+        torch.testing.assert_close(got[:, label], sign * expected, rtol=1e-5, atol=1e-3)
+    model.config.goodness = model.net.goodness_fn = "ssq"
+
+
+def test_head_logits_read_the_neutral_bottom_up_pass(ff_recipe):
+    model = ff_recipe.model
+    images = standardize(ff_recipe.data.train_images[:4])
+    states = model.net.run(images, torch.full((4, 10), 0.1), 1)[0]
+    features = torch.cat([F.normalize(s.flatten(1), "ssq", rms=True) for s in states], dim=1)
+    torch.testing.assert_close(model.head_logits(images), features @ model.head.weight.t())
+
+
+def test_evaluate_counts_errors_of_both_procedures(ff_recipe):
+    metrics = ff_recipe.evaluate()
+    assert set(metrics) == {"train_error", "train_error_softmax", "test_error", "test_error_softmax"}
+    for name, (images, labels) in ff_recipe.data.eval_sets.items():
+        x = standardize(images)
+        goodness_errors = int((ff_recipe.model.label_scores(x).argmax(1) != labels).sum())
+        softmax_errors = int((ff_recipe.model.head_logits(x).argmax(1) != labels).sum())
+        assert metrics[f"{name}_error"] == goodness_errors / len(labels)
+        assert metrics[f"{name}_error_softmax"] == softmax_errors / len(labels)
+
+
+def test_evaluation_runs_every_nth_epoch_and_after_the_last():
+    config = CifarBackpropConfig(epochs=5, eval_every=2)
+    assert [evaluation_due(e, config) for e in range(1, 6)] == [False, True, False, True, True]
+    recipe = CifarBackprop(CifarBackpropConfig(epochs=3, eval_every=2, receptive_field=3), data=class_coded_data(10))
+    recipe.scheduler.last_epoch = 1  # one finished epoch
+    assert recipe.evaluate() == {}
+    recipe.scheduler.last_epoch = 2
+    assert set(recipe.evaluate()) == {"train_error", "test_error"}
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_ff_train_step_trains_true_labels_against_hard_negatives():
+    """One step's gradients equal ff_backward on [true labels; hard wrong labels drawn from the softmax]."""
+    config = CifarFFConfig(depth=2, **SMALL_FF)
+    data = class_coded_data(20)
+    recipe, twin = CifarFF(config, data=data), CifarFF(config, data=data)
+    with torch.no_grad():
+        for r in (recipe, twin):
+            r.model.head.weight.copy_(torch.randn(r.model.head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    batch = torch.arange(6)
+    loss, errors, n = recipe.train_step(batch, torch.Generator().manual_seed(5))
+
+    model, g = twin.model, torch.Generator().manual_seed(5)
+    images, labels = standardize(data.train_images[batch]), data.train_labels[batch]
+    logits = model.head_logits(images)
+    probs = torch.softmax(logits.detach(), 1)
+    wrong = hard_wrong_labels(probs, labels, g)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    codes = torch.nn.functional.one_hot(torch.cat([labels, wrong]), 10).float()
+    losses = model.net.ff_backward(torch.cat([images, images]), codes, 6, config.train_iterations)
+    assert n == 6 and int(errors) == int((probs.argmax(1) != labels).sum())
+    torch.testing.assert_close(loss, torch.stack(losses).mean())
+    for p, q in zip(recipe.model.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_recurrent_local_net_learns_labels_on_tiny_maps():
+    """FF alone (no softmax) learns which label goes with which image: goodness error from chance to ~0."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n, classes = 16, 4
+    labels = torch.arange(n) % classes
+    images = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+    for i, y in enumerate(labels.tolist()):
+        images[i, y % 3, :, 2 * y:2 * y + 2] += 2.0
+    net = FFRecurrentLocal((3, 8, 8), channels=2, depth=2, kernel=3, num_labels=classes, temperature=10.0,
+                           backend="reference")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def error() -> float:
+        scores = [net.goodness(images, torch.nn.functional.one_hot(torch.full((n,), c), classes).float(), 3)[1:]
+                  .sum((0, 2)) for c in range(classes)]
+        return float((torch.stack(scores, 1).argmax(1) != labels).float().mean())
+
+    before, losses = error(), []
+    for _ in range(20):
+        wrong = (labels + torch.randint(1, classes, (n,), generator=g)) % classes
+        optimizer.zero_grad()
+        codes = torch.nn.functional.one_hot(torch.cat([labels, wrong]), classes).float()
+        losses.append(sum(net.ff_backward(torch.cat([images, images]), codes, n, 3)))
+        optimizer.step()
+    assert before >= 0.5 and error() <= 0.1 and losses[-1] < 0.5 * losses[0], (before, error(), losses)
+
+
+def test_backprop_recipe_learns_class_coded_images():
+    recipe = CifarBackprop(CifarBackpropConfig(receptive_field=3, batch_size=20, lr=3e-3), data=class_coded_data(40))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for batch in recipe.epoch_batches(g):
+            recipe.train_step(batch, g)
+    assert recipe.evaluate()["train_error"] < 0.2
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("config_cls", [CifarFFConfig, CifarBackpropConfig])
+def test_configs_reject_bad_values(config_cls):
+    with pytest.raises(ValueError, match="receptive_field must be an odd int in 1..63"):
+        config_cls(receptive_field=4)
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        config_cls(depth=0)
+    with pytest.raises(ValueError, match="train_eval_subset must be None"):
+        config_cls(train_eval_subset=0)
+
+
+def test_ff_config_checks_the_scored_iterations_and_choices():
+    with pytest.raises(ValueError, match="score_from <= score_to"):
+        CifarFFConfig(score_from=5, score_to=4)
+    with pytest.raises(ValueError, match="goodness must be one of"):
+        CifarFFConfig(goodness="max")
+    with pytest.raises(ValueError, match="damping must be in"):
+        CifarFFConfig(damping=1.0)
