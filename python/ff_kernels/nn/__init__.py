@@ -3,6 +3,7 @@
 from .linear import FFLinear
 from .local2d import FFLocal2d
 from .peer_norm import PeerNormalization
+from .recurrent import FFRecurrent
 from .sequential import FFSequential
 
-__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization"]
+__all__ = ["FFLinear", "FFLocal2d", "FFRecurrent", "FFSequential", "PeerNormalization"]
