@@ -40,7 +40,7 @@ def test_standardize_uses_the_channel_constants():
 
 @pytest.fixture(scope="module")
 def ff_recipe():
-    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(20))
+    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(10))
     with torch.no_grad():
         recipe.model.head.weight.normal_(0.0, 0.01)
     return recipe

@@ -86,7 +86,8 @@ def local_backprop_net(config: CifarBackpropConfig) -> nn.Sequential:
 class CifarBackprop:
     """CIFAR-10 with local receptive fields trained by backpropagation (paper section 4, Table 1's BP row).
 
-    ``data`` (a :class:`~.cifar_common.CifarData`) may be given to share one load between runs.
+    ``data`` (a :class:`~.cifar_common.CifarData`) may be given to share one load between runs; it
+    is used as given (the config's subsets and data_dir do not apply).
     The model is initialized from ``torch.manual_seed(config.seed)``.
     """
 
@@ -125,6 +126,7 @@ class CifarBackprop:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """``<set>_error`` of the softmax for every evaluation set, when an evaluation is due (else {})."""
+        # The training loop steps the scheduler before evaluating: last_epoch = finished epochs.
         if not evaluation_due(self.scheduler.last_epoch, self.config):
             return {}
         metrics = {}

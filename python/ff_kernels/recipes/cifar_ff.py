@@ -164,7 +164,8 @@ class CifarFFNet(nn.Module):
 class CifarFF:
     """CIFAR-10 with local receptive fields, trained by FF (paper section 4, Table 1's FF rows).
 
-    ``data`` (a :class:`~.cifar_common.CifarData`) may be given to share one load between runs.
+    ``data`` (a :class:`~.cifar_common.CifarData`) may be given to share one load between runs; it
+    is used as given (the config's subsets and data_dir do not apply).
     The model is initialized from ``torch.manual_seed(config.seed)``; ``scheduler`` scales both
     learning rates once per epoch.
     """
@@ -223,6 +224,7 @@ class CifarFF:
     def evaluate(self) -> dict[str, float]:
         """``<set>_error`` (goodness for every label) and ``<set>_error_softmax`` (one-pass softmax)
         for every evaluation set, when an evaluation is due (else {})."""
+        # The training loop steps the scheduler before evaluating: last_epoch = finished epochs.
         if not evaluation_due(self.scheduler.last_epoch, self.config):
             return {}
         metrics = {}
