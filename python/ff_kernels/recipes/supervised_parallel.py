@@ -24,7 +24,8 @@ the layers owned by other ranks is refreshed every ``sync_every`` batches and at
 every epoch (``LayerPipeline.synchronize``, after the pipeline has drained): between two
 refreshes, the hard negatives and the head's inputs come from those layers as they were at the
 last refresh. With ``sync_every = 1`` this is the single-process schedule exactly, with no
-overlap; larger values trade that staleness for overlap. Fused SGD only.
+overlap; larger values trade that staleness for overlap. At the end of the epoch rank 0 sends
+the head to the others, which evaluate their shares of the test set with it. Fused SGD only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..distributed import DataParallelFF, LayerPipeline, average_gradients
+from ..distributed import DataParallelFF, LayerPipeline, average_gradients, broadcast_parameters
 
 POSTFIX_EVERY = 20  # batches between progress-bar updates on rank 0
 
@@ -98,6 +99,8 @@ def pipeline_epoch(recipe, batches, generator: torch.Generator, totals) -> None:
         for row in losses:
             totals.add(row.mean())
         pipeline.synchronize()
+    # Rank 0 alone trained the softmax head; every rank evaluates its share of the test set with it.
+    broadcast_parameters(recipe.model.head, 0, context.group)
 
 
 def _pipeline_inputs(recipe, batch, generator, totals, bar) -> tuple[torch.Tensor, torch.Tensor]:
