@@ -104,15 +104,21 @@ class FFRecurrent(nn.Module):
         if top is not None:
             check_matrix("top", "FFRecurrent", top, self.sizes[-1], like)
         if top is not None and top.shape[0] != bottom.shape[0]:
-            raise ValueError(f"FFRecurrent: bottom and top must have the same rows, got {bottom.shape[0]} and {top.shape[0]}")
+            raise ValueError(
+                f"FFRecurrent: bottom and top must have the same rows, got {bottom.shape[0]} and {top.shape[0]}"
+            )
         if states is None:
             return
         if len(states) != len(self.layers):
-            raise ValueError(f"FFRecurrent: states must hold {len(self.layers)} tensors (one per hidden layer), got {len(states)}")
+            raise ValueError(
+                f"FFRecurrent: states must hold {len(self.layers)} tensors (one per hidden layer), got {len(states)}"
+            )
         for l, (state, width) in enumerate(zip(states, self.sizes[1:-1]), start=1):
             check_matrix(f"states[{l - 1}]", "FFRecurrent", state, width, like)
             if state.shape[0] != bottom.shape[0]:
-                raise ValueError(f"FFRecurrent: states[{l - 1}] has {state.shape[0]} rows, bottom has {bottom.shape[0]}")
+                raise ValueError(
+                    f"FFRecurrent: states[{l - 1}] has {state.shape[0]} rows, bottom has {bottom.shape[0]}"
+                )
 
     def normalize(self, state: torch.Tensor) -> torch.Tensor:
         """n(h): what a hidden layer passes to its neighbours (all layers share goodness and rms_norm)."""
@@ -129,7 +135,9 @@ class FFRecurrent(nn.Module):
             below = self.normalize(states[-1])
         return states
 
-    def layer_inputs(self, states: Sequence[torch.Tensor], bottom: torch.Tensor, top: torch.Tensor) -> list[torch.Tensor]:
+    def layer_inputs(
+        self, states: Sequence[torch.Tensor], bottom: torch.Tensor, top: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Each hidden layer's input ``[n(h_{l-1}), n(h_{l+1})]`` (B, D_{l-1} + D_{l+1}) from the states at t - 1."""
         neighbours = [bottom, *(self.normalize(s) for s in states), top]
         return [torch.cat([below, above], dim=1) for below, above in zip(neighbours[:-2], neighbours[2:])]
