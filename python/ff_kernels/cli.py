@@ -42,7 +42,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int,
                         help="start N processes on this machine (gloo on CPU, NCCL with one GPU each)")
     parser.add_argument("--sync-every", type=int,
-                        help="pipeline: batches between refreshes of rank 0's copy of the whole net (default 100)")
+                        help="pipeline: batches between refreshes of rank 0's copy of the whole net (default 10)")
 
 
 def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +235,7 @@ def _parallel_options(parser: argparse.ArgumentParser, options: dict, recipe_cls
     --nproc or torchrun's environment (RANK, WORLD_SIZE, ...), not both.
     """
     mode, nproc = options.pop("parallel", None), options.pop("nproc", None)
-    sync_every = options.pop("sync_every", 100)
+    sync_every = options.pop("sync_every", 10)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if mode is None and nproc is None:
         return None

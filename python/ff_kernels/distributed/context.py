@@ -36,7 +36,7 @@ class ParallelContext:
     """
 
     mode: str
-    sync_every: int = 100
+    sync_every: int = 10
     group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
