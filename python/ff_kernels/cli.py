@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     if parallel is not None:
-        return _train_parallel(recipe_cls, options, run_dir, resume, progress, parallel)
+        return _train_parallel(recipe_cls, options, run_dir, resume, progress, figures, parallel)
     try:
         recipe = recipe_cls(config)
         train(recipe, run_dir, resume=resume, progress=progress)
@@ -250,16 +250,20 @@ def _parallel_options(parser: argparse.ArgumentParser, options: dict, recipe_cls
     if not hasattr(recipe_cls, "enable_parallel"):
         supported = sorted(name for name, cls in RECIPES.items() if hasattr(cls, "enable_parallel"))
         parser.error(f"recipe {recipe_cls.name!r} does not support --parallel / --nproc yet; these do: {supported}")
+    if mode == "pipeline" and not hasattr(recipe_cls, "train_pipeline_epoch"):
+        supported = sorted(name for name, cls in RECIPES.items() if hasattr(cls, "train_pipeline_epoch"))
+        parser.error(f"recipe {recipe_cls.name!r} supports --parallel data only; --parallel pipeline: {supported}")
     return {"mode": mode or "data", "nproc": nproc, "sync_every": sync_every}
 
 
-def _train_parallel(recipe_cls, options: dict, run_dir, resume: bool, progress: bool, parallel: dict) -> int:
+def _train_parallel(recipe_cls, options: dict, run_dir, resume: bool, progress: bool, figures: bool,
+                    parallel: dict) -> int:
     """Run :func:`_parallel_worker` on every rank: in ``nproc`` new processes, or in this one under torchrun."""
     from torch.multiprocessing import ProcessRaisedException
 
     from .distributed import init_from_env, spawn
 
-    args = (recipe_cls.name, options, str(run_dir), resume, progress, parallel["mode"], parallel["sync_every"])
+    args = (recipe_cls.name, options, str(run_dir), resume, progress, figures, parallel["mode"], parallel["sync_every"])
     if parallel["nproc"] is None:
         device = init_from_env()
         try:
@@ -278,8 +282,9 @@ def _train_parallel(recipe_cls, options: dict, run_dir, resume: bool, progress: 
 
 
 def _parallel_worker(rank: int, device, name: str, options: dict, run_dir: str, resume: bool, progress: bool,
-                     mode: str, sync_every: int) -> None:
-    """One rank of a parallel run: the recipe on ``device`` (cuda:LOCAL_RANK with NCCL), trained with a context."""
+                     figures: bool, mode: str, sync_every: int) -> None:
+    """One rank of a parallel run: the recipe on ``device`` (cuda:LOCAL_RANK with NCCL), trained with a
+    context; rank 0 writes the figures when asked."""
     from .distributed.context import ParallelContext
 
     recipe_cls = RECIPES[name]
@@ -289,3 +294,8 @@ def _parallel_worker(rank: int, device, name: str, options: dict, run_dir: str, 
     context = ParallelContext(mode, sync_every)
     recipe.enable_parallel(context)
     train(recipe, run_dir, resume=resume, progress=progress, parallel=context)
+    if figures and context.is_writer:
+        from .figures import write_run_figures
+
+        for path in write_run_figures(recipe, run_dir):
+            print(f"wrote {path}")

@@ -37,6 +37,7 @@ from torch.optim.sgd import sgd
 
 from ..nn.layer import FFLayer
 from ..nn.sequential import FFSequential
+from ..ops.results import FFLayerStep
 from ..ops.validation import check_hyper
 from .comm import check_device, comm_device, group_rank_and_size, other_ranks, peer_failure
 from .state import broadcast_parameters
@@ -98,19 +99,24 @@ class DataParallelFF:
         check_device("DataParallelFF", next(net.parameters()).device, process_group)
         broadcast_parameters(net, 0, process_group)
 
-    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None,
+                    return_steps: bool = False) -> list[torch.Tensor] | list[FFLayerStep]:
         """Accumulate every chosen layer's gradient of the whole (all ranks') batch into ``.grad``.
 
         x_pos: (Bp, ...) and x_neg: (Bn, ...), this rank's shards (equal sizes on all ranks);
         ``layers`` as in :meth:`FFSequential.ff_backward`. Returns the chosen layers' losses on
-        the whole batch (0-dim float32 each, averaged over ranks on the device, no host sync).
+        the whole batch (0-dim float32 each, averaged over ranks on the device, no host sync),
+        or with ``return_steps`` their :class:`~ff_kernels.ops.FFLayerStep` s: ``loss`` that
+        averaged loss, ``goodness`` (Bp + Bn,) and ``output`` (Bp + Bn, ...) this rank's rows,
+        computed with the weights before the update (e.g. the features a head reads).
 
         The all_reduce averages ``.grad`` as it is after this rank's step, i.e. whatever was
         accumulated there plus this step's local gradient. That is right when what was there is
         the same on every rank (nothing, or the results of earlier calls of this method), so
         accumulating over several calls is exact too.
         """
-        return [loss for _, loss in self._averaged_backward(x_pos, x_neg, layers)]
+        steps = [step for _, step in self._averaged_backward(x_pos, x_neg, layers)]
+        return steps if return_steps else [step.loss for step in steps]
 
     def fused_step(
         self,
@@ -120,7 +126,8 @@ class DataParallelFF:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         layers: Iterable[int] | None = None,
-    ) -> list[torch.Tensor]:
+        return_steps: bool = False,
+    ) -> list[torch.Tensor] | list[FFLayerStep]:
         """``FFSequential.ff_step`` on the whole batch: the same SGD update, from this rank's shards.
 
         Unlike the single-process fused step, which never writes dL/dW to memory, the
@@ -131,7 +138,7 @@ class DataParallelFF:
         torch's own functional SGD (``torch.optim.sgd.sgd``) with the layers' momentum buffers
         (``FFLayer.momentum_buffers``), so its state is that of ``ff_step`` (a checkpoint moves
         freely between single-process and data-parallel training). Returns the chosen layers'
-        losses, as :meth:`ff_backward`.
+        losses, or with ``return_steps`` their steps, as :meth:`ff_backward`.
         """
         name = "DataParallelFF.fused_step"
         lr, momentum = check_hyper(name, "lr", lr), check_hyper(name, "momentum", momentum)
@@ -154,13 +161,14 @@ class DataParallelFF:
         finally:
             for p, grad in zip(params, saved):
                 p.grad = grad
-        return [loss for _, loss in done]
+        steps = [step for _, step in done]
+        return steps if return_steps else [step.loss for step in steps]
 
-    def _averaged_backward(self, x_pos, x_neg, layers) -> list[tuple[FFLayer, torch.Tensor]]:
+    def _averaged_backward(self, x_pos, x_neg, layers) -> list[tuple[FFLayer, FFLayerStep]]:
         """Local steps with each layer's bucket all-reduced behind the next layer's compute.
 
-        Returns (layer, averaged loss) for the chosen layers once every bucket has arrived and
-        the peer terms are applied.
+        Returns (layer, step) for the chosen layers once every bucket has arrived (the step's
+        loss averaged in place) and the peer terms are applied.
         """
         pending = []
 
@@ -170,7 +178,7 @@ class DataParallelFF:
             grads = [param.grad for param in (layer.weight, layer.bias) if param is not None]
             what = f"all_reduce of layer {list(self.net).index(layer)}'s gradients"
             bucket = _AveragedBucket([*grads, step.loss, *(statistics or ())], what, self.process_group)
-            pending.append((layer, step.loss, statistics, bucket))
+            pending.append((layer, step, statistics, bucket))
             return step
 
         self.net.train_steps(x_pos, x_neg, step_fn, layers)
@@ -178,7 +186,7 @@ class DataParallelFF:
             bucket.wait()
             if statistics is not None:
                 layer.apply_peer_norm_(statistics, "grad")
-        return [(layer, loss) for layer, loss, _, _ in pending]
+        return [(layer, step) for layer, step, _, _ in pending]
 
 
 def shard_batch(batch, rank: int, world_size: int):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import MnistSplits, mnist_splits
+from . import backprop_parallel
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -129,6 +130,11 @@ class BackpropMNIST:
         torch.manual_seed(config.seed)
         self.model = mlp(config).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters(), self.device)
+        self.parallel = None  # a ParallelContext once enable_parallel is called
+
+    def enable_parallel(self, context) -> None:
+        """Train as one rank of a data-parallel run (``context``: a ParallelContext); see ``backprop_parallel``."""
+        backprop_parallel.enable(self, context)
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of update number ``step`` (0-based): lr * lr_decay ** (step / steps_per_epoch)."""
@@ -144,12 +150,15 @@ class BackpropMNIST:
 
         Returns (cross-entropy of the batch (0-dim), errors on the batch before the update
         (0-dim), batch size). Dropout masks come from torch's global generator, which the
-        checkpoint saves.
+        checkpoint saves. In data-parallel mode this rank trains on its shard and returns its
+        shard's loss, errors and size; see ``backprop_parallel``.
         """
-        images, labels = self.train_images[batch], self.train_labels[batch]
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(group[STEP_KEY])
             group[STEP_KEY] += 1
+        if self.parallel is not None:
+            return backprop_parallel.data_parallel_step(self, batch)
+        images, labels = self.train_images[batch], self.train_labels[batch]
         self.model.train()
         logits = self.model(images)
         loss = nn.functional.cross_entropy(logits, labels)
@@ -161,7 +170,8 @@ class BackpropMNIST:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """``<split>_error``: the error rate of the softmax output on the evaluation set."""
+        """``<split>_error``: the error rate of the softmax output on the evaluation set (in a
+        parallel run every rank evaluates the whole set; the replicas are identical)."""
         self.model.eval()
         errors = 0
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):

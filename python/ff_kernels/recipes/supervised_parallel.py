@@ -44,17 +44,23 @@ def enable(recipe, context) -> None:
     """Make ``recipe`` (a SupervisedMNIST) train as this rank of ``context``'s parallel run."""
     config = recipe.config
     if context.mode == "data":
-        if config.batch_size % context.world_size:
-            raise ValueError(
-                f"--parallel data: the batch size ({config.batch_size}) must be a multiple of the number of "
-                f"processes ({context.world_size})"
-            )
+        check_batch_size(config.batch_size, context)
         recipe.data_parallel = DataParallelFF(recipe.model.net, context.group)
     else:
         if config.optimizer != "sgd":
             raise ValueError(f"--parallel pipeline trains with the fused SGD step: use --optimizer sgd, not {config.optimizer!r}")
         recipe.pipeline = LayerPipeline(recipe.model.net, context.group)
     recipe.parallel = context
+
+
+def check_batch_size(batch_size: int, context) -> None:
+    """Refuse a data-parallel batch size that is not a multiple of the number of processes
+    (every rank trains on an equal slice of every batch)."""
+    if batch_size % context.world_size:
+        raise ValueError(
+            f"--parallel data: the batch size ({batch_size}) must be a multiple of the number of "
+            f"processes ({context.world_size})"
+        )
 
 
 def data_parallel_step(recipe, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -40,6 +40,7 @@ from .. import functional
 from ..data import MnistSplits, hybrid_negatives, mnist_splits
 from ..data.hybrid import BLUR_STEPS
 from ..nn import FFLinear, FFSequential, PeerNormalization
+from . import hybrid_parallel
 from .supervised_mnist import (
     COMPUTE_DTYPES,
     EVAL_BATCH,
@@ -247,10 +248,20 @@ class UnsupervisedMNIST:
         self.scheduler = EpochLR(
             self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
         )
+        self.parallel = None  # a ParallelContext once enable_parallel is called
 
     @staticmethod
     def build_model(config) -> HybridFFNet:
         return build_dense_net(config)
+
+    def enable_parallel(self, context) -> None:
+        """Train as one rank of a data-parallel run (``context``: a ParallelContext); see ``hybrid_parallel``."""
+        hybrid_parallel.enable(self, context)
+
+    def sgd_hyper(self) -> dict[str, float]:
+        """The FF layers' fused SGD arguments now: lr (scheduled), momentum, weight_decay."""
+        ff = self.optimizer.param_groups[0]
+        return {"lr": ff["lr"], "momentum": self.config.momentum, "weight_decay": ff["weight_decay"]}
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """A shuffled epoch: index tensors of ``batch_size`` training rows each; a last batch of
@@ -263,14 +274,12 @@ class UnsupervisedMNIST:
         """Every FF layer's update (fused SGD, or gradients for Adam) like FFSequential.ff_step /
         ff_backward; returns (losses, the positive rows' normalized outputs per layer), the
         outputs computed with the weights before the update."""
-        sgd = self.config.optimizer == "sgd"
-        group = self.optimizer.param_groups[0]
+        hyper = self.sgd_hyper() if self.config.optimizer == "sgd" else None
         n_pos = x_pos.shape[0]
         losses, outputs = [], []
         for layer in self.model.net:
-            if sgd:
-                step = layer.ff_step(x_pos, x_neg, lr=group["lr"], momentum=self.config.momentum,
-                                     weight_decay=group["weight_decay"], return_step=True)
+            if hyper is not None:
+                step = layer.ff_step(x_pos, x_neg, **hyper, return_step=True)
             else:
                 step = layer.ff_backward(x_pos, x_neg, return_step=True)
             losses.append(step.loss)
@@ -283,8 +292,11 @@ class UnsupervisedMNIST:
         softmax on the detached outputs of the images.
 
         Returns (mean FF loss over the layers (0-dim), softmax errors on the batch before the
-        update (0-dim), batch size).
+        update (0-dim), batch size). In data-parallel mode this rank trains on its shard and
+        returns its shard's errors and size (the loss is the whole batch's); see ``hybrid_parallel``.
         """
+        if self.parallel is not None:
+            return hybrid_parallel.data_parallel_step(self, batch, generator)
         images, labels = self.train_images[batch], self.train_labels[batch]
         negatives = hybrid_negatives(images, generator, self.config.blur_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,7 +310,8 @@ class UnsupervisedMNIST:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """``<split>_error``: the softmax's error on the evaluation set; ``<split>_ff_error``: the
-        FF layers' error telling the evaluation images from hybrids of them (see the module doc)."""
+        FF layers' error telling the evaluation images from hybrids of them (see the module doc).
+        In a parallel run every rank evaluates the whole set (the replicas are identical)."""
         generator = torch.Generator(device=self.eval_images.device).manual_seed(FF_ERROR_SEED)
         softmax_errors = ff_errors = ff_rows = 0
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
