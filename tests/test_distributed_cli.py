@@ -118,3 +118,9 @@ def test_the_checkpoint_of_a_parallel_run_loads_into_a_single_process_run(single
     got = run(tmp_path / "run", "--resume", epochs=2)  # one process continues the pipeline's run
     assert [m["epoch"] for m in got["history"]] == [1, 2]
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in got["model"].values()])).all()
+
+
+@pytest.mark.slow
+def test_a_last_batch_of_fewer_rows_than_processes_is_skipped(tmp_path):
+    got = run(tmp_path / "run", "--nproc", "2", "--train-subset", "1001", epochs=1)  # 20 batches of 50, then 1 row
+    assert [m["epoch"] for m in got["history"]] == [1]

@@ -13,7 +13,9 @@ so every rank knows every batch; rank r trains on the r-th equal slice of it. Pe
 
 So W ranks follow the single-process run up to float rounding (the shards' sums are added in
 a different order). A batch of B rows uses its first ``W * (B // W)`` rows: the batch size
-must be a multiple of W, and a short last batch loses at most W - 1 rows.
+must be a multiple of W, and a short last batch loses at most W - 1 rows (its negatives are
+then drawn for the kept rows only, so from there on the run differs from one process's by
+more than rounding).
 
 Layer pipeline (``--parallel pipeline``): rank r trains the r-th group of layers
 (``partition_layers``) on the normalized activities that rank r - 1 sends it; nothing is sent
@@ -67,10 +69,12 @@ def data_parallel_step(recipe, batch: torch.Tensor, generator: torch.Generator) 
     """One data-parallel update on the index tensor ``batch`` (B,) (module docstring).
 
     Returns (the whole batch's mean FF loss over the layers (0-dim), this rank's softmax errors
-    (0-dim), this rank's rows).
+    (0-dim), this rank's rows), or (None, 0, 0) when the batch has fewer rows than ranks.
     """
     context = recipe.parallel
     batch = batch[: context.world_size * (batch.shape[0] // context.world_size)]
+    if batch.shape[0] == 0:  # a last batch of fewer rows than ranks: no update
+        return None, 0, 0
     all_labels = recipe.train_labels[batch]
     rows = context.shard(batch)
     images, labels = recipe.train_images[rows], recipe.train_labels[rows]
