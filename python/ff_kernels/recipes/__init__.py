@@ -5,13 +5,18 @@ each class has ``Config`` (its dataclass) and is built as ``Recipe(config)``.
 """
 
 from .backprop_mnist import BackpropMNIST, BackpropMNISTConfig
+from .cifar_backprop import CifarBackprop
+from .cifar_ff import CifarFF
 from .jitter_mnist import JitterMNIST, JitterMNISTConfig
 from .local_mnist import LocalMNIST, LocalMNISTConfig
+from .recurrent_mnist import RecurrentMNIST
 from .supervised_mnist import SupervisedMNIST, SupervisedMNISTConfig
 from .unsupervised_mnist import UnsupervisedMNIST, UnsupervisedMNISTConfig
 
 RECIPES = {SupervisedMNIST.name: SupervisedMNIST, JitterMNIST.name: JitterMNIST, BackpropMNIST.name: BackpropMNIST}
 RECIPES.update({UnsupervisedMNIST.name: UnsupervisedMNIST, LocalMNIST.name: LocalMNIST})
+RECIPES[RecurrentMNIST.name] = RecurrentMNIST
+RECIPES.update({CifarFF.name: CifarFF, CifarBackprop.name: CifarBackprop})
 
 __all__ = [
     "RECIPES", "BackpropMNIST", "BackpropMNISTConfig", "JitterMNIST", "JitterMNISTConfig", "LocalMNIST",
