@@ -22,6 +22,7 @@ SMALL = {"epochs": 1, "width": 32, "depth": 2, "batch_size": 50, "train_subset":
 OVERRIDES = {
     "jitter": {"max_shift": 2},
     "local": {"channels": (4, 4, 4)},
+    "aesop": {"num_strings": 20, "test_strings": 10},
     "cifar": {"receptive_field": 3, "train_iterations": 2, "score_from": 1, "score_to": 2},
     "cifar-backprop": {"receptive_field": 3},
 }

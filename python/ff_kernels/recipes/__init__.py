@@ -4,6 +4,7 @@
 each class has ``Config`` (its dataclass) and is built as ``Recipe(config)``.
 """
 
+from .aesop import AesopFF
 from .backprop_mnist import BackpropMNIST, BackpropMNISTConfig
 from .cifar_backprop import CifarBackprop
 from .cifar_ff import CifarFF
@@ -15,6 +16,7 @@ from .unsupervised_mnist import UnsupervisedMNIST, UnsupervisedMNISTConfig
 
 RECIPES = {SupervisedMNIST.name: SupervisedMNIST, JitterMNIST.name: JitterMNIST, BackpropMNIST.name: BackpropMNIST}
 RECIPES.update({UnsupervisedMNIST.name: UnsupervisedMNIST, LocalMNIST.name: LocalMNIST})
+RECIPES[AesopFF.name] = AesopFF
 RECIPES[RecurrentMNIST.name] = RecurrentMNIST
 RECIPES.update({CifarFF.name: CifarFF, CifarBackprop.name: CifarBackprop})
 
