@@ -1,4 +1,4 @@
-"""Figure 5 of the paper from finished ``ff-train aesop`` runs, and text sampled from their models.
+r"""Figure 5 of the paper from finished ``ff-train aesop`` runs, and text sampled from their models.
 
     python -m ff_kernels.figures_aesop RUN_DIR [RUN_DIR ...] --out aesop_perplexity.png
 
@@ -9,6 +9,18 @@ one curve per run labelled with its regime. A string's sum of log2 probabilities
 readings of Figure 5 plot, is 90 times these values. It also writes ``samples.txt`` into every
 run directory: continuations the trained model generates from the first 10 characters of a
 few training strings, beside the real text, and prints them.
+
+The runs behind docs/figures/aesop_perplexity.png (3 x 500 ReLUs, 20 epochs, seed 0; one
+thread each because the machine was shared), from the repository root:
+
+    for r in teacher generated sleep random; do
+      OMP_NUM_THREADS=1 .venv/bin/ff-train aesop --regime $r --width 500 --epochs 20 \
+        --data-dir ../shared/data/aesop --run-dir runs/aesop-500-$r --no-progress
+    done
+    .venv/bin/python -m ff_kernels.figures_aesop runs/aesop-500-{teacher,generated,sleep,random} \
+      --out docs/figures/aesop_perplexity.png
+
+The paper's size is the recipe's default (3 x 2000): leave out ``--width 500``.
 """
 
 from __future__ import annotations
@@ -66,9 +78,10 @@ def plot_log2p_curves(path: str | os.PathLike, run_dirs: list[str | os.PathLike]
         epochs = [m["epoch"] for m in metrics]
         for ax, split in zip(axes, ("train", "test")):
             values = [m[f"{split}_log2p"] for m in metrics]
-            label = f"{LABELS.get(regime, regime)}: {values[-1]:.2f} bits, perplexity {2 ** -values[-1]:.2f}"
+            label = (f"{LABELS.get(regime, regime)}, {config['depth']} x {config['width']}: {values[-1]:.2f} bits, "
+                     f"perplexity {2 ** -values[-1]:.2f}")
             ax.plot(epochs, values, marker="o", markersize=3, color=COLORS.get(regime), label=label)
-    titles = ("the 248 training strings (Figure 5)", "held-out strings (the text after them)")
+    titles = ("training strings (Figure 5)", "held-out strings (the text after them)")
     for ax, title in zip(axes, titles):
         ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"uniform over 30 symbols: {chance:.2f} bits")
         ax.set_title(title, fontsize=10)
@@ -99,12 +112,16 @@ def write_samples(run_dir: str | os.PathLike, count: int = 5, seed: int = 0, dat
     if data_dir is not None:
         config["data_dir"] = data_dir
     config["device"] = "cpu"
-    recipe = AesopFF(AesopConfig(**config))
+    try:
+        config = AesopConfig(**config)
+    except TypeError as err:
+        raise ValueError(f"{run_dir / CONFIG} does not fit this version's AesopConfig ({err})") from None
+    recipe = AesopFF(config)
     recipe.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
     real = recipe.train_strings[:count]
     generated = recipe.generate(real, torch.Generator().manual_seed(seed))
-    c = config["context"]
-    lines = [f"{config['regime']} after {metrics[-1]['epoch']} epochs; context | continuation"]
+    c = config.context
+    lines = [f"{config.regime} after {metrics[-1]['epoch']} epochs; context | continuation"]
     for r, g in zip(real, generated):
         lines += [f"real:  {decode(r[:c])}|{decode(r[c:])}", f"model: {decode(g[:c])}|{decode(g[c:])}", ""]
     text = "\n".join(lines)

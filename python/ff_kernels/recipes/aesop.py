@@ -372,6 +372,8 @@ class AesopFF:
         parser.add_argument("--test-strings", type=int,
                             help=f"held-out strings, the ones after the training strings (default {d.test_strings})")
         parser.add_argument("--batch-size", type=int, help=f"predicted characters per batch (default {d.batch_size})")
+        parser.add_argument("--sleep-strings", type=int,
+                            help=f"sleep regime: strings per wake-sleep cycle (default {d.sleep_strings})")
         parser.add_argument("--optimizer", choices=OPTIMIZERS,
                             help=f"of the FF layers; the softmax always uses Adam (default {d.optimizer})")
         parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
