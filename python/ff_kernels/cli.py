@@ -29,6 +29,7 @@ from .recipes import (
     SupervisedMNISTConfig,
     UnsupervisedMNISTConfig,
 )
+from .recipes.checks import add_mnist_subset_arguments
 from .train import CHECKPOINT, CONFIG, CheckpointError, train
 
 
@@ -50,10 +51,7 @@ def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
     parser.add_argument("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
     parser.add_argument("--depth", type=int, help=f"number of hidden layers (default {d.depth})")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
-    parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
-    parser.add_argument("--validation", action="store_true",
-                        help="evaluate on the last 10,000 training images (held out) instead of the test set")
+    add_mnist_subset_arguments(parser)
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
     parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")
@@ -97,10 +95,7 @@ def _add_backprop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
     parser.add_argument("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
     parser.add_argument("--depth", type=int, help=f"number of hidden layers (default {d.depth})")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
-    parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
-    parser.add_argument("--validation", action="store_true",
-                        help="evaluate on the last 10,000 training images (held out) instead of the test set")
+    add_mnist_subset_arguments(parser)
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
     parser.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr:g})")
     parser.add_argument("--lr-decay", type=float,
@@ -120,10 +115,7 @@ def _add_hybrid_arguments(parser: argparse.ArgumentParser, d) -> None:
     parser.add_argument("--head-layers", type=int,
                         help=f"the softmax reads the last N hidden layers (default {d.head_layers})")
     parser.add_argument("--blur-steps", type=int, help=f"blurring passes of the hybrid masks (default {d.blur_steps})")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
-    parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
-    parser.add_argument("--validation", action="store_true",
-                        help="evaluate on the last 10,000 training images (held out) instead of the test set")
+    add_mnist_subset_arguments(parser)
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
     parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")

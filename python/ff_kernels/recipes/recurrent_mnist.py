@@ -42,6 +42,7 @@ from torch import nn
 from .. import functional
 from ..data import MnistSplits, hard_wrong_labels, mnist_splits, random_wrong_labels
 from ..nn.recurrent import INITS, FFRecurrent
+from .checks import add_mnist_subset_arguments, check_choices, check_sgd_settings
 from .supervised_mnist import EVAL_BATCH, INPUT_NORM_EPS, LR_SCHEDULES, NUM_CLASSES, NUM_PIXELS, EpochLR, lr_factor
 
 NEGATIVES = ("hard", "random")
@@ -102,17 +103,10 @@ class RecurrentMNISTConfig:
             )
         if not 0 <= self.damping < 1:
             raise ValueError(f"damping must be in [0, 1), got {self.damping}")
-        for name in ("lr", "head_lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "head_weight_decay", "peer_norm"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES), ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_sgd_settings(self)
+        check_choices(self, (("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES), ("init", INITS)))
         functional.check_goodness(self.goodness)
 
 
@@ -265,10 +259,7 @@ class RecurrentMNIST:
         add("--damping", type=float, help=f"share of the previous state in each update (default {d.damping:g})")
         add("--score-from", type=int, help=f"first iteration of the test goodness average (default {d.score_from})")
         add("--score-to", type=int, help=f"last iteration of the test goodness average (default {d.score_to})")
-        add("--train-subset", type=int, help="train on the first N training images (default all)")
-        add("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
-        add("--validation", action="store_true",
-            help="evaluate on the last 10,000 training images (held out) instead of the test set")
+        add_mnist_subset_arguments(parser)
         add("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
         add("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
         add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")

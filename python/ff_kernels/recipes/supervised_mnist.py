@@ -37,6 +37,7 @@ from .. import functional
 from ..data import MnistSplits, hard_wrong_labels, mnist_splits, neutral_label, overlay_label, random_wrong_labels
 from ..nn import FFLinear, FFSequential, PeerNormalization
 from . import supervised_parallel
+from .checks import check_choices, check_sgd_settings
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -125,18 +126,9 @@ class SupervisedMNISTConfig:
         for name in ("epochs", "width", "depth", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "head_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "head_weight_decay", "peer_norm"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
-                              ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_sgd_settings(self)
+        check_choices(self, (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
+                             ("init", INITS)))
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 or None (the width), got {self.temperature}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -41,6 +41,7 @@ from ..data import MnistSplits, hybrid_negatives, mnist_splits
 from ..data.hybrid import BLUR_STEPS
 from ..nn import FFLinear, FFSequential, PeerNormalization
 from . import hybrid_parallel
+from .checks import check_choices, check_sgd_settings
 from .supervised_mnist import (
     COMPUTE_DTYPES,
     EVAL_BATCH,
@@ -74,17 +75,8 @@ def check_common_settings(config, positive_ints: tuple[str, ...]) -> None:
         raise ValueError(f"batch_size must be >= 2 (hybrids mix two images of a batch), got {config.batch_size}")
     if isinstance(config.blur_steps, bool) or not isinstance(config.blur_steps, int) or config.blur_steps < 0:
         raise ValueError(f"blur_steps must be an int >= 0, got {config.blur_steps!r}")
-    for name in ("lr", "head_lr"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in ("weight_decay", "head_weight_decay", "peer_norm"):
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not 0 <= config.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {config.momentum}")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("init", INITS)):
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    check_sgd_settings(config)
+    check_choices(config, (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("init", INITS)))
     if config.temperature is not None and not config.temperature > 0:
         raise ValueError(f"temperature must be > 0 or None (the number of units), got {config.temperature}")
     functional.check_goodness(config.goodness)
