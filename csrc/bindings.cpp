@@ -1,6 +1,7 @@
 // The locally connected 2-D FF ops as torch operators: torch.ops.ff_kernels.<name>.
 //
-//   local2d_forward(x, weight, bias?, kernel, stride, padding) -> h = relu(z)
+//   local2d_forward(x, weight, bias?, kernel, stride, padding, extra?=None, relu=True) -> h = relu(z + extra)
+//                   (z + extra without the ReLU when relu is false)
 //   local2d_grad_(x, h, coef, goodness, kernel, stride, padding, weight_grad!, bias_grad?!)
 //   local2d_sgd_(x, h, coef, goodness, kernel, stride, padding, weight!, bias?!, weight_buf?!,
 //                bias_buf?!, lr, momentum, weight_decay)
@@ -101,24 +102,27 @@ Goodness goodness_of(const char* op, const std::string& goodness) {
 }
 
 at::Tensor local2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           int64_t kernel, int64_t stride, int64_t padding) {
+                           int64_t kernel, int64_t stride, int64_t padding, const std::optional<at::Tensor>& extra,
+                           bool relu) {
   const char* op = "local2d_forward";
   const Local2dShape s = shape_of(op, x, "weight", weight, kernel, stride, padding);
   check_optional(op, "bias", bias, {s.locations(), s.out_channels}, x);
+  check_optional(op, "extra", extra, {s.batch, s.out_channels, s.out_height, s.out_width}, x);
   at::Tensor h = at::empty({s.batch, s.out_channels, s.out_height, s.out_width}, x.options());
   const float* bias_ptr = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+  const ff_kernels::ForwardEpilogue epilogue{extra.has_value() ? extra->const_data_ptr<float>() : nullptr, relu};
 #ifdef FF_WITH_CUDA
   if (x.is_cuda()) {
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaError_t err = ff_kernels::cuda::local2d_forward(x.const_data_ptr<float>(), weight.const_data_ptr<float>(),
-                                                              bias_ptr, h.mutable_data_ptr<float>(), s,
+                                                              bias_ptr, epilogue, h.mutable_data_ptr<float>(), s,
                                                               c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
     return h;
   }
 #endif
   TORCH_CHECK(x.is_cpu(), op, ": tensors on ", x.device(), " are not supported by this build");
-  ff_kernels::cpu::local2d_forward(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), bias_ptr,
+  ff_kernels::cpu::local2d_forward(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), bias_ptr, epilogue,
                                    h.mutable_data_ptr<float>(), s, at::get_num_threads());
   return h;
 }
@@ -198,7 +202,9 @@ bool built_with_cuda() {
 }  // namespace
 
 TORCH_LIBRARY(ff_kernels, m) {
-  m.def("local2d_forward(Tensor x, Tensor weight, Tensor? bias, int kernel, int stride, int padding) -> Tensor");
+  m.def(
+      "local2d_forward(Tensor x, Tensor weight, Tensor? bias, int kernel, int stride, int padding, "
+      "Tensor? extra=None, bool relu=True) -> Tensor");
   m.def(
       "local2d_grad_(Tensor x, Tensor h, Tensor coef, str goodness, int kernel, int stride, int padding, "
       "Tensor(a!) weight_grad, Tensor(b!)? bias_grad) -> ()");

@@ -9,6 +9,7 @@
 //   z[b, o, i, j] = sum over valid (c, di, dj) of weight[l, o, (c, di, dj)] * x[b, c, i*s-p+di, j*s-p+dj]
 //                   + bias[l, o],   l = i * W_out + j
 //   h = relu(z)    (B, C_out, H_out, W_out)
+// The forward can also add a per-element term before the ReLU and skip the ReLU (ForwardEpilogue).
 // Window entries outside the input map are absent (truncated at the edges): never read, never updated.
 #pragma once
 
@@ -81,6 +82,19 @@ FF_HD Window window_of(const Local2dShape& s, int l) {
   w.in_width = s.in_width;
   return w;
 }
+
+// The forward's output element i = (b * C_out + o) * L + l of h from its window sum z (bias
+// included): z + extra[i] when extra (B, C_out, H_out, W_out) is given, then the ReLU when relu
+// is set. NaN passes through the ReLU, as in torch.relu.
+struct ForwardEpilogue {
+  const float* extra;  // or null
+  bool relu;
+
+  FF_HD float operator()(float z, int64_t i) const {
+    if (extra != nullptr) z += extra[i];
+    return relu && z < 0.0f ? 0.0f : z;
+  }
+};
 
 // dG/dz of the goodness: kSquared ("ssq", "neg_ssq") 2h, kSum ("sum") 1[h > 0]. The caller's
 // per-image coefficient coef[b] = dL/dG carries the sign, so delta = coef[b] * dG/dz.

@@ -7,10 +7,10 @@
 namespace ff_kernels {
 namespace cpu {
 
-// h = relu(z): x (B, C_in, H_in, W_in), weight (L, C_out, K), bias (L, C_out) or null
-// -> h (B, C_out, H_out, W_out), every element written.
-void local2d_forward(const float* x, const float* weight, const float* bias, float* h,
-                     const Local2dShape& shape, int num_threads);
+// h = epilogue(z) (relu(z + extra) by default): x (B, C_in, H_in, W_in), weight (L, C_out, K),
+// bias (L, C_out) or null -> h (B, C_out, H_out, W_out), every element written.
+void local2d_forward(const float* x, const float* weight, const float* bias, const ForwardEpilogue& epilogue,
+                     float* h, const Local2dShape& shape, int num_threads);
 
 // The FF local update of one layer from its input x (B, C_in, H_in, W_in), its activities
 // h (B, C_out, H_out, W_out) and the per-image coefficient coef (B,) = dL/dG:

@@ -50,7 +50,8 @@ __device__ void stage_inputs(const float* x, const Local2dShape& s, int b0, int 
 }
 
 __global__ void forward_kernel(const float* __restrict__ x, const float* __restrict__ weight,
-                               const float* __restrict__ bias, float* __restrict__ h, Local2dShape s) {
+                               const float* __restrict__ bias, ForwardEpilogue epilogue, float* __restrict__ h,
+                               Local2dShape s) {
   __shared__ float xs[kTileB][kTileT + 1];  // [image][entry]
   __shared__ float ws[kTileO][kTileT + 1];  // [unit][entry]
   __shared__ int offsets[kTileT], blocks[kTileT];
@@ -76,7 +77,8 @@ __global__ void forward_kernel(const float* __restrict__ x, const float* __restr
   const int b = b0 + tx, o = o0 + ty;
   if (b < s.batch && o < s.out_channels) {
     const float z = acc + (bias != nullptr ? bias[unit0 + ty] : 0.0f);
-    h[static_cast<int64_t>(b) * s.out_image_size() + static_cast<int64_t>(o) * s.locations() + l] = fmaxf(z, 0.0f);
+    const int64_t i = static_cast<int64_t>(b) * s.out_image_size() + static_cast<int64_t>(o) * s.locations() + l;
+    h[i] = epilogue(z, i);
   }
 }
 
@@ -126,11 +128,11 @@ int ceil_div(int n, int d) { return (n + d - 1) / d; }
 
 }  // namespace
 
-cudaError_t local2d_forward(const float* x, const float* weight, const float* bias, float* h,
-                            const Local2dShape& s, cudaStream_t stream) {
+cudaError_t local2d_forward(const float* x, const float* weight, const float* bias, const ForwardEpilogue& epilogue,
+                            float* h, const Local2dShape& s, cudaStream_t stream) {
   if (s.batch == 0 || s.out_channels == 0 || s.locations() == 0) return cudaSuccess;
   const dim3 grid(s.locations(), ceil_div(s.batch, kTileB), ceil_div(s.out_channels, kTileO));
-  forward_kernel<<<grid, dim3(kTileB, kTileO), 0, stream>>>(x, weight, bias, h, s);
+  forward_kernel<<<grid, dim3(kTileB, kTileO), 0, stream>>>(x, weight, bias, epilogue, h, s);
   return cudaGetLastError();
 }
 

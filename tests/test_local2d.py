@@ -311,6 +311,28 @@ def test_backend_resolution_errors():
 
 
 @needs_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("spec", ODD, ids=str)
+@pytest.mark.parametrize("batch", [1, 33])
+@pytest.mark.parametrize("relu", [True, False])
+def test_compiled_forward_adds_extra_before_the_optional_relu(device, spec, batch, relu):
+    """relu(z + extra) and z + extra against the float64 reference, on ragged strided maps, for
+    batch 1 and 33 (one image past the CPU kernel's 32-image work item)."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *spec.input_shape, generator=gen)
+    w = torch.randn(*spec.weight_shape, generator=gen) * FL.local_valid_mask(spec)[:, None, :]
+    b = torch.randn(*spec.bias_shape, generator=gen)
+    extra = torch.randn(batch, *spec.output_shape, generator=gen)
+    z = FL.local_linear(x.double(), w.double(), b.double(), spec) + extra.double()
+    expected = torch.relu(z) if relu else z
+    on = [t.to(device) for t in (x, w, b, extra)]
+    got = torch.ops.ff_kernels.local2d_forward(*on[:3], spec.kernel, spec.stride, spec.padding, on[3], relu).cpu()
+    assert (z < 0).any()
+    # float32 sums of at most block_size products of unit-scale terms
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * spec.block_size**0.5)
+
+
+@needs_ext
 def test_compiled_op_checks_its_inputs():
     spec = ODD[0]
     x, _, w, b = make_case(spec, 2, 0)
@@ -319,6 +341,8 @@ def test_compiled_op_checks_its_inputs():
         op.local2d_forward(x, w[:, :, :17].contiguous(), b, 3, 2, 2)
     with pytest.raises(RuntimeError, match="local2d_forward: x must be float32"):
         op.local2d_forward(x.double(), w, b, 3, 2, 2)
+    with pytest.raises(RuntimeError, match=r"local2d_forward: extra must have shape \[2, 5, 6, 5\], got \[1, 5, 6, 5\]"):
+        op.local2d_forward(x, w, b, 3, 2, 2, torch.zeros(1, 5, 6, 5))
     h = op.local2d_forward(x, w, b, 3, 2, 2)
     with pytest.raises(RuntimeError, match=r"local2d_grad_: coef must have shape \[2\]"):
         op.local2d_grad_(x, h, torch.ones(3), "ssq", 3, 2, 2, torch.zeros_like(w), None)

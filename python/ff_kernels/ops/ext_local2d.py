@@ -1,6 +1,7 @@
 """The compiled backend of the local 2-D ops: ``torch.ops.ff_kernels.*`` from csrc/ (``ff_kernels._C``).
 
-One kernel computes the activities ``h = relu(z)`` (B, C_out, H_out, W_out); goodness, loss and
+One kernel computes the activities ``h = relu(z)`` (B, C_out, H_out, W_out) (optionally with a
+per-element term added to z, or without the ReLU); goodness, loss and
 the normalized output are a few torch ops over ``h.flatten(1)`` (functional.py); a second kernel
 forms ``delta = coef * dG/dz`` from ``h`` on the fly and applies the weight and bias gradients,
 either added into ``.grad`` ("grad") or as an in-place SGD step ("sgd"), so dW never exists as
@@ -36,9 +37,13 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def activities(x, weight, bias, spec) -> torch.Tensor:
-    """h = relu(z) (B, C_out, H_out, W_out) of contiguous float32 ``x: (B, C_in, H_in, W_in)``."""
-    return torch.ops.ff_kernels.local2d_forward(x, weight, bias, spec.kernel, spec.stride, spec.padding)
+def activities(x, weight, bias, spec, extra=None, relu=True) -> torch.Tensor:
+    """h = relu(z + extra) (B, C_out, H_out, W_out) of contiguous float32 ``x: (B, C_in, H_in, W_in)``.
+
+    ``extra``: None or a contiguous (B, C_out, H_out, W_out) term added to the pre-activation z;
+    ``relu=False`` returns ``z + extra`` itself.
+    """
+    return torch.ops.ff_kernels.local2d_forward(x, weight, bias, spec.kernel, spec.stride, spec.padding, extra, relu)
 
 
 def forward(x, weight, bias, spec, *, goodness, rms):

@@ -25,13 +25,11 @@ ops serve them, each with a "reference" (functional_local.py, any device and dty
         dL/dx (B, C_in, H_in, W_in) for delta = dL/dz, for "same" geometry only (stride 1,
         kernel 2 * padding + 1, so H_out = H_in): the backprop baseline needs it.
 
-The compiled kernels only compute ``relu(local_linear(...))`` and take ``h`` and a per-image
-coefficient to form their delta as ``2 * coef * h``; these ops use them as follows.
-``local_linear`` recovers the pre-activation exactly as ``relu(z) - relu(-z)``, the second
-call with negated weight and bias (negation commutes with every rounding). ``local_relu`` with
-``extra`` equal for every image folds it into the bias (one call), otherwise it adds ``extra``
-to ``local_linear``. ``local_delta_grad_`` passes ``h = delta`` and ``coef = 0.5``, and
-``2 * 0.5 * delta`` is ``delta`` exactly. ``local_input_grad`` is itself a local op of the same
+The compiled forward kernel computes ``local_linear(...) + extra``, with or without the ReLU,
+in one pass; the update kernel takes ``h`` and a per-image coefficient to form its delta as
+``2 * coef * h``. ``local_linear`` and ``local_relu`` are one forward call each.
+``local_delta_grad_`` passes ``h = delta`` and ``coef = 0.5``, and ``2 * 0.5 * delta`` is
+``delta`` exactly. ``local_input_grad`` is itself a local op of the same
 geometry on the delta map: with k = 2p + 1, input position (r, q) is seen by the outputs
 (r - p + a, q - p + b), a, b in 0..k-1, through their weight entry (c, k-1-a, k-1-b), so
 
@@ -69,9 +67,7 @@ def local_linear(
     _check("bias", bias, spec.bias_shape, weight)
     if resolve_backend(backend, weight.device, weight.dtype, "local_linear") == "reference":
         return FL.local_linear(x, weight, bias, spec)
-    x = x.contiguous()
-    negated = None if bias is None else -bias
-    return ext_local2d.activities(x, weight, bias, spec) - ext_local2d.activities(x, -weight, negated, spec)
+    return ext_local2d.activities(x.contiguous(), weight, bias, spec, relu=False)
 
 
 def local_relu(
@@ -91,13 +87,7 @@ def local_relu(
     if resolve_backend(backend, weight.device, weight.dtype, "local_relu") == "reference":
         z = FL.local_linear(x, weight, bias, spec)
         return torch.relu(z if extra is None else z + extra)
-    x = x.contiguous()
-    if extra is None:
-        return ext_local2d.activities(x, weight, bias, spec)
-    if batch and bool((extra == extra[:1]).all()):
-        shared = extra[0].reshape(spec.out_channels, spec.num_locations).t()  # (L, C_out), like the bias
-        return ext_local2d.activities(x, weight, (shared if bias is None else bias + shared).contiguous(), spec)
-    return torch.relu(local_linear(x, weight, bias, spec, backend) + extra)
+    return ext_local2d.activities(x.contiguous(), weight, bias, spec, None if extra is None else extra.contiguous())
 
 
 def local_delta_grad_(
