@@ -10,14 +10,14 @@ readings of Figure 5 plot, is 90 times these values. It also writes ``samples.tx
 run directory: continuations the trained model generates from the first 10 characters of a
 few training strings, beside the real text, and prints them.
 
-The runs behind docs/figures/aesop_perplexity.png (3 x 500 ReLUs, 20 epochs, seed 0; one
-thread each because the machine was shared), from the repository root:
+The runs behind docs/figures/aesop_perplexity.png (3 x 500 ReLUs, 60 epochs, seed 0; one
+thread each, two at a time on a 2-core machine), from the repository root:
 
     for r in teacher generated sleep random; do
-      OMP_NUM_THREADS=1 .venv/bin/ff-train aesop --regime $r --width 500 --epochs 20 \
-        --data-dir ../shared/data/aesop --run-dir runs/aesop-500-$r --no-progress
+      OMP_NUM_THREADS=1 .venv/bin/ff-train aesop --regime $r --width 500 --epochs 60 \
+        --data-dir ../shared/data/aesop --run-dir runs/aesop-500-60ep-$r --no-progress
     done
-    .venv/bin/python -m ff_kernels.figures_aesop runs/aesop-500-{teacher,generated,sleep,random} \
+    .venv/bin/python -m ff_kernels.figures_aesop runs/aesop-500-60ep-{teacher,generated,sleep,random} \
       --out docs/figures/aesop_perplexity.png
 
 The paper's size is the recipe's default (3 x 2000): leave out ``--width 500``.
