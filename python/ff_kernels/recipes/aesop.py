@@ -55,7 +55,9 @@ from .. import functional
 from ..data.aesop import ALPHABET, NUM_STRINGS, STRING_LENGTH, aesop_strings
 from ..data.char_negatives import generate_strings, teacher_forcing_negatives
 from ..data.char_windows import one_hot_rows, prediction_windows, target_windows
-from ..nn import FFLinear, FFSequential, PeerNormalization
+from ..nn import FFLinear, FFSequential
+from .checks import check_choices, check_sgd_settings
+from .layers import normal_init_, peer_norm_for
 from .supervised_mnist import INITS, LR_SCHEDULES, OPTIMIZERS, EpochLR, SupervisedMNISTConfig, lr_factor
 
 SUPERVISED = SupervisedMNISTConfig
@@ -124,18 +126,11 @@ class AesopConfig:
         if not self.window <= self.context < self.string_length:
             raise ValueError(f"need window <= context < string_length, got window {self.window}, "
                              f"context {self.context}, string_length {self.string_length}")
-        for name in ("lr", "head_lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "head_weight_decay", "peer_norm"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("regime", REGIMES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                              ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_sgd_settings(self)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_choices(self, (("regime", REGIMES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
+                             ("init", INITS)))
         functional.check_goodness(self.goodness)
 
 
@@ -154,15 +149,12 @@ class CharFFNet(nn.Module):
         sizes = [config.window * NUM_SYMBOLS] + [config.width] * config.depth
         self.net = FFSequential(*(
             FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature, rms_norm=True,
-                     backend=config.backend,
-                     peer_norm=PeerNormalization(d_out, strength=config.peer_norm) if config.peer_norm else None)
+                     backend=config.backend, peer_norm=peer_norm_for(d_out, config.peer_norm))
             for d_in, d_out in zip(sizes[:-1], sizes[1:])
         ))
         if config.init == "normal":
-            with torch.no_grad():
-                for layer in self.net:
-                    layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features))
-                    layer.bias.zero_()
+            for layer in self.net:
+                normal_init_(layer)
         self.head = nn.Linear(config.width * config.depth, NUM_SYMBOLS)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from ..data.hybrid import BLUR_STEPS
 from ..functional_local import LocalSpec
 from ..nn import FFLocal2d, FFSequential
+from .layers import normal_init_, peer_norm_for
 from .unsupervised_mnist import (
     IMAGE_SHAPE,
     SUPERVISED,
     HybridFFNet,
     UnsupervisedMNIST,
     check_common_settings,
-    normal_init_,
-    peer_norm_for,
 )
 
 # (kernel, stride) of the three layers (footnote 8); channels come from the config.

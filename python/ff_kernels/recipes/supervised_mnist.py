@@ -27,7 +27,6 @@ zero-initialized softmax with its own learning rate and weight decay. See
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +34,10 @@ from torch import nn
 
 from .. import functional
 from ..data import MnistSplits, hard_wrong_labels, mnist_splits, neutral_label, overlay_label, random_wrong_labels
-from ..nn import FFLinear, FFSequential, PeerNormalization
+from ..nn import FFLinear, FFSequential
 from . import supervised_parallel
 from .checks import check_choices, check_sgd_settings
+from .layers import normal_init_, peer_norm_for
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -184,15 +184,13 @@ class LabelInInputNet(nn.Module):
                 FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature or float(d_out),
                          rms_norm=config.rms_norm, backend=config.backend,
                          compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-                         peer_norm=PeerNormalization(d_out, strength=config.peer_norm) if config.peer_norm else None)
+                         peer_norm=peer_norm_for(d_out, config.peer_norm))
                 for d_in, d_out in zip(sizes[:-1], sizes[1:])
             )
         )
         if config.init == "normal":
-            with torch.no_grad():
-                for layer in self.net:
-                    layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features))
-                    layer.bias.zero_()
+            for layer in self.net:
+                normal_init_(layer)
         self.head = nn.Linear(config.width * len(self._scored_layers()), NUM_CLASSES, bias=False)
         nn.init.zeros_(self.head.weight)
 

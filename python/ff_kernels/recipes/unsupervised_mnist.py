@@ -30,7 +30,6 @@ batch of 100 on two shared cores (6-10 minutes per epoch).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +38,10 @@ from torch import nn
 from .. import functional
 from ..data import MnistSplits, hybrid_negatives, mnist_splits
 from ..data.hybrid import BLUR_STEPS
-from ..nn import FFLinear, FFSequential, PeerNormalization
+from ..nn import FFLinear, FFSequential
 from . import hybrid_parallel
 from .checks import check_choices, check_sgd_settings
+from .layers import normal_init_, peer_norm_for
 from .supervised_mnist import (
     COMPUTE_DTYPES,
     EVAL_BATCH,
@@ -175,25 +175,6 @@ class HybridFFNet(nn.Module):
             functional.positive_probability(goodness[:, i], layer.goodness_fn, layer.threshold, layer.temperature)
             for i, layer in enumerate(self.net)
         ], dim=1)
-
-
-def normal_init_(layer) -> None:
-    """ffnew.m's initialization: weights N(0, 1 / fan_in) (per location for FFLocal2d, with the
-    entries outside the map kept zero), biases 0."""
-    with torch.no_grad():
-        if isinstance(layer, FFLinear):
-            layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features))
-        else:
-            fan_in = layer.valid_mask().sum(2, keepdim=True).clamp_min(1)  # (L, 1, 1)
-            layer.weight.normal_().mul_(fan_in.to(layer.weight.dtype).rsqrt())
-            layer.zero_invalid_()
-        if layer.bias is not None:
-            layer.bias.zero_()
-
-
-def peer_norm_for(num_units: int, strength: float) -> PeerNormalization | None:
-    """Peer normalization of ``num_units`` units at ``strength``, or None when it is 0 (off)."""
-    return PeerNormalization(num_units, strength=strength) if strength else None
 
 
 def build_dense_net(config: UnsupervisedMNISTConfig) -> HybridFFNet:
