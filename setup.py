@@ -57,6 +57,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={"triton": ["triton>=3.0"], "plots": ["matplotlib"]},
-    entry_points={"console_scripts": ["ff-train=ff_kernels.cli:main"]},
+    entry_points={"console_scripts": ["ff-train=ff_kernels.cli:main", "ff-readout=ff_kernels.readout:main"]},
     **extension_build(),
 )

@@ -132,8 +132,9 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; damage raises CheckpointError."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; start without resume, or name the run directory that has one")
     try:

@@ -9,7 +9,8 @@ the inputs to a softmax that is trained to predict the label" ("using the first 
 as part of the input to the linear classifier makes the test performance worse"). The
 softmax is a linear layer learned with cross-entropy alongside the FF layers, on their
 detached outputs for the positive (real) images of each batch, so no derivative enters the
-FF layers. ``train_error_softmax`` is its error on each training batch before the update,
+FF layers; after training, ``ff-readout`` (:mod:`ff_kernels.readout`) fits it once more on
+the frozen features. ``train_error_softmax`` is its error on each training batch before the update,
 ``<split>_error`` its error on the evaluation set (the headline number, 1.37% in the paper
 after 100 epochs of 4 x 2000 ReLUs). ``<split>_ff_error`` tells how well the FF layers
 themselves separate evaluation images from hybrids of them: the fraction of the 2N rows (N
