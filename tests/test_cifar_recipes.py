@@ -5,14 +5,17 @@ iterations keep every test to a few seconds; the real-data run is the smoke test
 test_recipes_smoke.py.
 """
 
+import json
+
 import pytest
 import torch
 from ff_kernels import functional as F
 from ff_kernels.data import hard_wrong_labels
 from ff_kernels.nn.recurrent_local import FFRecurrentLocal
 from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
-from ff_kernels.recipes.cifar_common import MEAN, STD, CifarData, evaluation_due, standardize
+from ff_kernels.recipes.cifar_common import MEAN, STD, CifarData, standardize
 from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.train import METRICS, evaluation_due, train
 
 SMALL_FF = {"receptive_field": 3, "train_iterations": 2, "score_from": 2, "score_to": 3, "batch_size": 20}
 
@@ -81,13 +84,13 @@ def test_evaluate_counts_errors_of_both_procedures(ff_recipe):
         assert metrics[f"{name}_error_softmax"] == softmax_errors / len(labels)
 
 
-def test_evaluation_runs_every_nth_epoch_and_after_the_last():
+def test_evaluation_runs_every_nth_epoch_and_after_the_last(tmp_path):
     config = CifarBackpropConfig(epochs=5, eval_every=2)
     assert [evaluation_due(e, config) for e in range(1, 6)] == [False, True, False, True, True]
     recipe = CifarBackprop(CifarBackpropConfig(epochs=3, eval_every=2, receptive_field=3), data=class_coded_data(10))
-    recipe.scheduler.last_epoch = 1  # one finished epoch
-    assert recipe.evaluate() == {}
-    recipe.scheduler.last_epoch = 2
+    train(recipe, tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert ["test_error" in m for m in lines] == [False, True, True]
     assert set(recipe.evaluate()) == {"train_error", "test_error"}
 
 

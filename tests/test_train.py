@@ -105,6 +105,26 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(data, 
         train(tiny_recipe(data, epochs=2), tmp_path, progress=False)
 
 
+def test_evaluating_every_nth_epoch_changes_only_the_metrics(data, tmp_path):
+    every_epoch = tiny_recipe(data, epochs=3)
+    train(every_epoch, tmp_path / "every", progress=False)
+    sparse = tiny_recipe(data, epochs=3, eval_every=2)
+    train(sparse, tmp_path / "sparse", progress=False)
+
+    for key, value in every_epoch.model.state_dict().items():
+        assert torch.equal(value, sparse.model.state_dict()[key]), key
+    every_lines, sparse_lines = (without_times(read_metrics(tmp_path / d)) for d in ("every", "sparse"))
+    assert ["test_error" in m for m in sparse_lines] == [False, True, True]
+    assert sparse_lines[1:] == every_lines[1:]
+    assert sparse_lines[0] == {k: v for k, v in every_lines[0].items() if not k.startswith("test_")}
+
+
+def test_resume_may_change_how_often_it_evaluates(data, tmp_path):
+    train(tiny_recipe(data, epochs=1), tmp_path, progress=False)
+    train(tiny_recipe(data, epochs=2, eval_every=5), tmp_path, resume=True, progress=False)
+    assert [m["epoch"] for m in read_metrics(tmp_path) if "test_error" in m] == [1, 2]  # the last epoch is evaluated
+
+
 def test_cli_trains_and_resumes(mnist_dir, tmp_path, capsys):
     args = ["supervised", "--width", "32", "--depth", "2", "--train-subset", "200", "--eval-subset", "100",
             "--batch-size", "50", "--data-dir", str(mnist_dir), "--run-dir", str(tmp_path), "--no-progress"]
@@ -127,6 +147,9 @@ def test_cli_errors(mnist_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["supervised", "--width", "0", "--run-dir", str(tmp_path)])
     assert "width must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["unsupervised", "--eval-every", "0", "--run-dir", str(tmp_path)])
+    assert "eval_every must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(["supervised", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run")]) == 1
     assert "not found in" in capsys.readouterr().err
 

@@ -45,7 +45,7 @@ CONFIG = "config.json"
 SUMMARY = "summary.json"
 CHECKPOINT_FORMAT = 1
 # Config fields a resumed run may change: they do not alter the trained result.
-RESUMABLE_FIELDS = ("epochs", "device", "data_dir")
+RESUMABLE_FIELDS = ("epochs", "device", "data_dir", "eval_every")
 POSTFIX_EVERY = 20  # batches between progress-bar updates of the running loss and error
 
 
@@ -154,6 +154,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def evaluation_due(finished_epochs: int, config: Any) -> bool:
+    """Whether :func:`train` evaluates after ``finished_epochs``: after every
+    ``config.eval_every``-th epoch (every epoch for a config without that field) and the last.
+
+    Evaluation draws no random numbers from the training streams, so skipping it changes
+    nothing else in a run.
+    """
+    return finished_epochs % getattr(config, "eval_every", 1) == 0 or finished_epochs >= config.epochs
+
+
 def _check_resumable(saved: dict, current: dict, path: Path) -> None:
     """The resumed config may differ from the saved one only in RESUMABLE_FIELDS."""
     changed = {k for k in saved.keys() | current.keys() if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)}
@@ -253,7 +263,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
         metrics["train_s"] = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step()
-        metrics.update(recipe.evaluate())
+        if evaluation_due(epoch, recipe.config):
+            metrics.update(recipe.evaluate())
         metrics["epoch_s"] = time.perf_counter() - started
         elapsed += metrics["epoch_s"]
         history.append(metrics)

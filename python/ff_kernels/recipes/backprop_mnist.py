@@ -41,6 +41,7 @@ class BackpropMNISTConfig:
     """
 
     epochs: int = 20  # section 3.1
+    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.train.evaluation_due)
     width: int = 2000  # section 3.1
     depth: int = 4  # section 3.1
     # Batch, lr: 2-epoch runs of 4 x 2000 on the 50k/10k split (Adam, lr_decay 0.8, seed 0, the
@@ -61,7 +62,7 @@ class BackpropMNISTConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "width", "depth", "batch_size"):
+        for name in ("epochs", "eval_every", "width", "depth", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -25,8 +25,10 @@ def check_choices(config, choices: tuple[tuple[str, tuple], ...]) -> None:
 
 
 def add_mnist_subset_arguments(parser: argparse.ArgumentParser) -> None:
-    """--train-subset, --eval-subset and --validation, as every MNIST recipe takes them."""
+    """--train-subset, --eval-subset, --eval-every and --validation, as every MNIST recipe takes them."""
     parser.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
     parser.add_argument("--eval-subset", type=int, help="evaluate on the first N evaluation images (default all)")
+    parser.add_argument("--eval-every", type=int,
+                        help="evaluate after every N-th epoch and after the last (default 1); may change on --resume")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the last 10,000 training images (held out) instead of the test set")

@@ -10,8 +10,9 @@ Evaluation sets, each reported as ``<name>_error`` (and more, per recipe):
     "test"        the official test set (the JPEG-compressed one for the JPEG archive)
     "test_exact"  the lossless official test set, when the JPEG archive comes with it
 
-``eval_subset`` caps every one of them. Evaluation runs after every ``eval_every``-th epoch and
-after the last; other epochs report training metrics only.
+``eval_subset`` caps every one of them. The training loop evaluates after every
+``eval_every``-th epoch and after the last (``ff_kernels.train.evaluation_due``); other epochs
+report training metrics only.
 """
 
 from __future__ import annotations
@@ -83,11 +84,6 @@ def load_data(config, device: torch.device) -> CifarData:
     eval_sets = {"train": (train_images[:n_train], train_labels[:n_train])}
     eval_sets.update({name: (x.to(device), y.to(device)) for name, (x, y) in data.eval_sets.items()})
     return CifarData(train_images, train_labels, eval_sets, data.source)
-
-
-def evaluation_due(finished_epochs: int, config) -> bool:
-    """Whether to evaluate after ``finished_epochs``: every ``eval_every``-th epoch and the last."""
-    return finished_epochs % config.eval_every == 0 or finished_epochs >= config.epochs
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, d) -> None:

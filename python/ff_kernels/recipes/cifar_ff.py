@@ -50,7 +50,6 @@ from .cifar_common import (
     add_common_arguments,
     check_common,
     check_positive_ints,
-    evaluation_due,
     load_data,
     standardize,
 )
@@ -223,10 +222,7 @@ class CifarFF:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """``<set>_error`` (goodness for every label) and ``<set>_error_softmax`` (one-pass softmax)
-        for every evaluation set, when an evaluation is due (else {})."""
-        # The training loop steps the scheduler before evaluating: last_epoch = finished epochs.
-        if not evaluation_due(self.scheduler.last_epoch, self.config):
-            return {}
+        for every evaluation set."""
         metrics = {}
         for name, (images, labels) in self.data.eval_sets.items():
             goodness_errors = softmax_errors = 0

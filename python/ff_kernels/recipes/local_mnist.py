@@ -53,6 +53,7 @@ class LocalMNISTConfig:
     """
 
     epochs: int = 60  # section 3.2
+    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.train.evaluation_due)
     channels: tuple[int, int, int] = (128, 220, 512)  # units per location of the three layers (footnote 8)
     head_layers: int = 3  # the softmax reads the last min(head_layers, 3) hidden layers
     blur_steps: int = BLUR_STEPS  # blurring passes of the hybrid masks (data/hybrid.py)
@@ -83,7 +84,7 @@ class LocalMNISTConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_common_settings(self, ("epochs", "head_layers", "batch_size"))
+        check_common_settings(self, ("epochs", "eval_every", "head_layers", "batch_size"))
         channels = tuple(self.channels)
         if len(channels) != len(GEOMETRY) or any(
             isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels

@@ -60,6 +60,7 @@ class RecurrentMNISTConfig:
     """
 
     epochs: int = 60  # section 3.4
+    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.train.evaluation_due)
     width: int = 2000  # section 3.4
     depth: int = 2  # section 3.4: "two or three"
     iterations: int = 8  # synchronous iterations after the bottom-up pass (section 3.4)
@@ -93,7 +94,7 @@ class RecurrentMNISTConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "width", "depth", "iterations", "batch_size"):
+        for name in ("epochs", "eval_every", "width", "depth", "iterations", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.score_from <= self.score_to <= self.iterations:

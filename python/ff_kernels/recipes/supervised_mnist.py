@@ -74,6 +74,7 @@ class SupervisedMNISTConfig:
     """
 
     epochs: int = 60  # section 3.3
+    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.train.evaluation_due)
     width: int = 2000  # section 3.3
     depth: int = 4  # section 3.3
     batch_size: int = 100  # ffnew.m (100 cases per mini-batch)
@@ -123,7 +124,7 @@ class SupervisedMNISTConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "width", "depth", "batch_size"):
+        for name in ("epochs", "eval_every", "width", "depth", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_sgd_settings(self)

@@ -94,6 +94,7 @@ class UnsupervisedMNISTConfig:
     """
 
     epochs: int = 100  # section 3.2
+    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.train.evaluation_due)
     width: int = 2000  # section 3.2
     depth: int = 4  # section 3.2
     head_layers: int = 3  # the softmax reads the last min(head_layers, depth) hidden layers (section 3.2)
@@ -123,7 +124,7 @@ class UnsupervisedMNISTConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_common_settings(self, ("epochs", "width", "depth", "head_layers", "batch_size"))
+        check_common_settings(self, ("epochs", "eval_every", "width", "depth", "head_layers", "batch_size"))
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
