@@ -11,9 +11,11 @@ import pytest
 import torch
 from ff_kernels import functional as F
 from ff_kernels.data import hard_wrong_labels
+from ff_kernels.data.cifar10 import Cifar10
 from ff_kernels.nn.recurrent_local import FFRecurrentLocal
+from ff_kernels.recipes import cifar_common
 from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
-from ff_kernels.recipes.cifar_common import MEAN, STD, CifarData, standardize
+from ff_kernels.recipes.cifar_common import MEAN, STD, VALIDATION_IMAGES, CifarData, load_data, standardize
 from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
 from ff_kernels.train import METRICS, evaluation_due, train
 
@@ -82,6 +84,39 @@ def test_evaluate_counts_errors_of_both_procedures(ff_recipe):
         softmax_errors = int((ff_recipe.model.head_logits(x).argmax(1) != labels).sum())
         assert metrics[f"{name}_error"] == goodness_errors / len(labels)
         assert metrics[f"{name}_error_softmax"] == softmax_errors / len(labels)
+
+
+@pytest.fixture
+def numbered_cifar(monkeypatch):
+    """load_cifar10 replaced by 5,300 training and 50 test images whose first pixel is their index mod 256."""
+    def images(n):
+        x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+        x[:, 0, 0, 0] = (torch.arange(n) % 256).to(torch.uint8)
+        return x
+    fake = Cifar10(images(5300), torch.arange(5300) % 10, {"test": (images(50), torch.zeros(50, dtype=torch.int64))},
+                   "numbered images")
+    monkeypatch.setattr(cifar_common, "load_cifar10", lambda data_dir, **subsets: fake.head(
+        subsets.get("train_subset"), subsets.get("eval_subset")))
+    return fake
+
+
+def test_validation_holds_out_the_last_training_images(numbered_cifar):
+    data = load_data(CifarBackpropConfig(validation=True, train_subset=200, eval_subset=100), torch.device("cpu"))
+    assert set(data.eval_sets) == {"train", "validation"}
+    assert torch.equal(data.train_images, numbered_cifar.train_images[:200])
+    held_images, held_labels = data.eval_sets["validation"]
+    first_held = 5300 - VALIDATION_IMAGES
+    assert torch.equal(held_images, numbered_cifar.train_images[first_held:first_held + 100])
+    assert torch.equal(held_labels, numbered_cifar.train_labels[first_held:first_held + 100])
+    plain = load_data(CifarBackpropConfig(train_subset=200, eval_subset=40), torch.device("cpu"))
+    assert set(plain.eval_sets) == {"train", "test"} and len(plain.eval_sets["test"][1]) == 40
+
+
+def test_validation_refuses_a_training_subset_that_reaches_the_held_out_images(numbered_cifar):
+    with pytest.raises(ValueError, match=r"n_train must be in 1\.\.300, got 400"):
+        load_data(CifarBackpropConfig(validation=True, train_subset=400), torch.device("cpu"))
+    with pytest.raises(TypeError, match="validation must be True or False, got 1"):
+        CifarFFConfig(validation=1)
 
 
 def test_evaluation_runs_every_nth_epoch_and_after_the_last(tmp_path):

@@ -52,6 +52,7 @@ class CifarBackpropConfig:
     eval_subset: int | None = None  # first N images of every evaluation set
     train_eval_subset: int | None = 10_000  # training error on the first N training images
     eval_every: int = 1  # evaluate after every N-th epoch and the last
+    validation: bool = False  # True: hold out the last 5,000 training images and evaluate on them, not the test sets
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # the local ops': "auto", "reference", "cpu" or "cuda"

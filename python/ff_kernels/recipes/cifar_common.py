@@ -10,6 +10,11 @@ Evaluation sets, each reported as ``<name>_error`` (and more, per recipe):
     "test"        the official test set (the JPEG-compressed one for the JPEG archive)
     "test_exact"  the lossless official test set, when the JPEG archive comes with it
 
+With ``validation`` the last :data:`VALIDATION_IMAGES` training images are held out and form
+the one evaluation set besides "train", "validation"; training uses the images before them, and
+the test sets are not loaded into the run. Settings are tuned this way; the test error is
+measured once, with the chosen settings, without ``validation``.
+
 ``eval_subset`` caps every one of them. The training loop evaluates after every
 ``eval_every``-th epoch and after the last (``ff_kernels.train.evaluation_due``); other epochs
 report training metrics only.
@@ -21,13 +26,14 @@ import argparse
 
 import torch
 
-from ..data.cifar10 import load_cifar10
+from ..data.cifar10 import Cifar10, load_cifar10
 
 MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean and standard deviation of the CIFAR-10 training
 STD = (0.2470, 0.2435, 0.2616)  # images scaled to [0, 1] (the commonly used constants)
 EVAL_BATCH = 500
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
+VALIDATION_IMAGES = 5_000  # held out from the end of the training images by ``validation``
 
 
 def standardize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -51,6 +57,8 @@ def check_common(config) -> None:
     if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1 or rf % 2 == 0 or rf > 2 * IMAGE_SHAPE[1] - 1:
         raise ValueError(f"receptive_field must be an odd int in 1..{2 * IMAGE_SHAPE[1] - 1} (the maps keep their "
                          f"32x32 size), got {rf!r}")
+    if not isinstance(config.validation, bool):
+        raise TypeError(f"validation must be True or False, got {config.validation!r}")
     for name in ("train_subset", "eval_subset", "train_eval_subset"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -78,12 +86,27 @@ class CifarData:
 def load_data(config, device: torch.device) -> CifarData:
     """CIFAR-10 from ``config.data_dir`` cut to the config's subsets, on ``device``, with the evaluation
     sets of the module docstring ("train" = the first min(train_eval_subset, eval_subset) training images)."""
-    data = load_cifar10(config.data_dir, train_subset=config.train_subset, eval_subset=config.eval_subset)
+    if config.validation:
+        data = _validation_split(load_cifar10(config.data_dir), config.train_subset, config.eval_subset)
+    else:
+        data = load_cifar10(config.data_dir, train_subset=config.train_subset, eval_subset=config.eval_subset)
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
     n_train = min(n for n in (len(train_labels), config.train_eval_subset, config.eval_subset) if n is not None)
     eval_sets = {"train": (train_images[:n_train], train_labels[:n_train])}
     eval_sets.update({name: (x.to(device), y.to(device)) for name, (x, y) in data.eval_sets.items()})
     return CifarData(train_images, train_labels, eval_sets, data.source)
+
+
+def _validation_split(data: Cifar10, train_subset: int | None, eval_subset: int | None) -> Cifar10:
+    """The last VALIDATION_IMAGES training images as the one evaluation set "validation", the
+    ones before them as the training images; then the subsets, as ``Cifar10.head`` cuts them."""
+    n = len(data.train_labels) - VALIDATION_IMAGES
+    if n < 1:
+        raise ValueError(f"validation holds out {VALIDATION_IMAGES} training images, but there are only "
+                         f"{len(data.train_labels)}")
+    held_out = {"validation": (data.train_images[n:], data.train_labels[n:])}
+    split = Cifar10(data.train_images[:n], data.train_labels[:n], held_out, f"{data.source}, validation split")
+    return split.head(train_subset, eval_subset)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, d) -> None:
@@ -99,6 +122,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, d) -> None:
     add("--train-eval-subset", type=int,
         help=f"training error on the first N training images (default {d.train_eval_subset})")
     add("--eval-every", type=int, help=f"evaluate after every N-th epoch and the last (default {d.eval_every})")
+    add("--validation", action="store_true",
+        help=f"hold out the last {VALIDATION_IMAGES:,} training images and evaluate on them instead of the test sets")
     add("--seed", type=int, help=f"default {d.seed}")
     add("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
     add("--data-dir", help="folder with cifar-10-batches-py/ or cifar10-jpeg.tar.gz (+ cifar10-test-exact.npz) "
