@@ -58,7 +58,8 @@ from ..data.char_windows import one_hot_rows, prediction_windows, target_windows
 from ..nn import FFLinear, FFSequential
 from .checks import check_choices, check_sgd_settings
 from .layers import normal_init_, peer_norm_for
-from .supervised_mnist import INITS, LR_SCHEDULES, OPTIMIZERS, EpochLR, SupervisedMNISTConfig, lr_factor
+from .schedule import LR_SCHEDULES, EpochLR, lr_factor
+from .supervised_mnist import INITS, OPTIMIZERS, SupervisedMNISTConfig
 
 SUPERVISED = SupervisedMNISTConfig
 REGIMES = ("teacher", "generated", "sleep", "random")
@@ -103,7 +104,7 @@ class AesopConfig:
     lr: float = 2e-3  # FF layers (5e-4: see above)
     momentum: float = SUPERVISED.momentum  # SGD only
     weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see supervised_mnist.lr_factor
+    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
     head_lr: float = 0.03  # softmax (Adam), not scheduled
     head_weight_decay: float = 0.0  # softmax
     peer_norm: float = SUPERVISED.peer_norm  # peer-normalization strength (footnote 9); 0 = off

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import MnistSplits, mnist_splits
+from ..data import MnistSplits
 from . import backprop_parallel
+from .mnist_setup import attach_mnist
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -120,13 +121,7 @@ class BackpropMNIST:
 
     def __init__(self, config: BackpropMNISTConfig, data: MnistSplits | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if data is None:
-            data = mnist_splits(config.data_dir, config.validation)
-        data = data.head(config.train_subset, config.eval_subset)
-        self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
-        self.eval_images, self.eval_labels = data.eval_images.to(self.device), data.eval_labels.to(self.device)
-        self.eval_name = data.eval_name
+        attach_mnist(self, config, data)
         self.steps_per_epoch = math.ceil(self.train_labels.shape[0] / config.batch_size)
         torch.manual_seed(config.seed)
         self.model = mlp(config).to(self.device)

@@ -25,9 +25,9 @@ from .cifar_common import (
     EVAL_BATCH,
     IMAGE_SHAPE,
     NUM_CLASSES,
+    CifarConfig,
     CifarData,
     add_common_arguments,
-    check_common,
     load_data,
     standardize,
 )
@@ -36,30 +36,17 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
-class CifarBackpropConfig:
-    """Settings of the CIFAR-10 backprop baseline (architecture from the paper, the rest chosen here)."""
+class CifarBackpropConfig(CifarConfig):
+    """Settings of the CIFAR-10 backprop baseline (and :class:`~.cifar_common.CifarConfig`'s):
+    the architecture is the paper's, the optimizer's settings are chosen here."""
 
-    epochs: int = 20  # not in the paper
-    depth: int = 2  # Table 1: 2 or 3 hidden layers
-    channels: int = 3  # section 4: 3 hidden units per location of a 32x32 map
-    receptive_field: int = 11  # section 4
-    batch_size: int = 100
     optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
     lr: float = 1e-3
     lr_decay: float = 0.9  # learning-rate factor per epoch; 1 = constant
     weight_decay: float = 1e-4  # L2 coefficient (section 4 uses weight decay; the value is chosen here)
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N images of every evaluation set
-    train_eval_subset: int | None = 10_000  # training error on the first N training images
-    eval_every: int = 1  # evaluate after every N-th epoch and the last
-    validation: bool = False  # True: hold out the last 5,000 training images and evaluate on them, not the test sets
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"  # the local ops': "auto", "reference", "cpu" or "cuda"
-    data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:

@@ -23,6 +23,7 @@ report training metrics only.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -50,8 +51,32 @@ def check_positive_ints(config, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def check_common(config) -> None:
-    """The fields every CIFAR-10 config has: sizes, subsets and the receptive field."""
+@dataclass
+class CifarConfig:
+    """The settings every CIFAR-10 recipe has: the architecture of section 4 and the run's data,
+    evaluation and device."""
+
+    epochs: int = 20  # not in the paper
+    depth: int = 2  # Table 1: 2 or 3 hidden layers
+    channels: int = 3  # section 4: 3 hidden units per location of a 32x32 map
+    receptive_field: int = 11  # section 4: 11x11 receptive fields
+    batch_size: int = 100  # ffnew.m's
+    train_subset: int | None = None  # first N training images
+    eval_subset: int | None = None  # first N images of every evaluation set
+    train_eval_subset: int | None = 10_000  # training error on the first N training images
+    eval_every: int = 1  # evaluate after every N-th epoch and the last
+    validation: bool = False  # True: hold out the last 5,000 training images and evaluate on them, not the test sets
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"  # the local ops': "auto", "reference", "cpu" or "cuda"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_common(self)
+
+
+def check_common(config: CifarConfig) -> None:
+    """Validate the :class:`CifarConfig` fields: sizes, subsets, the validation flag and the receptive field."""
     check_positive_ints(config, ("epochs", "depth", "channels", "batch_size", "eval_every"))
     rf = config.receptive_field
     if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1 or rf % 2 == 0 or rf > 2 * IMAGE_SHAPE[1] - 1:

@@ -46,14 +46,14 @@ from ..nn.recurrent_local import FFRecurrentLocal
 from .cifar_common import (
     IMAGE_SHAPE,
     NUM_CLASSES,
+    CifarConfig,
     CifarData,
     add_common_arguments,
-    check_common,
     check_positive_ints,
     load_data,
     standardize,
 )
-from .supervised_mnist import LR_SCHEDULES, EpochLR, lr_factor
+from .schedule import LR_SCHEDULES, epoch_schedule
 
 OPTIMIZERS = ("sgd", "adam")
 NEGATIVES = ("hard", "random")
@@ -61,43 +61,30 @@ LABEL_BATCH = 100  # images per evaluation chunk: the net runs on 10 labelled co
 
 
 @dataclass
-class CifarFFConfig:
-    """Settings of the CIFAR-10 FF recipe; the comments say where each default comes from."""
+class CifarFFConfig(CifarConfig):
+    """Settings of the CIFAR-10 FF recipe (and :class:`~.cifar_common.CifarConfig`'s); the comments
+    say where each default comes from. The receptive field is also that of the top-down inputs."""
 
-    epochs: int = 20  # not in the paper
-    depth: int = 2  # Table 1: 2 or 3 hidden layers
-    channels: int = 3  # section 4: 3 hidden units per location of a 32x32 map
-    receptive_field: int = 11  # section 4: 11x11 bottom-up and top-down fields
     train_iterations: int = 6  # FF losses at iterations 1..6 (not in the paper; 6 = the last scored one)
     score_from: int = 4  # section 4: goodness accumulated over iterations 4 to 6
     score_to: int = 6
     damping: float = 0.3  # section 3.4: new state = 0.3 x previous + 0.7 x computed
     goodness: str = "ssq"  # "ssq" (max ssq) or "neg_ssq" (min ssq), Table 1's two FF rows
     head_layers: int = 3  # the one-pass softmax reads the last min(head_layers, depth) layers
-    batch_size: int = 100  # ffnew.m's
     optimizer: str = "sgd"  # "sgd" (momentum) or "adam"
     lr: float = 5e-4  # the supervised MNIST recipe's (ffnew.m's eps 0.01)
     momentum: float = 0.9  # SGD only
     weight_decay: float = 2e-3  # section 4 uses weight decay; the value is ffnew.m's (see supervised_mnist)
-    lr_schedule: str = "half_linear"  # see supervised_mnist.lr_factor
+    lr_schedule: str = "half_linear"  # see schedule.lr_factor
     head_lr: float = 1e-2  # softmax, ffnew.m's
     head_weight_decay: float = 3e-3  # softmax, ffnew.m's
     negatives: str = "hard"  # wrong labels drawn from the softmax (section 3.3) or "random"
     # p(positive) = sigmoid((G - N) / temperature), N = 3072 units per layer (ffnew.m's form).
     temperature: float = 1.0
     rms_norm: bool = True  # states passed on with unit mean square (else unit length)
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N images of every evaluation set
-    train_eval_subset: int | None = 10_000  # training error on the first N training images
-    eval_every: int = 1  # evaluate after every N-th epoch and the last
-    validation: bool = False  # True: hold out the last 5,000 training images and evaluate on them, not the test sets
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"  # the local ops': "auto", "reference", "cpu" or "cuda"
-    data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         check_positive_ints(self, ("train_iterations", "score_from", "score_to", "head_layers"))
         if not self.score_from <= self.score_to:
             raise ValueError(f"the scored iterations must satisfy score_from <= score_to, got {self.score_from}, "
@@ -190,10 +177,7 @@ class CifarFF:
             self.optimizer = torch.optim.Adam(groups)
         else:
             self.optimizer = torch.optim.SGD(groups, momentum=config.momentum)
-        # LambdaLR's argument is the number of finished epochs; the next epoch is 1 + that.
-        self.scheduler = EpochLR(
-            self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
-        )
+        self.scheduler = epoch_schedule(self.optimizer, config)
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         return self.data.epoch_batches(generator, self.config.batch_size)

@@ -62,7 +62,7 @@ class LocalMNISTConfig:
     lr: float = SUPERVISED.lr  # FF layers
     momentum: float = SUPERVISED.momentum  # SGD only
     weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see supervised_mnist.lr_factor
+    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
     head_lr: float = SUPERVISED.head_lr  # softmax
     head_weight_decay: float = SUPERVISED.head_weight_decay  # softmax
     # Peer-normalization strength on every layer (footnote 9), set here rather than taken from the

@@ -40,10 +40,12 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..data import MnistSplits, hard_wrong_labels, mnist_splits, random_wrong_labels
+from ..data import MnistSplits, hard_wrong_labels, random_wrong_labels
 from ..nn.recurrent import INITS, FFRecurrent
 from .checks import add_mnist_subset_arguments, check_choices, check_sgd_settings
-from .supervised_mnist import EVAL_BATCH, INPUT_NORM_EPS, LR_SCHEDULES, NUM_CLASSES, NUM_PIXELS, EpochLR, lr_factor
+from .mnist_setup import attach_mnist
+from .schedule import LR_SCHEDULES, epoch_schedule
+from .supervised_mnist import EVAL_BATCH, INPUT_NORM_EPS, NUM_CLASSES, NUM_PIXELS
 
 NEGATIVES = ("hard", "random")
 
@@ -179,13 +181,7 @@ class RecurrentMNIST:
 
     def __init__(self, config: RecurrentMNISTConfig, data: MnistSplits | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if data is None:
-            data = mnist_splits(config.data_dir, config.validation)
-        data = data.head(config.train_subset, config.eval_subset)
-        self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
-        self.eval_images, self.eval_labels = data.eval_images.to(self.device), data.eval_labels.to(self.device)
-        self.eval_name = data.eval_name
+        attach_mnist(self, config, data)
         torch.manual_seed(config.seed)
         self.model = RecurrentLabelNet(config).to(self.device)
         # Group 0 (the FF layers) is stepped by FFRecurrent.ff_step at its scheduled lr; the
@@ -195,9 +191,7 @@ class RecurrentMNIST:
             {"params": list(self.model.head.parameters()), "lr": config.head_lr,
              "weight_decay": config.head_weight_decay},
         ], momentum=config.momentum)
-        self.scheduler = EpochLR(
-            self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
-        )
+        self.scheduler = epoch_schedule(self.optimizer, config)
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         """A shuffled epoch: index tensors of up to ``batch_size`` training rows each."""

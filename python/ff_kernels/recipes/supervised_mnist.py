@@ -33,17 +33,18 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..data import MnistSplits, hard_wrong_labels, mnist_splits, neutral_label, overlay_label, random_wrong_labels
+from ..data import MnistSplits, hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from ..nn import FFLinear, FFSequential
 from . import supervised_parallel
 from .checks import check_choices, check_sgd_settings
 from .layers import normal_init_, peer_norm_for
+from .mnist_setup import attach_mnist
+from .schedule import LR_SCHEDULES, epoch_schedule
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
 OPTIMIZERS = ("sgd", "adam")
 NEGATIVES = ("hard", "random")
-LR_SCHEDULES = ("half_linear", "constant")
 INITS = ("normal", "uniform")
 COMPUTE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 EVAL_BATCH = 1000
@@ -135,35 +136,6 @@ class SupervisedMNISTConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         functional.check_goodness(self.goodness)
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """The learning-rate multiplier of 1-based ``epoch`` out of ``epochs``.
-
-    "half_linear" (ffnew.m's epsgain): 1 while ``epoch <= epochs / 2``, then
-    ``(1 + 2 * (epochs - epoch)) / epochs``, which falls linearly to ``1 / epochs`` in the
-    last epoch. "constant": 1.
-    """
-    if schedule == "constant" or epoch <= epochs / 2:
-        return 1.0
-    return max(1.0 + 2.0 * (epochs - epoch), 1.0) / epochs
-
-
-class EpochLR(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR stepped once per epoch whose factor depends on the config's current ``epochs``.
-
-    ``epochs`` may change when a run is resumed, so loading a state re-derives the learning
-    rates from the lambda for the next epoch instead of keeping the saved ones: a resumed run
-    then follows the schedule of its new length (exactly the uninterrupted run's as long as the
-    old and the new length give the finished epochs the same factors, e.g. while no decay has
-    started).
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-            group["lr"] = lr
 
 
 class LabelInInputNet(nn.Module):
@@ -263,20 +235,11 @@ class SupervisedMNIST:
 
     def __init__(self, config: SupervisedMNISTConfig, data: MnistSplits | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if data is None:
-            data = mnist_splits(config.data_dir, config.validation)
-        data = data.head(config.train_subset, config.eval_subset)
-        self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
-        self.eval_images, self.eval_labels = data.eval_images.to(self.device), data.eval_labels.to(self.device)
-        self.eval_name = data.eval_name
+        attach_mnist(self, config, data)
         torch.manual_seed(config.seed)
         self.model = LabelInInputNet(config).to(self.device)
         self.optimizer = make_optimizer(config, self.model)
-        # LambdaLR's argument is the number of finished epochs; the next epoch is 1 + that.
-        self.scheduler = EpochLR(
-            self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
-        )
+        self.scheduler = epoch_schedule(self.optimizer, config)
         self.parallel = None  # a ParallelContext once enable_parallel is called
 
     def enable_parallel(self, context) -> None:

@@ -37,24 +37,23 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..data import MnistSplits, hybrid_negatives, mnist_splits
+from ..data import MnistSplits, hybrid_negatives
 from ..data.hybrid import BLUR_STEPS
 from ..nn import FFLinear, FFSequential
 from . import hybrid_parallel
 from .checks import check_choices, check_sgd_settings
 from .layers import normal_init_, peer_norm_for
+from .mnist_setup import attach_mnist
+from .schedule import LR_SCHEDULES, epoch_schedule
 from .supervised_mnist import (
     COMPUTE_DTYPES,
     EVAL_BATCH,
     INITS,
     INPUT_NORM_EPS,
-    LR_SCHEDULES,
     NUM_CLASSES,
     NUM_PIXELS,
     OPTIMIZERS,
-    EpochLR,
     SupervisedMNISTConfig,
-    lr_factor,
     make_optimizer,
 )
 
@@ -104,7 +103,7 @@ class UnsupervisedMNISTConfig:
     lr: float = SUPERVISED.lr  # FF layers
     momentum: float = SUPERVISED.momentum  # SGD only
     weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see supervised_mnist.lr_factor
+    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
     head_lr: float = SUPERVISED.head_lr  # softmax
     head_weight_decay: float = SUPERVISED.head_weight_decay  # softmax
     peer_norm: float = SUPERVISED.peer_norm  # peer-normalization strength (footnote 9); 0 = off
@@ -209,20 +208,11 @@ class UnsupervisedMNIST:
 
     def __init__(self, config, data: MnistSplits | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if data is None:
-            data = mnist_splits(config.data_dir, config.validation)
-        data = data.head(config.train_subset, config.eval_subset)
-        self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
-        self.eval_images, self.eval_labels = data.eval_images.to(self.device), data.eval_labels.to(self.device)
-        self.eval_name = data.eval_name
+        attach_mnist(self, config, data)
         torch.manual_seed(config.seed)
         self.model = self.build_model(config).to(self.device)
         self.optimizer = make_optimizer(config, self.model)
-        # LambdaLR's argument is the number of finished epochs; the next epoch is 1 + that.
-        self.scheduler = EpochLR(
-            self.optimizer, lambda done: lr_factor(self.config.lr_schedule, done + 1, self.config.epochs)
-        )
+        self.scheduler = epoch_schedule(self.optimizer, config)
         self.parallel = None  # a ParallelContext once enable_parallel is called
 
     @staticmethod
