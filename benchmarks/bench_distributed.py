@@ -20,6 +20,7 @@ Prints a table and appends rows (ms per global batch) to ``--csv``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -28,16 +29,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ff_kernels
-from common import append_csv, machine_name, today
 from ff_kernels.distributed import DataParallelFF, LayerPipeline, spawn
 
-SGD = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+from common import append_csv, machine_name, today
+
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 MODES = ("data parallel", "pipeline")
 
 
 def make_net(widths, device) -> ff_kernels.FFSequential:
     torch.manual_seed(0)
-    return ff_kernels.FFSequential(*(ff_kernels.FFLinear(d_in, d_out, device=device) for d_in, d_out in zip(widths[:-1], widths[1:])))
+    return ff_kernels.FFSequential(*(ff_kernels.FFLinear(d_in, d_out, device=device) for d_in, d_out in itertools.pairwise(widths)))
 
 
 def worker(rank, device, mode, widths, half_batch, steps, warmup, results) -> None:
@@ -116,8 +118,8 @@ def main() -> None:
             single = single or seconds
             print(f"{mode:<15}{nproc:>10}{seconds * 1e3:>11.1f}{2 * args.half_batch / seconds:>11.0f}{single / seconds:>13.2f}x",
                   flush=True)
-            csv_rows.append(dict(op="ff_distributed", provider=f"{mode} x{nproc} {args.backend}", shape=net_name,
-                                 batch=2 * args.half_batch, ms=round(seconds * 1e3, 4), machine=machine, date=today()))
+            csv_rows.append({"op": "ff_distributed", "provider": f"{mode} x{nproc} {args.backend}", "shape": net_name,
+                                 "batch": 2 * args.half_batch, "ms": round(seconds * 1e3, 4), "machine": machine, "date": today()})
     append_csv(args.csv, csv_rows)
 
 

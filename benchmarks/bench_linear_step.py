@@ -18,6 +18,7 @@ import argparse
 import torch
 
 import ff_kernels
+
 from common import append_csv, interleaved_medians, machine_name, today
 
 SHAPES = [(784, 2000), (2000, 2000)]
@@ -50,7 +51,7 @@ def bench_shape(d_in, d_out, half_batch, device, min_run_time):
     batch = 2 * half_batch
     x_pos = torch.rand(half_batch, d_in, device=device)
     x_neg = torch.rand(half_batch, d_in, device=device)
-    sgd = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    sgd = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
     ref = make_layer(d_in, d_out, device, "reference")
     opt = torch.optim.SGD(ref.parameters(), **sgd)
     fns = {
@@ -102,8 +103,8 @@ def main() -> None:
         print(f"{'provider':<14}{'ms':>10}")
         for name, seconds in times.items():
             print(f"{name:<14}{seconds * 1e3:>10.2f}")
-            csv_rows.append(dict(op="ff_linear_step", provider=name, shape=f"{d_in}x{d_out}", batch=2 * args.half_batch,
-                                 ms=round(seconds * 1e3, 4), machine=machine, date=today()))
+            csv_rows.append({"op": "ff_linear_step", "provider": name, "shape": f"{d_in}x{d_out}", "batch": 2 * args.half_batch,
+                                 "ms": round(seconds * 1e3, 4), "machine": machine, "date": today()})
         for label, value in ratio_rows(times):
             print(f"{label:<44}{value:>8.2f}x")
     append_csv(args.csv, csv_rows)

@@ -23,12 +23,13 @@ import importlib.util
 import torch
 
 import ff_kernels
-from common import append_csv, interleaved_medians, machine_name, today
 from ff_kernels import functional_local as FL
 from ff_kernels.ops.local2d import ff_local2d_forward, ff_local2d_step
 
+from common import append_csv, interleaved_medians, machine_name, today
+
 SPEC = FL.LocalSpec(3, 32, 32, 3, kernel=11, stride=1, padding=5)
-SGD = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 
 
 def mib(*tensors: torch.Tensor) -> float:
@@ -111,8 +112,8 @@ def main() -> None:
         times[name] = (medians[(name, "fwd")], medians[(name, "upd")])
         print(f"{name:<22}{times[name][0] * 1e3:>12.2f}{times[name][1] * 1e3:>12.2f}{memory:>12.2f}")
         for op, seconds in zip(("ff_local2d_forward", "ff_local2d_update"), times[name]):
-            csv_rows.append(dict(op=op, provider=name, shape="32x32x3-k11p5", batch=args.batch,
-                                 ms=round(seconds * 1e3, 4), machine=machine, date=today()))
+            csv_rows.append({"op": op, "provider": name, "shape": "32x32x3-k11p5", "batch": args.batch,
+                                 "ms": round(seconds * 1e3, 4), "machine": machine, "date": today()})
     compiled = times[f"compiled ({device})"]
     for name, (fwd, upd) in times.items():
         if not name.startswith("compiled"):

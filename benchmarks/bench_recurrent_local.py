@@ -21,8 +21,9 @@ import argparse
 
 import torch
 
-from common import append_csv, interleaved_medians, machine_name, today
 from ff_kernels.nn.recurrent_local import FFRecurrentLocal
+
+from common import append_csv, interleaved_medians, machine_name, today
 
 NUM_LABELS = 10
 
@@ -77,8 +78,8 @@ def main() -> None:
         train_s, eval_s = medians[(name, "train")], medians[(name, "eval")]
         print(f"{name:<12}{train_s * 1e3:>16.1f}{eval_s * 1e3:>14.1f}")
         for op, seconds in (("recurrent_local_train_batch", train_s), ("recurrent_local_evaluate", eval_s)):
-            csv_rows.append(dict(op=op, provider=name, shape=f"depth{args.depth}-32x32x3-k11-it{args.iterations}",
-                                 batch=args.batch, ms=round(seconds * 1e3, 4), machine=machine, date=today()))
+            csv_rows.append({"op": op, "provider": name, "shape": f"depth{args.depth}-32x32x3-k11-it{args.iterations}",
+                                 "batch": args.batch, "ms": round(seconds * 1e3, 4), "machine": machine, "date": today()})
     if "reference" in providers:
         fast, ref = device, "reference"
         print(f"{fast} vs reference: train batch {medians[(ref, 'train')] / medians[(fast, 'train')]:.2f}x, "

@@ -9,7 +9,7 @@ import torch
 
 import ff_kernels
 
-SGD = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 
 
 @pytest.mark.parametrize("shape", [(784, 2000), (2000, 2000)], ids=lambda s: f"{s[0]}x{s[1]}")

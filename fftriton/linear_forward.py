@@ -38,7 +38,7 @@ def _linear_forward_kernel(
     w_rows = outs.to(tl.int64) * K  # W and mask are contiguous (N, K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(tl.cdiv(K, BLOCK_K)):
         occupied = True
         if HAS_MASK:
             occupied = tl.load(occ_ptr + pid_n * stride_occ + kb) != 0

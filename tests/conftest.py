@@ -5,7 +5,7 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: run kernels on the CPU
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_configure(config):

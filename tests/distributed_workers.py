@@ -6,6 +6,7 @@ with the single-process references built from the same functions here.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -16,20 +17,25 @@ import torch.distributed as dist
 
 import ff_kernels
 from ff_kernels.distributed import (
-    DataParallelFF, LayerPipeline, PeerError, all_reduce_counts, average_gradients, shard_batch,
+    DataParallelFF,
+    LayerPipeline,
+    PeerError,
+    all_reduce_counts,
+    average_gradients,
+    shard_batch,
 )
 
 WIDTHS = (12, 16, 16, 16, 8)
 STEPS = 3
 BATCH = 8  # positive and negative rows per global batch: 4 + 4 per rank on 2 ranks
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 
 
 def make_net(seed: int = 0) -> ff_kernels.FFSequential:
     """4 FFLinear layers; layers 0 and 2 with peer normalization strong enough to matter."""
     torch.manual_seed(seed)
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(WIDTHS)):
         peer = ff_kernels.PeerNormalization(d_out, strength=0.5, momentum=0.5) if i % 2 == 0 else None
         layers.append(ff_kernels.FFLinear(d_in, d_out, threshold=1.0, temperature=0.5, backend="cpu", peer_norm=peer))
     return ff_kernels.FFSequential(*layers)

@@ -9,12 +9,12 @@ from ff_kernels import functional as F
 
 def ref64_step(x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms=False, mask=None):
     """Loss, goodness (M,), normalized output (M, N), dW, db of one FF step, all in float64."""
-    d = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    d = lambda t: None if t is None else t.detach().double()
     xp, xn, w, b = d(x_pos), d(x_neg), d(weight), d(bias)
     m = None if mask is None else mask.double()
     loss, dw, db = F.ff_linear_grads(xp, xn, w, b, goodness, threshold, temperature, m)
     h = F.linear_activity(torch.cat([xp, xn]), w, b, m)
-    return dict(loss=loss, goodness=F.goodness(h, goodness), output=F.normalize(h, goodness, rms), dw=dw, db=db)
+    return {"loss": loss, "goodness": F.goodness(h, goodness), "output": F.normalize(h, goodness, rms), "dw": dw, "db": db}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

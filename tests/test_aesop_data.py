@@ -7,7 +7,6 @@ the code under test.
 import pytest
 import torch
 
-from _paths import require_data
 from ff_kernels.data import DataError
 from ff_kernels.data.aesop import (
     ALPHABET,
@@ -21,6 +20,8 @@ from ff_kernels.data.aesop import (
 )
 from ff_kernels.data.char_negatives import generate_strings, sample_chars, teacher_forcing_negatives
 from ff_kernels.data.char_windows import one_hot_rows, prediction_windows, target_windows
+
+from _paths import require_data
 
 A = len(ALPHABET)
 

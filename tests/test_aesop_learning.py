@@ -13,10 +13,11 @@ fails if the FF layers stop learning useful features (then both regimes score al
 import pytest
 import torch
 
-from _paths import require_data
 from ff_kernels.data.aesop import aesop_strings
 from ff_kernels.recipes.aesop import AesopConfig, AesopFF
 from ff_kernels.train import train
+
+from _paths import require_data
 
 MIN_MARGIN_BITS = 0.1
 

@@ -14,11 +14,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from _paths import require_data
+from PIL import Image
+
 from ff_kernels.data import DataError
 from ff_kernels.data import cifar10 as C
 from ff_kernels.data.cifar10 import Cifar10CorruptError, Cifar10MissingError, load_cifar10
-from PIL import Image
+
+from _paths import require_data
 
 PER_CLASS = {"train": 3, "test": 2}
 

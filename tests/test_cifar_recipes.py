@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+
 from ff_kernels import functional as F
 from ff_kernels.data import hard_wrong_labels
 from ff_kernels.data.cifar10 import Cifar10

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _paths import require_mnist
 from ff_kernels.data import (
     MnistCorruptError,
     MnistMissingError,
@@ -20,6 +19,8 @@ from ff_kernels.data import (
     random_wrong_labels,
 )
 from ff_kernels.data import mnist as mnist_module
+
+from _paths import require_mnist
 
 # Training label counts 0..9 from ../shared/data/README.md; test counts are the official ones.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -16,12 +16,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed_workers as W
 from ff_kernels import FFLinear
 from ff_kernels.distributed import (
-    DataParallelFF, LayerPipeline, partition_layers, sequential_reference, shard_batch, spawn,
+    DataParallelFF,
+    LayerPipeline,
+    partition_layers,
+    sequential_reference,
+    shard_batch,
+    spawn,
 )
 from ff_kernels.distributed.p2p import BATCH, END, ActivitySender, decode_header, encode_header
+
+import distributed_workers as W
 from reference_tools import max_err, scale_of
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -36,7 +42,7 @@ def load_ranks(out_dir, n=2) -> list[dict]:
 def reference(make_net=W.make_net, shape=(W.WIDTHS[0],), optimizer=False):
     """The single-process schedule on the whole batches: (state_dict, losses (T, L))."""
     net = make_net()
-    update = dict(optimizer=W.sgd(net.parameters())) if optimizer else W.SGD
+    update = {"optimizer": W.sgd(net.parameters())} if optimizer else W.SGD
     losses = sequential_reference(net, W.make_batches(shape), **update)
     return net.state_dict(), losses
 
@@ -150,9 +156,9 @@ def test_shard_batch():
 
 
 def test_partition_layers():
-    assert partition_layers(4, 2) == [range(0, 2), range(2, 4)]
-    assert partition_layers(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]
-    assert partition_layers(3, 1) == [range(0, 3)]
+    assert partition_layers(4, 2) == [range(2), range(2, 4)]
+    assert partition_layers(5, 3) == [range(2), range(2, 4), range(4, 5)]
+    assert partition_layers(3, 1) == [range(3)]
     with pytest.raises(ValueError, match="world_size <= n_layers"):
         partition_layers(2, 3)
 

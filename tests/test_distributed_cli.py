@@ -22,10 +22,12 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from _paths import require_mnist
+
 from ff_kernels.cli import main
 from ff_kernels.recipes import BackpropMNIST
 from ff_kernels.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, load_checkpoint
+
+from _paths import require_mnist
 from reference_tools import max_err, scale_of
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from _paths import require_mnist
+
 from ff_kernels.cli import main
 from ff_kernels.data import MnistSplits, hybrid_negatives
 from ff_kernels.distributed import shard_batch
@@ -27,6 +27,8 @@ from ff_kernels.recipes import BackpropMNIST, BackpropMNISTConfig, UnsupervisedM
 from ff_kernels.recipes.backprop_mnist import STEP_KEY, mlp
 from ff_kernels.recipes.backprop_parallel import sharded_forward
 from ff_kernels.train import CHECKPOINT, METRICS, load_checkpoint
+
+from _paths import require_mnist
 from reference_tools import max_err, scale_of
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")

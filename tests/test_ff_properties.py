@@ -24,6 +24,7 @@ import itertools
 
 import pytest
 import torch
+
 from ff_kernels import FFLinear, FFSequential
 from ff_kernels import functional as F
 

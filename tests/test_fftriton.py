@@ -125,7 +125,7 @@ class Problem:
         return F.goodness(F.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask), goodness).mean().item()
 
     def kernel_inputs(self) -> dict:
-        return dict(x_scale=self.x_scale, mask=self.mask)
+        return {"x_scale": self.x_scale, "mask": self.mask}
 
 
 def make_problem(device, dtype, n_pos, n_neg, n, k, *, bias=True, strided=False, scaled=False, masked=False, seed=0):
@@ -400,25 +400,25 @@ def test_default_tf32_precision(device):
 
 
 def _forward(p, **kw):
-    args = dict(x_pos=p.x_pos, x_neg=p.x_neg, weight=p.weight, bias=p.bias, goodness="ssq") | kw
+    args = {"x_pos": p.x_pos, "x_neg": p.x_neg, "weight": p.weight, "bias": p.bias, "goodness": "ssq"} | kw
     return ff_linear_forward(args.pop("x_pos"), args.pop("x_neg"), args.pop("weight"), args.pop("bias"), **args)
 
 
 def _row_stats(p, **kw):
-    args = dict(partials=torch.zeros(5, 3, device=p.weight.device), n_pos=2, goodness="ssq") | kw
-    args = dict(threshold=0.0, temperature=1.0, n_features=37) | args
+    args = {"partials": torch.zeros(5, 3, device=p.weight.device), "n_pos": 2, "goodness": "ssq"} | kw
+    args = {"threshold": 0.0, "temperature": 1.0, "n_features": 37} | args
     return ff_row_stats(args.pop("partials"), args.pop("n_pos"), **args)
 
 
 def _update(p, **kw):
     dev = p.weight.device
-    args = dict(h=torch.zeros(5, 37, device=dev), coef=torch.zeros(5, device=dev), goodness="ssq") | kw
+    args = {"h": torch.zeros(5, 37, device=dev), "coef": torch.zeros(5, device=dev), "goodness": "ssq"} | kw
     h, coef = args.pop("h"), args.pop("coef")
     return ff_linear_update(p.x_pos, p.x_neg, h, coef, p.weight, p.bias, **args)
 
 
 def _grads(p):
-    return dict(weight_grad=torch.zeros_like(p.weight), bias_grad=torch.zeros_like(p.bias))
+    return {"weight_grad": torch.zeros_like(p.weight), "bias_grad": torch.zeros_like(p.bias)}
 
 
 BAD_CALLS = {  # name: (call on a Problem with Mp=3, Mn=2, N=37, K=45, exception, message pattern)

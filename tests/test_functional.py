@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ff_kernels import functional as F
+
 from reference_tools import random_mask
 
 GOODNESS = ["ssq", "neg_ssq", "sum"]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from ff_kernels.data import MnistSplits
 from ff_kernels.data.jitter import random_shifts, shift_images
 from ff_kernels.recipes import RECIPES, JitterMNIST, JitterMNISTConfig, SupervisedMNISTConfig

@@ -12,10 +12,11 @@ phase (true label least good) scores near 0%.
 
 import pytest
 
-from _paths import require_mnist
 from ff_kernels.data import mnist_splits
 from ff_kernels.recipes import SupervisedMNIST, SupervisedMNISTConfig
 from ff_kernels.train import train
+
+from _paths import require_mnist
 
 MIN_ACCURACY = 0.70
 

@@ -20,6 +20,7 @@ from ff_kernels import ops
 from ff_kernels.functional_local import LocalSpec
 from ff_kernels.ops import ext_local2d, local2d
 from ff_kernels.ops.local2d import ff_local2d_forward, ff_local2d_step
+
 from reference_tools import max_err, scale_of
 
 GOODNESS = ["ssq", "neg_ssq", "sum"]
@@ -74,7 +75,7 @@ def truth64(x_pos, x_neg, w, b, spec, kind, rms=False, threshold=None):
     loss, dw, db = FL.ff_local_grads(*d, spec, kind, threshold, 3.0)
     h = FL.local_activity(torch.cat(d[:2]), d[2], d[3], spec).flatten(1)
     output = F.normalize(h, kind, rms).view(-1, *spec.output_shape)
-    return dict(loss=loss, goodness=F.goodness(h, kind), output=output, dw=dw, db=db)
+    return {"loss": loss, "goodness": F.goodness(h, kind), "output": output, "dw": dw, "db": db}
 
 
 def check_close(name, fast, ref_same_precision, truth):
@@ -138,7 +139,7 @@ def test_forward_matches_reference_and_dense(case):
     assert out.shape == (n_pos, *spec.output_shape) and g.dtype == torch.float32
     check_close("output", out, ref_out, truth["output"])
     check_close("goodness", g, ref_g, truth["goodness"])
-    dense_out, dense_g = ops.ff_linear_forward(x.flatten(1), FL.local_weight_to_dense(w, spec), b.t().reshape(-1),
+    dense_out, _dense_g = ops.ff_linear_forward(x.flatten(1), FL.local_weight_to_dense(w, spec), b.t().reshape(-1),
                                                mask=FL.local_dense_mask(spec), backend="cpu")
     check_close("dense output", dense_out, ref_out.flatten(1), truth["output"].flatten(1))
 
@@ -173,7 +174,7 @@ def test_dense_mask_is_the_local_connectivity():
     assert counts[16, 16] == 363 and counts[0, 0] == 108
 
 
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
 SGD_CASES = [(CIFAR, 1, 1), (MNIST[1], 2, 1), (ODD[2], 3, 2), (ODD[3], 20, 19)]
 
 
@@ -278,7 +279,7 @@ def test_spec_errors_name_the_shapes():
 def test_bad_inputs_raise_clear_errors(backend):
     spec = ODD[0]
     x, _, w, b = make_case(spec, 2, 0)
-    call = lambda *a, **k: ff_local2d_forward(*a, backend=backend, **k)  # noqa: E731
+    call = lambda *a, **k: ff_local2d_forward(*a, backend=backend, **k)
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 2, 9, 7\)"):
         call(x[:, :1], w, b, spec)
     with pytest.raises(TypeError, match="x must have dtype torch.float32"):

@@ -6,6 +6,7 @@ Compiled backend (float32) and reference (float64) against functional_local.py +
 
 import pytest
 import torch
+
 from ff_kernels import functional_local as FL
 from ff_kernels.functional_local import LocalSpec
 from ff_kernels.nn.local_backprop import BackpropLocal2d

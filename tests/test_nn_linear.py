@@ -7,6 +7,7 @@ import torch
 
 import ff_kernels
 from ff_kernels import functional as F
+
 from reference_tools import device_for, random_mask
 
 BACKENDS = ["reference", "cpu", "triton"]  # triton: CPU tensors run in the interpreter (conftest)

@@ -16,6 +16,7 @@ import torch
 import ff_kernels
 from ff_kernels import functional_local as FL
 from ff_kernels.ops import ext_local2d
+
 from reference_tools import max_err, scale_of
 
 needs_ext = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
@@ -24,7 +25,7 @@ BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
 GOODNESS = ["ssq", "neg_ssq", "sum"]
 REL = 1e-5
 # truncated edges (padding 2, stride 2) on a non-square map: 30 locations of 5 units, 18-entry blocks
-GEOMETRY = dict(in_channels=2, in_size=(9, 7), out_channels=5, kernel=3, stride=2, padding=2)
+GEOMETRY = {"in_channels": 2, "in_size": (9, 7), "out_channels": 5, "kernel": 3, "stride": 2, "padding": 2}
 SPEC = FL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ff_kernels import ops
+
 from reference_tools import max_err, random_mask, ref64_step, scale_of
 
 GOODNESS = ["ssq", "neg_ssq", "sum"]
@@ -34,7 +35,7 @@ def make_case(n_pos, n_neg, n_in, n_out, dtype, device, masked, seed=0):
     mask = random_mask(n_out, n_in, gen) if masked else None
     if mask is not None:
         w = w * mask
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: t.to(device=device, dtype=dtype)
     return cast(x_pos), cast(x_neg), cast(w), cast(b), None if mask is None else mask.to(device)
 
 

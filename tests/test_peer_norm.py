@@ -19,13 +19,14 @@ from ff_kernels import functional as F
 from ff_kernels import functional_local as FL
 from ff_kernels.nn.peer_norm import mean_activity
 from ff_kernels.ops import ext_local2d
+
 from reference_tools import max_err, random_mask, scale_of
 
 needs_ext = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
                                reason=f"ff_kernels._C not built: {ext_local2d.load_error()}")
 REL = 1e-5
 SPEC = FL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)  # truncated edges: 150 units
-GEOMETRY = dict(in_channels=2, in_size=(9, 7), out_channels=5, kernel=3, stride=2, padding=2)
+GEOMETRY = {"in_channels": 2, "in_size": (9, 7), "out_channels": 5, "kernel": 3, "stride": 2, "padding": 2}
 # (layer type, backend, masked)
 LAYERS = [
     ("linear", "cpu", False), ("linear", "reference", False), ("linear", "cpu", True),

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
-from _paths import require_mnist
+
 from ff_kernels.readout import READOUT, ReadoutSettings, error_rate, fit_softmax, main
 from ff_kernels.recipes import LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
 from ff_kernels.train import METRICS, train
+
+from _paths import require_mnist
 
 TINY = {"batch_size": 50, "train_subset": 300, "eval_subset": 100, "epochs": 1}
 

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _paths import require_mnist
+
 from ff_kernels.data import MnistSplits, mnist_splits
 from ff_kernels.recipes.recurrent_mnist import RecurrentLabelNet, RecurrentMNIST, RecurrentMNISTConfig
 from ff_kernels.train import CHECKPOINT, train
+
+from _paths import require_mnist
 from recurrent_reference import naive_run
 
 TINY = {"width": 6, "depth": 2, "batch_size": 10, "train_subset": 40, "eval_subset": 12}

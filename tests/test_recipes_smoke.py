@@ -11,10 +11,12 @@ import json
 import math
 
 import pytest
-from _paths import require_data
+
 from ff_kernels.cli import build_parser, main
 from ff_kernels.recipes import RECIPES
 from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
+
+from _paths import require_data
 
 # Small values for config fields, used where a recipe's config has the field.
 SMALL = {"epochs": 1, "width": 32, "depth": 2, "batch_size": 50, "train_subset": 300, "eval_subset": 100}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _paths import require_mnist
+
 from ff_kernels.cli import main
 from ff_kernels.data import hybrid_images, hybrid_mask, hybrid_negatives, mnist_splits, random_partners
 from ff_kernels.data.hybrid import BLUR_STEPS, blur_matrix
@@ -19,6 +19,8 @@ from ff_kernels.figures import (
 from ff_kernels.nn import FFLinear, FFLocal2d
 from ff_kernels.recipes import RECIPES, LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
 from ff_kernels.train import METRICS, SUMMARY, train
+
+from _paths import require_mnist
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = {"batch_size": 50, "train_subset": 300, "eval_subset": 100}

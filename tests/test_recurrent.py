@@ -3,8 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from ff_kernels.functional_recurrent import recurrent_layer_grads
 from ff_kernels.nn.recurrent import FFRecurrent
+
 from recurrent_reference import naive_run, rms_normalize
 
 BOTTOM, HIDDEN, TOP = 7, (5, 4, 6), 3

@@ -8,6 +8,7 @@ state detached. Tiny maps (8x8, kernel 3) with batch 1 and a few images.
 
 import pytest
 import torch
+
 from ff_kernels import functional as F
 from ff_kernels import functional_local as FL
 from ff_kernels.functional_local import LocalSpec

@@ -15,8 +15,10 @@ import sys
 import time
 
 import torch
-from _paths import REPO_ROOT, require_mnist
+
 from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
+
+from _paths import REPO_ROOT, require_mnist
 
 EPOCHS = 4
 POLL_S = 0.01

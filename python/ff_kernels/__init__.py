@@ -10,4 +10,4 @@ from .nn import FFLinear, FFLocal2d, FFSequential, PeerNormalization
 
 __version__ = "0.1.0"
 
-__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization", "functional", "ops", "__version__"]
+__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization", "__version__", "functional", "ops"]

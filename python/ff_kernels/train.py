@@ -276,7 +276,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
             "scheduler": None if scheduler is None else scheduler.state_dict(), "rng": rng_state(generator), "history": history,
             "elapsed_s": elapsed,
         }
-        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+        atomic_write(checkpoint_path, lambda f, state=state: torch.save(state, f))
         with open(run_dir / METRICS, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if progress:

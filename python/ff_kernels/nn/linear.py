@@ -97,10 +97,10 @@ class FFLinear(FFLayer):
             self.weight_momentum.mul_(self.mask)
 
     def _op_kwargs(self) -> dict:
-        return dict(
-            goodness=self.goodness_fn, rms=self.rms_norm, mask=self.mask, backend=self.backend,
-            compute_dtype=self.compute_dtype, layer=self._name(),
-        )
+        return {
+            "goodness": self.goodness_fn, "rms": self.rms_norm, "mask": self.mask, "backend": self.backend,
+            "compute_dtype": self.compute_dtype, "layer": self._name(),
+        }
 
     def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) float32)."""

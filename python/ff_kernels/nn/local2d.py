@@ -131,7 +131,7 @@ class FFLocal2d(FFLayer):
             )
 
     def _op_kwargs(self) -> dict:
-        return dict(goodness=self.goodness_fn, rms=self.rms_norm, backend=self.backend, layer=self._name())
+        return {"goodness": self.goodness_fn, "rms": self.rms_norm, "backend": self.backend, "layer": self._name()}
 
     def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C_in, H_in, W_in) -> (normalized output (B, C_out, H_out, W_out), goodness (B,) float32)."""

@@ -18,7 +18,7 @@ from .. import functional as F
 from .results import FFLayerStep
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_error() -> str | None:
     """None once ``ff_kernels._C`` is loaded (its ops registered), else why it cannot be."""
     try:

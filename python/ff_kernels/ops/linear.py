@@ -132,10 +132,10 @@ def ff_linear_step(
     threshold = float(threshold)
     backend = resolve_backend(backend, weight.device, layer)
     _check_compute_dtype(layer, compute_dtype, backend)
-    kwargs = dict(
-        goodness=goodness, threshold=threshold, temperature=float(temperature), rms=rms, mask=mask, mode=mode,
-        lr=lr, momentum=momentum, weight_decay=weight_decay, weight_buf=weight_buf, bias_buf=bias_buf,
-    )
+    kwargs = {
+        "goodness": goodness, "threshold": threshold, "temperature": float(temperature), "rms": rms, "mask": mask, "mode": mode,
+        "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
+    }
     if backend == "reference":
         return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
     with torch.no_grad():

@@ -174,10 +174,10 @@ def ff_local2d_step(
         (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)),
     )
     backend = resolve_backend(backend, weight.device, weight.dtype, layer)
-    kwargs = dict(
-        goodness=goodness, threshold=float(threshold), temperature=float(temperature), rms=rms, mode=mode,
-        lr=lr, momentum=momentum, weight_decay=weight_decay, weight_buf=weight_buf, bias_buf=bias_buf,
-    )
+    kwargs = {
+        "goodness": goodness, "threshold": float(threshold), "temperature": float(temperature), "rms": rms, "mode": mode,
+        "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
+    }
     if backend == "reference":
         return reference_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
     with torch.no_grad():

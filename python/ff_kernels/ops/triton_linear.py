@@ -73,7 +73,7 @@ def train_step(
     output = fftriton.scale_rows(h, stats.inv_norm)
     (n, k), m = weight.shape, h.shape[0]
     occupancy = None if mask is None else _tile_occupancy(mask, fftriton.update_block_config(weight.dtype, m, n, k))
-    update = dict(goodness=goodness, mask=mask, tile_occupancy=occupancy, precision=_precision())
+    update = {"goodness": goodness, "mask": mask, "tile_occupancy": occupancy, "precision": _precision()}
     if mode == "grad":
         for param in (weight, bias):
             if param is not None and param.grad is None:

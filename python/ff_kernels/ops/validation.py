@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
@@ -71,7 +73,7 @@ def check_hyper(layer: str, name: str, value: float, low: float = 0.0, allow_equ
     """Check a finite scalar hyper-parameter ``value >= low`` (or ``> low``) and return it as float."""
     value = float(value)
     ok = value >= low if allow_equal else value > low
-    if not ok or value != value or value in (float("inf"), float("-inf")):
+    if not ok or not math.isfinite(value):
         bound = ">=" if allow_equal else ">"
         raise ValueError(f"{layer}: {name} must be a finite number {bound} {low}, got {value}")
     return value

@@ -44,6 +44,7 @@ softmax learns with Adam at a constant rate (see :class:`AesopConfig` for the ev
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -151,7 +152,7 @@ class CharFFNet(nn.Module):
         self.net = FFSequential(*(
             FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature, rms_norm=True,
                      backend=config.backend, peer_norm=peer_norm_for(d_out, config.peer_norm))
-            for d_in, d_out in zip(sizes[:-1], sizes[1:])
+            for d_in, d_out in itertools.pairwise(sizes)
         ))
         if config.init == "normal":
             for layer in self.net:
@@ -223,7 +224,7 @@ class AesopFF:
         self.config = config
         self.device = torch.device(config.device)
         if strings is None:
-            load = dict(data_dir=config.data_dir, length=config.string_length, text_file=config.text_file)
+            load = {"data_dir": config.data_dir, "length": config.string_length, "text_file": config.text_file}
             strings = (aesop_strings(num_strings=config.num_strings, **load),
                        aesop_strings(num_strings=config.test_strings, first=config.num_strings, **load))
         self.train_strings, self.test_strings = (s.to(self.device) for s in strings)

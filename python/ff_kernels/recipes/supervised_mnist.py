@@ -27,6 +27,7 @@ zero-initialized softmax with its own learning rate and weight decay. See
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,7 @@ class LabelInInputNet(nn.Module):
                          rms_norm=config.rms_norm, backend=config.backend,
                          compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                          peer_norm=peer_norm_for(d_out, config.peer_norm))
-                for d_in, d_out in zip(sizes[:-1], sizes[1:])
+                for d_in, d_out in itertools.pairwise(sizes)
             )
         )
         if config.init == "normal":
