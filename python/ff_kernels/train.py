@@ -56,7 +56,7 @@ class CheckpointError(RuntimeError):
 class Recipe(Protocol):
     """What :func:`train` needs from a recipe (see ``ff_kernels.recipes``)."""
 
-    config: Any  # a dataclass with at least ``epochs`` and ``seed``
+    config: Any  # a dataclass with at least ``epochs`` and ``seed``; optional ``eval_every`` (see evaluation_due)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     # Optional (None or absent): stepped once after every epoch's training; saved in the checkpoint.
