@@ -11,8 +11,9 @@ change:
 2. the recipe's head features (``HybridFFNet.head_features``: the normalized outputs of the
    last ``head_layers`` layers) are computed for every training and evaluation image;
 3. a softmax (``nn.Linear`` with bias) is trained with Adam on all but the last ``holdout``
-   training images, for up to ``epochs`` epochs; after each epoch its error on the held-out
-   training images is measured, and the epoch with the lowest one is kept (the earliest on a
+   training images, for up to ``epochs`` epochs, once for each weight decay of
+   ``weight_decays``; after each epoch its error on the held-out training images is
+   measured, and the weight decay and epoch with the lowest one are kept (the first on a
    tie). The evaluation images (the official test set, or the validation split of a
    ``--validation`` run) are not looked at until that choice is made.
 
@@ -47,13 +48,13 @@ HYBRID_RECIPES = tuple(sorted(name for name, cls in RECIPES.items() if issubclas
 
 @dataclass(frozen=True)
 class ReadoutSettings:
-    """How the softmax is fit: Adam(``lr``, ``weight_decay``), ``batch_size`` rows per step, up
-    to ``epochs`` epochs, the last ``holdout`` training rows held out to pick the epoch,
-    shuffling and initialization from ``seed``."""
+    """How the softmax is fit: Adam(``lr``, weight decay), ``batch_size`` rows per step, up to
+    ``epochs`` epochs, for each of ``weight_decays``; the last ``holdout`` training rows are held
+    out to pick the weight decay and the epoch; shuffling from ``seed``."""
 
     epochs: int = 20
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
     batch_size: int = 100
     holdout: int = 10_000
     seed: int = 0
@@ -65,18 +66,25 @@ class ReadoutSettings:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.weight_decays or not all(wd >= 0 for wd in self.weight_decays):
+            raise ValueError(f"weight_decays must be one or more numbers >= 0, got {self.weight_decays!r}")
 
 
 @dataclass
 class ReadoutFit:
-    """A fitted softmax: ``head`` (the kept epoch's weights), ``best_epoch`` (1-based) and the
-    held-out error after every epoch (``holdout_errors``, one per epoch run)."""
+    """A fitted softmax: ``head`` (the kept epoch's weights), its ``weight_decay``,
+    ``best_epoch`` (1-based) and the held-out error after every epoch (``holdout_errors``, one
+    per epoch run)."""
 
     head: nn.Linear
+    weight_decay: float
     best_epoch: int
     holdout_errors: list[float] = field(default_factory=list)
+
+    @property
+    def holdout_error(self) -> float:
+        """The held-out error of the kept epoch."""
+        return self.holdout_errors[self.best_epoch - 1]
 
 
 def error_rate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,9 +95,18 @@ def error_rate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) ->
     return wrong / labels.shape[0]
 
 
+def choose_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   settings: ReadoutSettings) -> tuple[ReadoutFit, list[ReadoutFit]]:
+    """:func:`fit_softmax` for each of ``settings.weight_decays``; returns (the fit with the
+    lowest held-out error, the first on a tie; all fits, in the order of ``weight_decays``)."""
+    fits = [fit_softmax(features, labels, num_classes, settings, wd) for wd in settings.weight_decays]
+    return min(fits, key=lambda fit: fit.holdout_error), fits
+
+
 def fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                settings: ReadoutSettings) -> ReadoutFit:
-    """Fit a softmax on ``features`` (N, F) float and ``labels`` (N,) int64 in [0, num_classes).
+                settings: ReadoutSettings, weight_decay: float) -> ReadoutFit:
+    """Fit a softmax on ``features`` (N, F) float and ``labels`` (N,) int64 in [0, num_classes)
+    with Adam's ``weight_decay``.
 
     The last ``settings.holdout`` rows pick the epoch; the others are trained on. Raises
     ValueError when the shapes disagree or fewer than one training row would remain.
@@ -105,7 +122,7 @@ def fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     head = nn.Linear(features.shape[1], num_classes, device=features.device)
     nn.init.zeros_(head.weight)  # the loss is convex in the head: no random start needed
     nn.init.zeros_(head.bias)
-    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr, weight_decay=weight_decay)
     best_state, best_error, best_epoch, history = None, float("inf"), 0, []
     for epoch in range(1, settings.epochs + 1):
         order = torch.randperm(n_fit, generator=generator).to(features.device)
@@ -118,7 +135,7 @@ def fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             best_error, best_epoch = history[-1], epoch
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    return ReadoutFit(head, best_epoch, history)
+    return ReadoutFit(head, weight_decay, best_epoch, history)
 
 
 def frozen_features(model: HybridFFNet, images: torch.Tensor) -> torch.Tensor:
@@ -164,14 +181,14 @@ def readout_run(recipe_name: str, run_dir: str | Path, settings: ReadoutSettings
     model = recipe.model
     train_x = frozen_features(model, recipe.train_images)
     eval_x = frozen_features(model, recipe.eval_images)
-    fit = fit_softmax(train_x, recipe.train_labels, model.head.out_features, settings)
+    fit, fits = choose_softmax(train_x, recipe.train_labels, model.head.out_features, settings)
     split = recipe.eval_name
     record = {
         "recipe": recipe_name, "checkpoint_epoch": epoch, "features": train_x.shape[1],
-        "best_epoch": fit.best_epoch, "holdout_error": fit.holdout_errors[fit.best_epoch - 1],
+        "weight_decay": fit.weight_decay, "best_epoch": fit.best_epoch, "holdout_error": fit.holdout_error,
         f"{split}_error": error_rate(fit.head, eval_x, recipe.eval_labels),
         f"running_head_{split}_error": error_rate(model.head, eval_x, recipe.eval_labels),
-        "holdout_errors": fit.holdout_errors, "settings": asdict(settings),
+        "holdout_errors": {str(f.weight_decay): f.holdout_errors for f in fits}, "settings": asdict(settings),
         "seconds": time.perf_counter() - started,
     }
     atomic_write(run_dir / READOUT, lambda f: json.dump(record, f, indent=2), mode="w")
@@ -186,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="MNIST folder (default: the one saved in the run's config)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs of Adam (default {d.epochs})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam's learning rate (default {d.lr:g})")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay:g}")
+    parser.add_argument("--weight-decay", type=float, nargs="+", default=list(d.weight_decays),
+                        help=f"Adam weight decays to try (default {' '.join(f'{w:g}' for w in d.weight_decays)})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--holdout", type=int, default=d.holdout,
                         help=f"last training images held out to pick the epoch (default {d.holdout})")
@@ -199,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = ReadoutSettings(args.epochs, args.lr, args.weight_decay, args.batch_size, args.holdout, args.seed)
+        settings = ReadoutSettings(args.epochs, args.lr, tuple(args.weight_decay), args.batch_size, args.holdout,
+                                   args.seed)
     except ValueError as err:
         parser.error(str(err))
     try:
