@@ -54,6 +54,9 @@ def test_fit_softmax_refuses_bad_shapes_and_holdouts():
     x, y = torch.randn(10, 3), torch.zeros(10, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"\(N, F\) and labels \(N,\), got \(10, 3\) and \(9,\)"):
         fit_softmax(x, y[:9], 2, ReadoutSettings(holdout=2), 0.0)
+    with pytest.raises(ValueError, match="float features and int64 labels on one device, got torch.float32 on cpu and "
+                                         "torch.int32 on cpu"):
+        fit_softmax(x, y.int(), 2, ReadoutSettings(holdout=2), 0.0)
     with pytest.raises(ValueError, match=r"holdout \(10\) must leave training rows: there are 10"):
         fit_softmax(x, y, 2, ReadoutSettings(holdout=10), 0.0)
     with pytest.raises(ValueError, match="epochs must be an int >= 1, got 0"):

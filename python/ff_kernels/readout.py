@@ -113,6 +113,9 @@ def fit_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     """
     if features.dim() != 2 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if not features.is_floating_point() or labels.dtype != torch.int64 or labels.device != features.device:
+        raise ValueError(f"expected float features and int64 labels on one device, got {features.dtype} on "
+                         f"{features.device} and {labels.dtype} on {labels.device}")
     n_fit = features.shape[0] - settings.holdout
     if n_fit < 1:
         raise ValueError(f"holdout ({settings.holdout}) must leave training rows: there are {features.shape[0]}")
