@@ -1,0 +1,96 @@
+"""ff_kernels.table1: the paper's Table 1 read from CIFAR-10 run directories."""
+
+import dataclasses
+import json
+
+import pytest
+from test_cifar_recipes import SMALL_FF, class_coded_data
+
+from ff_kernels import table1
+from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
+from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.recipes.supervised_mnist import SupervisedMNISTConfig
+from ff_kernels.train import CONFIG, METRICS, train
+
+
+def fake_run(path, config, metrics):
+    """A run directory with ``config`` (a dataclass) and the metric lines ``metrics``."""
+    path.mkdir()
+    (path / CONFIG).write_text(json.dumps(dataclasses.asdict(config)))
+    (path / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return path
+
+
+def ff_metrics(epoch, train, test, exact):
+    """Evaluated FF metrics: goodness errors as given, softmax errors 0.01 higher."""
+    m = {"epoch": epoch, "train_error": train, "test_error": test, "test_exact_error": exact}
+    return m | {f"{k}_softmax": v + 0.01 for k, v in list(m.items()) if k != "epoch"}
+
+
+def row(text, learning, testing):
+    """The cells of the table row (learning, testing), without the two labels."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [learning, testing]:
+            return cells[2:]
+    raise AssertionError(f"no row {learning!r} / {testing!r} in\n{text}")
+
+
+def test_real_runs_fill_their_cells_from_the_last_evaluation(tmp_path):
+    data = class_coded_data(10)
+    ff = CifarFF(CifarFFConfig(depth=2, goodness="neg_ssq", epochs=1, **SMALL_FF), data=data)
+    train(ff, tmp_path / "ff", progress=False)
+    bp = CifarBackprop(CifarBackpropConfig(depth=3, epochs=1, receptive_field=3), data=data)
+    train(bp, tmp_path / "bp", progress=False)
+    ff_m = json.loads((tmp_path / "ff" / METRICS).read_text().splitlines()[-1])
+    bp_m = json.loads((tmp_path / "bp" / METRICS).read_text().splitlines()[-1])
+
+    text = table1.table1([table1.load_run(tmp_path / "ff"), table1.load_run(tmp_path / "bp")])
+
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    # The synthetic data has no exact test set, so a test cell holds one number.
+    assert row(text, "FF min ssq", "compute goodness for every label") == [
+        pct(ff_m["train_error"]), pct(ff_m["test_error"]), "—", "—"]
+    assert row(text, "FF min ssq", "one-pass softmax") == [
+        pct(ff_m["train_error_softmax"]), pct(ff_m["test_error_softmax"]), "—", "—"]
+    assert row(text, "BP", "softmax") == ["—", "—", pct(bp_m["train_error"]), pct(bp_m["test_error"])]
+    assert row(text, "FF max ssq", "compute goodness for every label") == ["—"] * 4
+    assert "(epoch" not in text  # both runs are finished
+
+
+def test_exact_test_set_and_unfinished_runs(tmp_path):
+    ssq = fake_run(tmp_path / "ssq3", CifarFFConfig(depth=3, goodness="ssq", epochs=10),
+                   [ff_metrics(5, 0.3, 0.5, 0.45), {"epoch": 6, "train_loss": 1.0}])
+    text = table1.table1([table1.load_run(ssq)])
+    assert row(text, "FF max ssq", "compute goodness for every label") == ["—", "—", "30.0", "50.0 / 45.0"]
+    assert row(text, "FF max ssq", "one-pass softmax") == ["—", "—", "31.0", "51.0 / 46.0"]
+    assert f"`{ssq}`: cifar, depth 3, goodness ssq, 10 epochs (epoch 5 of 10)" in text
+
+
+def test_two_runs_for_one_cell_are_refused_naming_both(tmp_path):
+    a = fake_run(tmp_path / "a", CifarBackpropConfig(depth=2), [{"epoch": 1, "train_error": 0.1, "test_error": 0.4}])
+    b = fake_run(tmp_path / "b", CifarBackpropConfig(depth=2, lr=1e-2),
+                 [{"epoch": 1, "train_error": 0.1, "test_error": 0.4}])
+    with pytest.raises(ValueError, match=r"same cell.*cifar-backprop.*depth 2.*/a and .*/b"):
+        table1.table1([table1.load_run(a), table1.load_run(b)])
+
+
+def test_other_recipes_and_runs_without_a_test_evaluation_are_refused(tmp_path):
+    mnist = fake_run(tmp_path / "mnist", SupervisedMNISTConfig(), [{"epoch": 1, "test_error": 0.1}])
+    with pytest.raises(ValueError, match="not the config of an ff-train cifar or cifar-backprop run"):
+        table1.load_run(mnist)
+    validation = fake_run(tmp_path / "val", CifarFFConfig(validation=True),
+                          [{"epoch": 1, "train_error": 0.5, "validation_error": 0.6}])
+    with pytest.raises(ValueError, match=r"metrics.jsonl has no evaluated epoch"):
+        table1.load_run(validation)
+
+
+def test_main_prints_the_table_or_the_error(tmp_path, capsys):
+    run = fake_run(tmp_path / "bp", CifarBackpropConfig(depth=2), [{"epoch": 20, "train_error": 0.12,
+                                                                     "test_error": 0.38, "test_exact_error": 0.37}])
+    assert table1.main([str(run)]) == 0
+    assert row(capsys.readouterr().out, "BP", "softmax") == ["12.0", "38.0 / 37.0", "—", "—"]
+    assert table1.main([str(tmp_path / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
