@@ -11,29 +11,18 @@
 //            vector, then applied to the weight entry (gradient accumulation or SGD). The
 //            locations of a span walk each window row in turn: their windows overlap, so a row's
 //            inputs are read from memory once per span and from cache by the other locations.
-// Work items run in parallel with OpenMP. The item functions are compiled for three x86
-// instruction sets (AVX-512, AVX2 + FMA, the SSE2 baseline), each with its native vector width
-// and register tile, and the best one the CPU supports is picked once at run time, so a
-// portable build (-O3, no -march) still runs wide vectors. Other architectures get the
-// 4-lane build. The tile and delta-row strides are padded by one 64-byte run so that the
+// Work items run in parallel with OpenMP. The item functions are compiled for each instruction
+// set of local2d_cpu_vec.h with its native vector width and register tile. The tile and delta-row strides are padded by one 64-byte run so that the
 // rows of a window do not all map to the same cache sets.
 #include "local2d_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
-#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FF_X86_DISPATCH 1
-#endif
-
-// Vectors are only passed between always-inlined functions, so GCC's note that their ABI
-// depends on the instruction set (-Wpsabi) does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "local2d_cpu_rows.h"
+#include "local2d_cpu_vec.h"
 
 namespace ff_kernels {
 namespace cpu {
@@ -137,22 +126,6 @@ constexpr int kForwardBlock = 128;
 constexpr int kUpdateBlockBytes = 16 * 1024;
 constexpr int64_t kUpdateDeltaBytes = 256 * 1024;
 
-// Lanes floats as one value (GCC / Clang vector extension).
-template <int Lanes>
-struct VecOf;
-template <>
-struct VecOf<4> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<8> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<16> {
-  typedef float type __attribute__((vector_size(64)));
-};
-
 // Sum of the lanes of v, as a tree of halving vector adds.
 template <int Lanes>
 FF_ALWAYS_INLINE float sum_lanes(const typename VecOf<Lanes>::type& v) {
@@ -179,11 +152,7 @@ struct Kernels {
   static constexpr int kUpdateUnits = Lanes == 16 ? 3 : Lanes == 8 ? 2 : 1;
   static constexpr int kUpdateEntries = Lanes == 16 ? 4 : Lanes == 8 ? 2 : 1;
 
-  static FF_ALWAYS_INLINE Vec load(const float* p) {
-    Vec v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
+  static FF_ALWAYS_INLINE Vec load(const float* p) { return load_vec<Lanes>(p); }
 
   // z[o] += sum over rows r0 .. r1 - 1 of the window of weight[l, o0 + o, entry] *
   // xt[tile, entry] for NO units (wl: unit o0's weight block, z: unit o0's accumulators) and
@@ -371,8 +340,8 @@ using UpdateItem = void (*)(const Local2dShape&, int, int, int, int, const Batch
 
 FF_DEFINE_ITEMS(base, , 4)
 #ifdef FF_X86_DISPATCH
-FF_DEFINE_ITEMS(avx2, __attribute__((target("avx2,fma"))), 8)
-FF_DEFINE_ITEMS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), 16)
+FF_DEFINE_ITEMS(avx2, FF_TARGET_AVX2, 8)
+FF_DEFINE_ITEMS(avx512, FF_TARGET_AVX512, 16)
 #endif
 
 struct ItemFunctions {
@@ -380,18 +349,11 @@ struct ItemFunctions {
   UpdateItem update;
 };
 
-// The widest build this CPU runs; FF_KERNELS_CPU_ISA=base|avx2|avx512 in the environment
-// caps it (for benchmarks and tests of the narrower builds).
+// The build of cpu_lanes() (local2d_cpu_vec.h).
 ItemFunctions pick_items() {
-  const char* cap = std::getenv("FF_KERNELS_CPU_ISA");
-  const std::string want = cap != nullptr ? cap : "avx512";
 #ifdef FF_X86_DISPATCH
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (avx512 && want == "avx512") return {forward_item_avx512, update_item_avx512};
-  if (avx2 && want != "base") return {forward_item_avx2, update_item_avx2};
+  if (cpu_lanes() == 16) return {forward_item_avx512, update_item_avx512};
+  if (cpu_lanes() == 8) return {forward_item_avx2, update_item_avx2};
 #endif
   return {forward_item_base, update_item_base};
 }
@@ -405,6 +367,7 @@ const ItemFunctions& items() {
 
 void local2d_forward(const float* x, const float* weight, const float* bias, const ForwardEpilogue& epilogue,
                      float* h, const Local2dShape& s, int num_threads) {
+  if (use_row_kernels(s)) return rows_forward(x, weight, bias, epilogue, h, s, num_threads);
   const ForwardItem item = items().forward;
   const BatchTiles xt(x, s.batch, s.image_size(), TileOrder::kTileMajor, num_threads);
   const int L = s.locations();
@@ -419,6 +382,7 @@ void local2d_forward(const float* x, const float* weight, const float* bias, con
 
 void local2d_update(const float* x, const float* h, const float* coef, Goodness kind, const UpdateTarget& target,
                     const Local2dShape& s, int num_threads) {
+  if (use_row_kernels(s)) return rows_update(x, h, coef, kind, target, s, num_threads);
   const UpdateItem item = items().update;
   const BatchTiles xt(x, s.batch, s.image_size(), TileOrder::kEntryMajor, num_threads);
   if (s.out_channels == 0 || s.locations() == 0) return;

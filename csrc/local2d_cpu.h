@@ -1,5 +1,8 @@
 // CPU kernels of the locally connected 2-D FF layer: plain pointers and sizes, fp32, OpenMP.
 // Shapes and the op are defined in local2d_common.h. All tensors are dense and row-major.
+// Two algorithms: the kernels of local2d_cpu.cpp, vectorized over images, for any stride, and
+// the row kernels of local2d_cpu_rows.h, vectorized over output columns, which these functions
+// call for stride-1 layers with wide output rows (use_row_kernels).
 #pragma once
 
 #include "local2d_common.h"

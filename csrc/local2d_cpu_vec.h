@@ -1,0 +1,70 @@
+// Vectors of Lanes floats for the CPU kernels (GCC / Clang vector extension) and the x86
+// instruction sets they are compiled for. Each kernel file builds its work functions once per
+// instruction set (AVX-512, AVX2 + FMA, the SSE2 baseline) with the native vector width and
+// picks the widest one the CPU runs (cpu_lanes), so a portable build (-O3, no -march) still runs
+// wide vectors. Other architectures get the 4-lane build.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#define FF_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FF_X86_DISPATCH 1
+#define FF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#endif
+
+// Vectors are only passed between always-inlined functions, so GCC's note that their ABI
+// depends on the instruction set (-Wpsabi) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ff_kernels {
+namespace cpu {
+
+template <int Lanes>
+struct VecOf;
+template <>
+struct VecOf<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct VecOf<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
+
+// Unaligned load of Lanes floats.
+template <int Lanes>
+FF_ALWAYS_INLINE typename VecOf<Lanes>::type load_vec(const float* p) {
+  typename VecOf<Lanes>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The vector width of the widest build this CPU runs: 16 (AVX-512), 8 (AVX2 + FMA) or 4.
+// FF_KERNELS_CPU_ISA=base|avx2|avx512 in the environment caps it (for benchmarks and tests of
+// the narrower builds); read once.
+inline int cpu_lanes() {
+  static const int lanes = [] {
+    const char* cap = std::getenv("FF_KERNELS_CPU_ISA");
+    const std::string want = cap != nullptr ? cap : "avx512";
+#ifdef FF_X86_DISPATCH
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (avx512 && want == "avx512") return 16;
+    if (avx2 && want != "base") return 8;
+#endif
+    return 4;
+  }();
+  return lanes;
+}
+
+}  // namespace cpu
+}  // namespace ff_kernels
