@@ -10,11 +10,13 @@
 //            summed over the images, with a register tile of kUnits units x update_columns(Lanes)
 //            window columns, one cache block of kChunk images at a time.
 // wt is the output row's weights transposed to (units, K, width) with the absent entries (and
-// the columns past W_out) zero; xrow(b, c, di) is input row i - p + di copied into scratch with
-// `padding` zeros on the left and zeros up to the padded width on the right, so every load is
-// one unaligned vector and no edge needs a branch. Window rows outside the input map are
-// skipped. Work items are output rows, run in parallel with OpenMP; the update applies each
-// row's gradient in its own item, so no two threads write the same parameter.
+// the columns past W_out) zero, built by each work item in its thread's scratch. xrow(b, c, di)
+// is input row i - p + di in a copy of x made once per call (PaddedInput): `padding` zeros on
+// the left, zeros up to the padded width on the right, and the same row of consecutive images
+// adjacent, so every load is one unaligned vector, no edge needs a branch and a block of images
+// reads one contiguous stretch. Window rows outside the input map are skipped. Work items are
+// output rows, run in parallel with OpenMP; the update applies each row's gradient in its own
+// item, so no two threads write the same parameter.
 #include "local2d_cpu_rows.h"
 
 #include <algorithm>
@@ -112,7 +114,9 @@ struct RowKernels {
   // every multiply-add that uses it, which triples the split loads.
   static FF_ALWAYS_INLINE Vec load_once(const float* p) {
     Vec v = load(p);
-    asm("" : "+v"(v));
+#ifdef FF_X86_DISPATCH
+    asm("" : "+v"(v));  // v: any SSE / AVX register
+#endif
     return v;
   }
 
