@@ -45,6 +45,16 @@ def test_config_rejects_bad_values(fields, message):
         AesopConfig(**fields)
 
 
+def test_generate_every_regenerates_all_strings_every_n_batches():
+    recipe = tiny("generated", generate_every=2)
+    batches = recipe.epoch_batches(torch.Generator().manual_seed(0))
+    assert len(batches) == 6  # 48 predicted characters in batches of 8
+    assert [b.generate is not None for b in batches] == [True, False, True, False, True, False]
+    assert all(b.generate.tolist() == [0, 1, 2, 3] for b in batches[::2])
+    with pytest.raises(ValueError, match="generate_every must be None .* got 0"):
+        AesopConfig(generate_every=0)
+
+
 @pytest.mark.parametrize("regime", ["teacher", "generated", "random"])
 def test_online_epochs_cover_every_predicted_character_once(regime):
     recipe = tiny(regime)

@@ -15,10 +15,11 @@ regimes differ in the negative data (:mod:`ff_kernels.data.char_negatives`):
   one drawn from the softmax's prediction given the 10 real characters before it (the true
   character excluded, so that a negative never equals its positive, as with the supervised
   recipe's hard negative labels).
-- ``generated``: at the start of every epoch the model generates, from the first 10
-  characters of each string, the other 90 (each drawn from its own prediction given the 10
-  characters before it, real or generated); the negatives are the windows of these strings
-  at the positions of the batch's positives. Positives and negatives update together.
+- ``generated``: at the start of every epoch (and every ``generate_every`` batches, if set) the
+  model generates, from the first 10 characters of each string, the other 90 (each drawn from
+  its own prediction given the 10 characters before it, real or generated); the negatives are
+  the windows of these strings at the positions of the batch's positives. Positives and
+  negatives update together.
 - ``sleep``: the offline version of ``generated``. The strings are taken in groups of
   ``sleep_strings``: a wake phase updates the FF layers (and the softmax) with the positives
   of the group only, batch by batch; then the model as it is after waking generates the
@@ -101,6 +102,7 @@ class AesopConfig:
     test_strings: int = NUM_STRINGS  # held-out strings: the chunks of the text after the training strings
     batch_size: int = SUPERVISED.batch_size  # windows per batch
     sleep_strings: int = 10  # "sleep": strings per wake-sleep cycle (their 900 windows: 9 batches of 100)
+    generate_every: int | None = None  # "generated": batches between regenerations (None: once per epoch)
     optimizer: str = SUPERVISED.optimizer  # "sgd" (momentum, fused into the FF layer ops) or "adam"
     lr: float = 2e-3  # FF layers (5e-4: see above)
     momentum: float = SUPERVISED.momentum  # SGD only
@@ -125,6 +127,9 @@ class AesopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.generate_every is not None and (isinstance(self.generate_every, bool)
+                                                or not isinstance(self.generate_every, int) or self.generate_every < 1):
+            raise ValueError(f"generate_every must be None (once per epoch) or an int >= 1, got {self.generate_every!r}")
         if not self.window <= self.context < self.string_length:
             raise ValueError(f"need window <= context < string_length, got window {self.window}, "
                              f"context {self.context}, string_length {self.string_length}")
@@ -245,7 +250,8 @@ class AesopFF:
         """A shuffled epoch of batches of up to ``batch_size`` predicted characters (see :class:`AesopBatch`).
 
         "teacher", "random": every predicted character once, in random order. "generated": the
-        same, and all strings are generated before the first batch. "sleep": the strings in
+        same, and all strings are generated before the first batch (and before every
+        ``generate_every``-th one). "sleep": the strings in
         random order, in groups of ``sleep_strings``; for each group a wake phase over its
         predicted characters in random order, then the group is generated and a sleep phase
         goes over the same batches.
@@ -256,7 +262,8 @@ class AesopFF:
         if self.config.regime != "sleep":
             order = torch.randperm(num_strings * per_string, generator=generator, device=device).to(self.device)
             everything = torch.arange(num_strings, device=self.device) if self.config.regime == "generated" else None
-            return [AesopBatch("both", rows, everything if i == 0 else None)
+            every = self.config.generate_every
+            return [AesopBatch("both", rows, everything if (i == 0 if every is None else i % every == 0) else None)
                     for i, rows in enumerate(order.split(self.config.batch_size))]
         batches = []
         strings = torch.randperm(num_strings, generator=generator, device=device).to(self.device)
@@ -368,6 +375,8 @@ class AesopFF:
         parser.add_argument("--batch-size", type=int, help=f"predicted characters per batch (default {d.batch_size})")
         parser.add_argument("--sleep-strings", type=int,
                             help=f"sleep regime: strings per wake-sleep cycle (default {d.sleep_strings})")
+        parser.add_argument("--generate-every", type=int,
+                            help="generated regime: regenerate all strings every N batches (default: once per epoch)")
         parser.add_argument("--optimizer", choices=OPTIMIZERS,
                             help=f"of the FF layers; the softmax always uses Adam (default {d.optimizer})")
         parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
