@@ -12,8 +12,9 @@
 //            locations of a span walk each window row in turn: their windows overlap, so a row's
 //            inputs are read from memory once per span and from cache by the other locations.
 // Work items run in parallel with OpenMP. The item functions are compiled for each instruction
-// set of local2d_cpu_vec.h with its native vector width and register tile. The tile and delta-row strides are padded by one 64-byte run so that the
-// rows of a window do not all map to the same cache sets.
+// set of local2d_cpu_vec.h with its native vector width and register tile. The tile and
+// delta-row strides are padded by one 64-byte run so that the rows of a window do not all map
+// to the same cache sets.
 #include "local2d_cpu.h"
 
 #include <algorithm>

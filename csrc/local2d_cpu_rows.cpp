@@ -60,7 +60,6 @@ struct RowRange {
   int lo, hi;
   RowRange(const Local2dShape& s, int i)
       : lo(std::max(0, s.padding - i)), hi(std::min(s.kernel, s.in_height + s.padding - i)) {}
-  int count() const { return std::max(0, hi - lo); }
 };
 
 // One thread's scratch: transposed weights and biases of an output row (forward) or its
@@ -97,9 +96,27 @@ struct PaddedInput {
   }
 };
 
-// Window columns dj_lo .. dj_hi - 1 of output column j inside the input map.
-inline int col_lo(const Local2dShape& s, int j) { return std::max(0, s.padding - j); }
-inline int col_hi(const Local2dShape& s, int j) { return std::min(s.kernel, s.in_width + s.padding - j); }
+// Walks the units of output row i and their present window entries: unit(j, o, l * C_out + o)
+// for every output column j and unit o, then entry(j, o, weight index, e) for each entry e =
+// (c, di, dj) of its window inside the input map (l = i * W_out + j).
+template <class Unit, class Entry>
+inline void for_each_present_entry(const Local2dShape& s, int i, const RowRange& rows, Unit&& unit, Entry&& entry) {
+  const int k = s.kernel, K = s.block_size();
+  for (int j = 0; j < s.out_width; ++j) {
+    const int64_t l = static_cast<int64_t>(i) * s.out_width + j;
+    const int dj_lo = std::max(0, s.padding - j), dj_hi = std::min(k, s.in_width + s.padding - j);
+    for (int o = 0; o < s.out_channels; ++o) {
+      const int64_t index = l * s.out_channels + o;
+      unit(j, o, index);
+      for (int c = 0; c < s.in_channels; ++c)
+        for (int di = rows.lo; di < rows.hi; ++di)
+          for (int dj = dj_lo; dj < dj_hi; ++dj) {
+            const int e = (c * k + di) * k + dj;
+            entry(j, o, index * K + e, e);
+          }
+    }
+  }
+}
 
 template <int Lanes>
 struct RowKernels {
@@ -126,22 +143,17 @@ struct RowKernels {
                                              const RowRange& rows, const float* weight, const float* bias,
                                              RowScratch& scratch) {
     float* wt = scratch.w.data();
+    float* bt = scratch.b.data();
     std::fill(scratch.w.begin(), scratch.w.end(), 0.0f);
     std::fill(scratch.b.begin(), scratch.b.end(), 0.0f);
-    const int k = s.kernel;
-    for (int j = 0; j < s.out_width; ++j) {
-      const int64_t l = static_cast<int64_t>(i) * s.out_width + j;
-      const float* wl = weight + l * s.out_channels * g.K;
-      for (int o = 0; o < s.out_channels; ++o) {
-        if (bias != nullptr) scratch.b[o * g.width + j] = bias[l * s.out_channels + o];
-        for (int c = 0; c < s.in_channels; ++c)
-          for (int di = rows.lo; di < rows.hi; ++di) {
-            const int e0 = (c * k + di) * k;
-            for (int dj = col_lo(s, j); dj < col_hi(s, j); ++dj)
-              wt[(static_cast<int64_t>(o) * g.K + e0 + dj) * g.width + j] = wl[o * g.K + e0 + dj];
-          }
-      }
-    }
+    for_each_present_entry(
+        s, i, rows,
+        [&](int j, int o, int64_t unit) {
+          if (bias != nullptr) bt[o * g.width + j] = bias[unit];
+        },
+        [&](int j, int o, int64_t index, int e) {
+          wt[(static_cast<int64_t>(o) * g.K + e) * g.width + j] = weight[index];
+        });
   }
 
   // h for images b0 .. b0 + kImages - 1 (the padded copy), units o0 .. o0 + kUnits - 1 and output
@@ -194,13 +206,13 @@ struct RowKernels {
 
   // gsum[(o0 + u) * K + e + t] (vector v) += sum over images r < n of
   // d[r][o0 + u] * xrow(r, e)[v * Lanes + t], for NT adjacent window columns; d, x and g point
-  // at unit o0 / entry e / vector v.
+  // at unit o0 / entry e / vector v. Units are `width` floats apart in d, window entries in g.
   template <int NT>
   static FF_ALWAYS_INLINE void grad_tile(int n, const float* d, int64_t d_stride, const float* x, int64_t x_stride,
-                                         float* g, int64_t unit_stride, int64_t col_stride, int width) {
+                                         float* g, int64_t unit_stride, int width) {
     Vec acc[kUnits][NT];
     for (int u = 0; u < kUnits; ++u)
-      for (int t = 0; t < NT; ++t) acc[u][t] = load(g + u * unit_stride + t * col_stride);
+      for (int t = 0; t < NT; ++t) acc[u][t] = load(g + u * unit_stride + t * width);
     for (int r = 0; r < n; ++r) {
       Vec dv[kUnits];
       for (int u = 0; u < kUnits; ++u) dv[u] = load(d + r * d_stride + u * width);
@@ -210,7 +222,7 @@ struct RowKernels {
       }
     }
     for (int u = 0; u < kUnits; ++u)
-      for (int t = 0; t < NT; ++t) std::memcpy(g + u * unit_stride + t * col_stride, &acc[u][t], sizeof(Vec));
+      for (int t = 0; t < NT; ++t) std::memcpy(g + u * unit_stride + t * width, &acc[u][t], sizeof(Vec));
   }
 
   // The gradient of output row i: deltas and sums over all images, then applied to the target.
@@ -235,41 +247,35 @@ struct RowKernels {
           bsum[o * g.width + j] += drow[j];
         }
       }
-    for (int b0 = 0; b0 < s.batch; b0 += kChunk)
-    for (int c = 0; c < s.in_channels; ++c)
-      for (int di = rows.lo; di < rows.hi; ++di)
-        for (int v = 0; v < g.vecs; ++v) {
-          const int n = std::min(kChunk, s.batch - b0);
-          const float* xr = xp.row(b0, c, i - s.padding + di, s) + v * Lanes;
-          for (int o0 = 0; o0 < s.out_channels; o0 += kUnits) {
-            const float* d = scratch.d.data() + b0 * d_stride + o0 * g.width + v * Lanes;
-            float* gr = gsum + (o0 * static_cast<int64_t>(g.K) + (c * k + di) * k) * g.width + v * Lanes;
-            int dj = 0;
-            for (; dj + kCols <= k; dj += kCols)
-              grad_tile<kCols>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width, g.width);
-            for (; dj + 2 <= k; dj += 2)
-              grad_tile<2>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width, g.width);
-            for (; dj < k; ++dj)
-              grad_tile<1>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width, g.width);
-          }
-        }
-    for (int j = 0; j < s.out_width; ++j) {
-      const int64_t l = static_cast<int64_t>(i) * s.out_width + j;
-      for (int o = 0; o < s.out_channels; ++o) {
-        const int64_t unit = l * s.out_channels + o;
-        if (u.bias != nullptr)
-          update_entry(u, u.bias + unit, u.bias_buf != nullptr ? u.bias_buf + unit : nullptr, bsum[o * g.width + j]);
-        for (int c = 0; c < s.in_channels; ++c)
-          for (int di = rows.lo; di < rows.hi; ++di) {
-            const int e0 = (c * k + di) * k;
-            for (int dj = col_lo(s, j); dj < col_hi(s, j); ++dj) {
-              const int64_t index = unit * g.K + e0 + dj;
-              update_entry(u, u.weight + index, u.weight_buf != nullptr ? u.weight_buf + index : nullptr,
-                           gsum[(o * static_cast<int64_t>(g.K) + e0 + dj) * g.width + j]);
+    for (int b0 = 0; b0 < s.batch; b0 += kChunk) {
+      const int n = std::min(kChunk, s.batch - b0);
+      for (int c = 0; c < s.in_channels; ++c)
+        for (int di = rows.lo; di < rows.hi; ++di)
+          for (int v = 0; v < g.vecs; ++v) {
+            const float* xr = xp.row(b0, c, i - s.padding + di, s) + v * Lanes;
+            for (int o0 = 0; o0 < s.out_channels; o0 += kUnits) {
+              const float* d = scratch.d.data() + b0 * d_stride + o0 * g.width + v * Lanes;
+              float* gr = gsum + (o0 * static_cast<int64_t>(g.K) + (c * k + di) * k) * g.width + v * Lanes;
+              int dj = 0;
+              for (; dj + kCols <= k; dj += kCols)
+                grad_tile<kCols>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width);
+              for (; dj + 2 <= k; dj += 2)
+                grad_tile<2>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width);
+              for (; dj < k; ++dj)
+                grad_tile<1>(n, d, d_stride, xr + dj, g.xwidth, gr + dj * g.width, unit_stride, g.width);
             }
           }
-      }
     }
+    for_each_present_entry(
+        s, i, rows,
+        [&](int j, int o, int64_t unit) {
+          if (u.bias != nullptr)
+            update_entry(u, u.bias + unit, u.bias_buf != nullptr ? u.bias_buf + unit : nullptr, bsum[o * g.width + j]);
+        },
+        [&](int j, int o, int64_t index, int e) {
+          update_entry(u, u.weight + index, u.weight_buf != nullptr ? u.weight_buf + index : nullptr,
+                       gsum[(static_cast<int64_t>(o) * g.K + e) * g.width + j]);
+        });
   }
 };
 

@@ -47,18 +47,19 @@ def case(spec, batch, seed):
     return x, w, b, h, coef, valid
 
 
+@pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_forward_matches_the_reference_and_never_reads_absent_weights(monkeypatch, algorithm, spec, batch):
+def test_forward_matches_the_reference_and_never_reads_absent_weights(monkeypatch, algorithm, spec, batch, relu):
     monkeypatch.setenv("FF_KERNELS_LOCAL2D_CPU", algorithm)
     x, w, b, _, _, valid = case(spec, batch, seed=batch)
     extra = torch.randn(batch, *spec.output_shape)
-    got = torch.ops.ff_kernels.local2d_forward(x, w, b, spec.kernel, spec.stride, spec.padding, extra, True)
+    got = torch.ops.ff_kernels.local2d_forward(x, w, b, spec.kernel, spec.stride, spec.padding, extra, relu)
     z = FL.local_linear(x.double(), torch.where(valid, w, 0).double(), b.double(), spec) + extra.double()
-    assert torch.isfinite(got).all()
+    assert torch.isfinite(got).all() and (z < 0).any()
     # float32 sums of block_size products of unit-scale terms
-    torch.testing.assert_close(got.double(), torch.relu(z), rtol=1e-5, atol=1e-5 * spec.block_size**0.5)
+    torch.testing.assert_close(got.double(), torch.relu(z) if relu else z, rtol=1e-5, atol=1e-5 * spec.block_size**0.5)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
