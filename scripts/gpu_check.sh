@@ -23,7 +23,7 @@ fi
 
 echo "== GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/test_fftriton.py tests/test_ops_linear.py tests/test_nn_linear.py \
-  $(ls tests/test_local2d.py 2>/dev/null) 2>&1 | tee "$OUT/tests.log" | tail -25
+  tests/test_local2d.py tests/test_local2d_parts.py tests/test_recurrent_local.py 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks"
@@ -31,4 +31,7 @@ for bench in benchmarks/bench_linear_step.py benchmarks/bench_local2d.py; do
   [ -f "$bench" ] || continue
   python3 "$bench" --device cuda --min-run-time 0.5 --csv "$OUT/results.csv" 2>&1 | tee -a "$OUT/bench.log" || status=1
 done
+# the CIFAR-10 net of Table 1: one training batch and one evaluation, compiled kernels vs the reference
+python3 benchmarks/bench_recurrent_local.py --device cuda --depth 2 --batch 100 --min-run-time 0.5 \
+  --csv "$OUT/results.csv" 2>&1 | tee -a "$OUT/bench.log" || status=1
 exit $status

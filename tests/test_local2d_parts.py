@@ -1,7 +1,7 @@
 """The local ops of ops/local2d_parts.py and the autograd layer built on them (nn/local_backprop.py).
 
-Compiled backend (float32) and reference (float64) against functional_local.py + autograd, on
-8x8 maps with kernel 3 and batch 1 or a few images.
+Compiled backends (float32: "cpu", and "cuda" on a GPU) and reference (float64) against
+functional_local.py + autograd, on 8x8 maps with kernel 3 and batch 1 or a few images.
 """
 
 import pytest
@@ -14,7 +14,18 @@ from ff_kernels.ops import ext_local2d
 from ff_kernels.ops.local2d_parts import local_delta_grad_, local_input_grad, local_linear, local_relu
 
 needs_ext = pytest.mark.skipif(ext_local2d.load_error() is not None, reason="ff_kernels._C is not built")
-BACKENDS = [pytest.param("cpu", marks=needs_ext), "reference"]
+COMPILED = [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = [*COMPILED, "reference"]
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's tensors live: the GPU for "cuda", else the CPU."""
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def compiled_dtype(backend: str) -> torch.dtype:
+    """float32 for the compiled kernels, float64 for the reference."""
+    return torch.float64 if backend == "reference" else torch.float32
 
 
 def random_local(spec: LocalSpec, generator: torch.Generator):
@@ -24,11 +35,11 @@ def random_local(spec: LocalSpec, generator: torch.Generator):
 
 
 
-@needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("extra_kind", ["none", "shared", "per_image"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_local_relu_matches_reference(batch, extra_kind, with_bias):
+def test_local_relu_matches_reference(backend, batch, extra_kind, with_bias):
     g = torch.Generator().manual_seed(batch)
     spec = LocalSpec(5, 8, 8, 3, kernel=3, padding=1)
     weight, bias = random_local(spec, g)
@@ -38,16 +49,16 @@ def test_local_relu_matches_reference(batch, extra_kind, with_bias):
              "per_image": torch.randn(batch, *spec.output_shape, generator=g, dtype=torch.float64)}[extra_kind]
     z = FL.local_linear(x, weight, bias, spec)
     expected = torch.relu(z if extra is None else z + extra)
-    f = lambda t: None if t is None else t.float().contiguous()
-    got = local_relu(f(x), f(weight), f(bias), spec, f(extra), backend="cpu")
+    f = lambda t: None if t is None else t.float().contiguous().to(device_of(backend))
+    got = local_relu(f(x), f(weight), f(bias), spec, f(extra), backend=backend)
     assert got.dtype == torch.float32 and got.shape == expected.shape
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(local_relu(x, weight, bias, spec, extra, backend="reference"), expected)
 
 
-@needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("batch", [1, 6])
-def test_local_delta_grad_matches_autograd(batch):
+def test_local_delta_grad_matches_autograd(backend, batch):
     g = torch.Generator().manual_seed(10 + batch)
     spec = LocalSpec(4, 8, 8, 2, kernel=3, padding=1)
     weight, bias = random_local(spec, g)
@@ -56,8 +67,10 @@ def test_local_delta_grad_matches_autograd(batch):
     w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     (FL.local_linear(x, w, b, spec) * delta).sum().backward()
     start_w, start_b = torch.randn(spec.weight_shape, generator=g), torch.randn(spec.bias_shape, generator=g)
-    grad_w, grad_b = start_w.clone(), start_b.clone()
-    local_delta_grad_(x.float(), delta.float(), spec, grad_w, grad_b, backend="cpu")
+    device = device_of(backend)
+    grad_w, grad_b = start_w.clone().to(device), start_b.clone().to(device)
+    local_delta_grad_(x.float().to(device), delta.float().to(device), spec, grad_w, grad_b, backend=backend)
+    grad_w, grad_b = grad_w.cpu(), grad_b.cpu()
     torch.testing.assert_close(grad_w.double() - start_w.double(), w.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_b.double() - start_b.double(), b.grad, rtol=1e-5, atol=1e-5)
     assert not grad_w[~FL.local_valid_mask(spec)[:, None, :].expand_as(grad_w)].sub(start_w[~FL.local_valid_mask(
@@ -86,10 +99,10 @@ def test_local_linear_matches_reference(backend, batch):
     spec = LocalSpec(3, 8, 8, 2, kernel=5, padding=2)
     weight, bias = random_local(spec, g)
     x = torch.randn(batch, *spec.input_shape, generator=g, dtype=torch.float64)
-    dtype = torch.float32 if backend == "cpu" else torch.float64
-    got = local_linear(x.to(dtype), weight.to(dtype), bias.to(dtype), spec, backend)
+    dtype, device = compiled_dtype(backend), device_of(backend)
+    got = local_linear(x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype), spec, backend)
     assert got.dtype == dtype and (got < 0).any() and (got > 0).any()
-    torch.testing.assert_close(got.double(), FL.local_linear(x, weight, bias, spec), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), FL.local_linear(x, weight, bias, spec), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,10 +114,10 @@ def test_local_input_grad_matches_autograd(backend, batch, kernel):
     x = torch.randn(batch, *spec.input_shape, generator=g, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(batch, *spec.output_shape, generator=g, dtype=torch.float64)
     (FL.local_linear(x, weight, bias, spec) * delta).sum().backward()
-    dtype = torch.float32 if backend == "cpu" else torch.float64
-    got = local_input_grad(delta.to(dtype), weight.to(dtype), spec, backend)
+    dtype, device = compiled_dtype(backend), device_of(backend)
+    got = local_input_grad(delta.to(device, dtype), weight.to(device, dtype), spec, backend)
     assert got.shape == x.shape
-    torch.testing.assert_close(got.double(), x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), x.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_local_input_grad_needs_same_geometry():
@@ -117,12 +130,12 @@ def test_local_input_grad_needs_same_geometry():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_backprop_local2d_stack_gradients_match_autograd_on_the_reference(backend, batch):
-    dtype = torch.float32 if backend == "cpu" else torch.float64
+    dtype, device = compiled_dtype(backend), device_of(backend)
     torch.manual_seed(batch)
-    layers = [BackpropLocal2d(3, 8, 2, kernel=3, backend=backend, dtype=dtype),
-              BackpropLocal2d(2, 8, 2, kernel=3, backend=backend, dtype=dtype)]
-    x = torch.randn(batch, 3, 8, 8, dtype=dtype, requires_grad=True)
-    target = torch.randn(batch, 2, 8, 8, dtype=dtype)
+    layers = [BackpropLocal2d(3, 8, 2, kernel=3, backend=backend, dtype=dtype, device=device),
+              BackpropLocal2d(2, 8, 2, kernel=3, backend=backend, dtype=dtype, device=device)]
+    x = torch.randn(batch, 3, 8, 8, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randn(batch, 2, 8, 8, dtype=dtype, device=device)
     ((layers[1](layers[0](x)) - target) ** 2).sum().backward()
     params = [(l.weight.detach().double().requires_grad_(), l.bias.detach().double().requires_grad_()) for l in layers]
     x64 = x.detach().double().requires_grad_()
@@ -135,7 +148,7 @@ def test_backprop_local2d_stack_gradients_match_autograd_on_the_reference(backen
         assert w.grad.abs().max() > 0
         torch.testing.assert_close(layer.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.bias.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
-        assert not layer.weight.grad[~FL.local_valid_mask(layer.spec)[:, None, :].expand_as(w)].any()
+        assert not layer.weight.grad[~FL.local_valid_mask(layer.spec, w.device)[:, None, :].expand_as(w)].any()
 
 
 def test_backprop_local2d_rejects_even_kernels():

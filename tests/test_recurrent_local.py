@@ -16,6 +16,7 @@ from ff_kernels.nn.recurrent_local import FFRecurrentLocal
 from ff_kernels.ops import ext_local2d
 
 needs_ext = pytest.mark.skipif(ext_local2d.load_error() is not None, reason="ff_kernels._C is not built")
+BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=pytest.mark.gpu), "reference"]
 IMAGE = (3, 8, 8)
 LABELS = 4
 
@@ -97,27 +98,28 @@ class Naive:
 
 
 def make_net(depth, goodness="ssq", backend="cpu", dtype=torch.float32, seed=0):
+    """A small net on the backend's device ("cuda" on the GPU, else the CPU)."""
     torch.manual_seed(seed)
     return FFRecurrentLocal(IMAGE, channels=2, depth=depth, kernel=3, num_labels=LABELS, goodness=goodness,
-                            backend=backend, dtype=dtype)
+                            backend=backend, dtype=dtype, device="cuda" if backend == "cuda" else "cpu")
 
 
-def inputs(batch, seed=0, dtype=torch.float32):
+def inputs(batch, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, *IMAGE, generator=g).to(dtype)
-    labels = torch.nn.functional.one_hot(torch.randint(0, LABELS, (batch,), generator=g), LABELS).to(dtype)
+    images = torch.randn(batch, *IMAGE, generator=g).to(device, dtype)
+    labels = torch.nn.functional.one_hot(torch.randint(0, LABELS, (batch,), generator=g), LABELS).to(device, dtype)
     return images, labels
 
 
 # ---------------------------------------------------------------- dynamics
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("depth,batch", [(2, 1), (2, 4), (3, 3)])
 def test_run_matches_naive_loop(backend, depth, batch):
-    dtype = torch.float32 if backend == "cpu" else torch.float64
+    dtype = torch.float64 if backend == "reference" else torch.float32
     net = make_net(depth, backend=backend, dtype=dtype)
-    images, labels = inputs(batch, seed=depth + batch, dtype=dtype)
+    images, labels = inputs(batch, seed=depth + batch, dtype=dtype, device=net.label_weight.device)
     labels[0] = 1.0 / LABELS  # a neutral label row among one-hot rows
     got = net.run(images, labels, iterations=4)
     expected = Naive(net).run(images.double(), labels.double(), iterations=4)
@@ -145,13 +147,13 @@ def test_label_changes_the_last_layer_at_t0_and_the_others_later():
 # ---------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("goodness", ["ssq", "neg_ssq", "sum"])
 @pytest.mark.parametrize("depth,n_pos,n_neg", [(2, 1, 1), (3, 3, 2), (2, 1, 0)])
 def test_ff_backward_matches_autograd(backend, goodness, depth, n_pos, n_neg):
-    dtype = torch.float32 if backend == "cpu" else torch.float64
+    dtype = torch.float64 if backend == "reference" else torch.float32
     net = make_net(depth, goodness, backend, dtype, seed=depth)
-    images, labels = inputs(n_pos + n_neg, seed=7, dtype=dtype)
+    images, labels = inputs(n_pos + n_neg, seed=7, dtype=dtype, device=net.label_weight.device)
     g = net.goodness(images, labels, 3)
     net.threshold, net.temperature = float(g.mean()), float(g.std()) + 1.0  # logits away from saturation
     losses = net.ff_backward(images, labels, n_pos, iterations=3)
