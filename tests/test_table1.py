@@ -66,7 +66,20 @@ def test_exact_test_set_and_unfinished_runs(tmp_path):
     text = table1.table1([table1.load_run(ssq)])
     assert row(text, "FF max ssq", "compute goodness for every label") == ["—", "—", "30.0", "50.0 / 45.0"]
     assert row(text, "FF max ssq", "one-pass softmax") == ["—", "—", "31.0", "51.0 / 46.0"]
-    assert f"`{ssq}`: cifar, depth 3, goodness ssq, 10 epochs (epoch 5 of 10)" in text
+    assert f"`{ssq}`: cifar, depth 3, goodness ssq, 10 epochs, FF losses at iterations 1-6 (epoch 5 of 10)" in text
+
+
+def test_runs_not_yet_evaluated_show_running(tmp_path):
+    fresh = fake_run(tmp_path / "fresh", CifarFFConfig(depth=2, goodness="neg_ssq", epochs=6, train_iterations=3),
+                     [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5}])
+    started = fake_run(tmp_path / "started", CifarBackpropConfig(depth=3, epochs=20), [])
+    text = table1.table1([table1.load_run(fresh), table1.load_run(started)])
+    assert row(text, "FF min ssq", "compute goodness for every label") == ["running", "running", "—", "—"]
+    assert row(text, "FF min ssq", "one-pass softmax") == ["running", "running", "—", "—"]
+    assert row(text, "BP", "softmax") == ["—", "—", "running", "running"]
+    assert (f"`{fresh}`: cifar, depth 2, goodness neg_ssq, 6 epochs, FF losses at iterations 1-3 "
+            f"(running: epoch 2 of 6, not evaluated yet)") in text
+    assert f"`{started}`: cifar-backprop, depth 3, 20 epochs (running: epoch 0 of 20, not evaluated yet)" in text
 
 
 def test_two_runs_for_one_cell_are_refused_naming_both(tmp_path):
@@ -77,13 +90,13 @@ def test_two_runs_for_one_cell_are_refused_naming_both(tmp_path):
         table1.table1([table1.load_run(a), table1.load_run(b)])
 
 
-def test_other_recipes_and_runs_without_a_test_evaluation_are_refused(tmp_path):
+def test_other_recipes_and_validation_runs_are_refused(tmp_path):
     mnist = fake_run(tmp_path / "mnist", SupervisedMNISTConfig(), [{"epoch": 1, "test_error": 0.1}])
     with pytest.raises(ValueError, match="not the config of an ff-train cifar or cifar-backprop run"):
         table1.load_run(mnist)
     validation = fake_run(tmp_path / "val", CifarFFConfig(validation=True),
                           [{"epoch": 1, "train_error": 0.5, "validation_error": 0.6}])
-    with pytest.raises(ValueError, match=r"metrics.jsonl has no evaluated epoch"):
+    with pytest.raises(ValueError, match=r"config.json is a --validation run: it has no test error"):
         table1.load_run(validation)
 
 

@@ -7,9 +7,11 @@ and ``metrics.jsonl``, see :mod:`ff_kernels.train`); which of the two it is, its
 FF, its goodness ("ssq" = the paper's max ssq, "neg_ssq" = min ssq) come from ``config.json``.
 A cell holds the error of the run's last evaluated epoch, in percent: training error on the
 first ``train_eval_subset`` training images, test error on the JPEG test set and, after a slash,
-on the exact test set when the run has it. A run whose last evaluation is not its last epoch is
-marked "(epoch k of N)" in the list of runs under the table. Two runs for the same cell are an
-error; a cell no run fills shows "—".
+on the exact test set when the run has it. The list of runs under the table gives each run's
+schedule (epochs; for FF, the iterations trained on); a run whose last evaluation is not its
+last epoch is marked "(epoch k of N)" there, and a run that has not been evaluated yet fills
+its cells with "running". Two runs for the same cell are an error, and so is a ``--validation``
+run (it has no test error); a cell no run fills shows "—".
 
 Rows, in the paper's layout: BP (softmax); FF min ssq and FF max ssq, each with the two test
 procedures of :mod:`ff_kernels.recipes.cifar_ff` ("compute goodness for every label" =
@@ -44,26 +46,41 @@ _FIELDS = {"cifar": {f.name for f in dataclasses.fields(CifarFFConfig)},
 
 @dataclass(frozen=True)
 class CifarRun:
-    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness (FF only),
-    planned epochs and its last evaluated epoch's metrics (``epoch`` among them)."""
+    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and training
+    iterations (FF only, else None), planned epochs, the last finished epoch and that of the last
+    evaluated epoch's metrics (``epoch`` among them; empty before the first evaluation)."""
 
     path: Path
     recipe: str
     depth: int
     goodness: str | None
+    train_iterations: int | None
     epochs: int
+    last_epoch: int
     metrics: dict
 
     @property
     def finished(self) -> bool:
-        return self.metrics["epoch"] == self.epochs
+        return self.metrics.get("epoch") == self.epochs
+
+    def describe(self) -> str:
+        """"cifar, depth 3, goodness ssq, 10 epochs, FF losses at iterations 1-3 (epoch 5 of 10)"."""
+        text = f"{self.recipe}, depth {self.depth}"
+        if self.goodness is not None:
+            text += f", goodness {self.goodness}"
+        text += f", {self.epochs} epochs"
+        if self.train_iterations is not None:
+            text += f", FF losses at iterations 1-{self.train_iterations}"
+        if not self.metrics:
+            return text + f" (running: epoch {self.last_epoch} of {self.epochs}, not evaluated yet)"
+        return text + ("" if self.finished else f" (epoch {self.metrics['epoch']} of {self.epochs})")
 
 
 def load_run(path: str | Path) -> CifarRun:
     """Read ``config.json`` and the last evaluated epoch of ``metrics.jsonl`` in ``path``.
 
     Raises ValueError naming the file when the config is not one of the two CIFAR recipes' or
-    no epoch has been evaluated yet.
+    is a ``--validation`` run's.
     """
     path = Path(path)
     config = json.loads((path / CONFIG).read_text())
@@ -71,11 +88,12 @@ def load_run(path: str | Path) -> CifarRun:
     if recipe is None:
         raise ValueError(f"{path / CONFIG} is not the config of an ff-train cifar or cifar-backprop run; "
                          f"its keys are {sorted(config)}")
-    evaluated = [m for m in map(json.loads, (path / METRICS).read_text().splitlines()) if "test_error" in m]
-    if not evaluated:
-        raise ValueError(f"{path / METRICS} has no evaluated epoch (no 'test_error'); is it a --validation run "
-                         f"or has it not reached its first evaluation?")
-    return CifarRun(path, recipe, config["depth"], config.get("goodness"), config["epochs"], evaluated[-1])
+    if config["validation"]:
+        raise ValueError(f"{path / CONFIG} is a --validation run: it has no test error for Table 1")
+    epochs = list(map(json.loads, (path / METRICS).read_text().splitlines()))
+    evaluated = [m for m in epochs if "test_error" in m]
+    return CifarRun(path, recipe, config["depth"], config.get("goodness"), config.get("train_iterations"),
+                    config["epochs"], epochs[-1]["epoch"] if epochs else 0, evaluated[-1] if evaluated else {})
 
 
 def _cell_runs(runs: list[CifarRun]) -> dict[tuple[str, str | None, int], CifarRun]:
@@ -110,6 +128,9 @@ def table1(runs: list[CifarRun]) -> str:
                 line += " — | — |"
                 continue
             m = run.metrics
+            if not m:
+                line += " running | running |"
+                continue
             test = _percent(m, f"test_error{suffix}")
             if f"test_exact_error{suffix}" in m:
                 test += f" / {_percent(m, f'test_exact_error{suffix}')}"
@@ -117,9 +138,7 @@ def table1(runs: list[CifarRun]) -> str:
         lines.append(line)
     lines.append("")
     for run in sorted(cells.values(), key=lambda r: (r.recipe, r.goodness or "", r.depth)):
-        state = "" if run.finished else f" (epoch {run.metrics['epoch']} of {run.epochs})"
-        lines.append(f"- `{run.path}`: {run.recipe}, depth {run.depth}"
-                     f"{f', goodness {run.goodness}' if run.goodness else ''}, {run.epochs} epochs{state}")
+        lines.append(f"- `{run.path}`: {run.describe()}")
     return "\n".join(lines)
 
 
