@@ -175,11 +175,22 @@ class FFRecurrentLocal(nn.Module):
         extra = drive if l == len(self.layers) - 1 else None
         return local_relu(x, layer.weight, layer.bias, layer.spec, extra, self.backend)
 
-    def layer_inputs(self, states: list[torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
-        """Each layer's input ``[below, n(above)]`` (B, C_below + C_above, H, W) from the states at t - 1."""
+    def layer_inputs(self, states: list[torch.Tensor], images: torch.Tensor,
+                     out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each layer's input ``[below, n(above)]`` (B, C_below + C_above, H, W) from the states at t - 1.
+
+        ``out``: one contiguous tensor of that shape per layer to write the inputs into (and return).
+        """
         normalized = [self.normalize(s) for s in states]
         below, above = [images] + normalized[:-1], normalized[1:] + [None]
-        return [b if a is None else torch.cat([b, a], dim=1) for b, a in zip(below, above)]
+        if out is None:
+            return [b if a is None else torch.cat([b, a], dim=1) for b, a in zip(below, above)]
+        for b, a, o in zip(below, above, out):
+            if a is None:
+                o.copy_(b)
+            else:
+                torch.cat([b, a], dim=1, out=o)
+        return out
 
     @torch.no_grad()
     def initial_states(self, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -237,30 +248,30 @@ class FFRecurrentLocal(nn.Module):
         iterations = _check_iterations(iterations)
         drive = self.label_drive(labels)
         states = self.initial_states(images, labels)
-        depth, d = len(self.layers), self.damping
-        inputs_seen: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-        deltas: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-        losses = [torch.zeros((), device=images.device) for _ in range(depth)]
-        for _ in range(iterations):
+        d, batch = self.damping, images.shape[0]
+        # every iteration's inputs and deltas, written in place: (iterations * B, ...) per layer
+        inputs_seen = [images.new_empty(iterations * batch, *layer.spec.input_shape) for layer in self.layers]
+        deltas = [images.new_empty(iterations * batch, *self.map_shape) for _ in self.layers]
+        losses = [torch.zeros((), device=images.device) for _ in self.layers]
+        for t in range(iterations):
+            rows = slice(t * batch, (t + 1) * batch)
+            inputs = self.layer_inputs(states, images, [seen[rows] for seen in inputs_seen])
             new_states = []
-            for l, (x, h) in enumerate(zip(self.layer_inputs(states, images), states)):
+            for l, (x, h) in enumerate(zip(inputs, states)):
                 active = self._activities(l, x, drive)
                 state = d * h + (1.0 - d) * active
                 g = self.goodness_of(state)
                 losses[l] = losses[l] + F.ff_loss(g[:n_pos], g[n_pos:], self.goodness_fn, self.threshold, self.temperature).float()
                 coef = F.loss_goodness_grad(g, n_pos, self.goodness_fn, self.threshold, self.temperature)
                 scale = (coef * ((1.0 - d) / iterations)).view(-1, 1, 1, 1)
-                deltas[l].append(scale * F.goodness_activity_grad(state, self.goodness_fn) * (active > 0))
-                inputs_seen[l].append(x)
+                torch.mul(scale * F.goodness_activity_grad(state, self.goodness_fn), active > 0, out=deltas[l][rows])
                 new_states.append(state)
             states = new_states
         for l, layer in enumerate(self.layers):
             for param in (layer.weight, layer.bias):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            deltas[l] = torch.cat(deltas[l])
-            local_delta_grad_(torch.cat(inputs_seen[l]), deltas[l], layer.spec, layer.weight.grad, layer.bias.grad,
-                              self.backend)
+            local_delta_grad_(inputs_seen[l], deltas[l], layer.spec, layer.weight.grad, layer.bias.grad, self.backend)
         if self.label_weight.grad is None:
             self.label_weight.grad = torch.zeros_like(self.label_weight)
         self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(iterations, 1))
