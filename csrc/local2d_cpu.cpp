@@ -45,7 +45,7 @@ struct BatchTiles {
   int tiles;
   int64_t tile_stride, entry_stride;  // kTileMajor: (D + 1) * kBatchTile and kBatchTile;
                                       // kEntryMajor: kBatchTile and (tiles + 1) * kBatchTile
-  std::vector<float> data;
+  AlignedVector<float> data;
 
   BatchTiles(const float* x, int B, int D, TileOrder order, int num_threads)
       : tiles((B + kBatchTile * kTilesPerItem - 1) / (kBatchTile * kTilesPerItem) * kTilesPerItem),
@@ -97,7 +97,7 @@ struct WindowRows {
 struct ForwardScratch {
   static constexpr int kUnitStride = kTilesPerItem * kBatchTile;
   WindowRows rows;
-  std::vector<float> z;
+  AlignedVector<float> z;
 
   explicit ForwardScratch(const Local2dShape& s) : rows(s), z(static_cast<size_t>(s.out_channels) * kUnitStride) {}
 };
@@ -109,7 +109,7 @@ struct UpdateScratch {
   std::vector<WindowRows> rows;  // one per location of the span
   int units;                     // delta rows per location
   int64_t delta_stride;          // (tiles + 1) * kBatchTile: one run of padding per row
-  std::vector<float> delta;
+  AlignedVector<float> delta;
 
   UpdateScratch(const Local2dShape& s, int tiles, int span, int units)
       : rows(span, WindowRows(s)),

@@ -65,7 +65,7 @@ struct RowRange {
 // One thread's scratch: transposed weights and biases of an output row (forward) or its
 // gradient sums (update), and the update's deltas of that row for every image.
 struct RowScratch {
-  std::vector<float> w, b, d;
+  AlignedVector<float> w, b, d;
   RowScratch(const RowGeometry& g, int update_images)
       : w(static_cast<size_t>(g.units) * g.K * g.width),
         b(static_cast<size_t>(g.units) * g.width),
@@ -77,7 +77,7 @@ struct RowScratch {
 // zeros after it; images B .. images - 1 are all zero.
 struct PaddedInput {
   int images, xwidth;
-  std::vector<float> data;
+  AlignedVector<float> data;
 
   PaddedInput(const float* x, const Local2dShape& s, const RowGeometry& g, int images_, int num_threads)
       : images(images_), xwidth(g.xwidth),

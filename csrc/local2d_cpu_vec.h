@@ -5,9 +5,12 @@
 // wide vectors. Other architectures get the 4-lane build.
 #pragma once
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
+#include <vector>
 
 #define FF_ALWAYS_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -45,6 +48,26 @@ FF_ALWAYS_INLINE typename VecOf<Lanes>::type load_vec(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+// Allocator of cache-line-aligned (64-byte) storage. Large blocks from plain new / malloc start
+// 16 bytes past a page boundary, so every 64-byte vector at a multiple of 16 floats from their
+// start would straddle two cache lines; from this storage none does.
+template <class T>
+struct CacheAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheAligned() = default;
+  template <class U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <class U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <class T>
+using AlignedVector = std::vector<T, CacheAligned<T>>;
 
 // The vector width of the widest build this CPU runs: 16 (AVX-512), 8 (AVX2 + FMA) or 4.
 // FF_KERNELS_CPU_ISA=base|avx2|avx512 in the environment caps it (for benchmarks and tests of
