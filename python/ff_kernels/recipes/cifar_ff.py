@@ -135,17 +135,22 @@ class CifarFFNet(nn.Module):
         return self.head(features.detach())
 
     @torch.no_grad()
-    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """Goodness for every label (B, 10): summed over the hidden layers and iterations
-        ``score_from..score_to`` with that label clamped, oriented so that higher is better.
+    def label_goodness(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Every hidden layer's goodness at t = 1..``iterations`` with each label clamped, oriented so
+        that higher is better: (iterations, 10, B, K) for standardized images (B, 3, 32, 32).
 
-        The net runs once on all 10 * B labelled copies of the standardized images (B, 3, 32, 32).
+        The net runs once on all 10 * B labelled copies of the images.
         """
-        c, batch = self.config, images.shape[0]
+        batch = images.shape[0]
         labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
-        g = self.net.goodness(images.repeat(NUM_CLASSES, 1, 1, 1), self.code(labels), c.score_to)  # (T, 10B, K)
-        scores = g[c.score_from - 1:].sum((0, 2)).view(NUM_CLASSES, batch).t()
-        return functional.goodness_sign(c.goodness) * scores
+        g = self.net.goodness(images.repeat(NUM_CLASSES, 1, 1, 1), self.code(labels), iterations)  # (T, 10B, K)
+        return functional.goodness_sign(self.config.goodness) * g.view(iterations, NUM_CLASSES, batch, -1)
+
+    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Goodness for every label (B, 10): :meth:`label_goodness` summed over the hidden layers
+        and iterations ``score_from..score_to``."""
+        c = self.config
+        return self.label_goodness(images, c.score_to)[c.score_from - 1:].sum((0, 3)).t()
 
 
 class CifarFF:

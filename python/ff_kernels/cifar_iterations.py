@@ -1,0 +1,128 @@
+"""Which iterations and hidden layers of a trained CIFAR-10 FF net tell the labels apart.
+
+    python -m ff_kernels.cifar_iterations RUN_DIR [--images 1000] [--set test] [--iterations 10]
+
+loads the checkpoint of an ``ff-train cifar`` run, runs the first ``--images`` images of an
+evaluation set ("test", "test_exact" or "train") with each of the 10 labels for ``--iterations``
+damped iterations, and prints the error of the "compute goodness for every label" test
+procedure with the goodness summed over each range of iterations (``--ranges``, e.g.
+``1-3,4-6``), for every hidden layer alone and for all of them. The recipe's own procedure is
+all layers over iterations ``score_from..score_to`` (the paper's 4-6), marked in the table; the
+last line gives the one-pass softmax's error on the same images.
+
+A net trained on its FF losses at iterations 1..N (``--train-iterations N``) may tell the
+labels apart at those iterations and not later: this shows where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .recipes.cifar_common import CifarData, standardize
+from .recipes.cifar_ff import LABEL_BATCH, CifarFF, CifarFFConfig
+from .train import CHECKPOINT, CONFIG, CheckpointError, load_checkpoint
+
+DEFAULT_RANGES = "1-1,1-3,1-6,4-6,7-10"
+
+
+def parse_ranges(text: str, iterations: int) -> list[tuple[int, int]]:
+    """"1-3,4-6" -> [(1, 3), (4, 6)]; every range must satisfy 1 <= first <= last <= iterations."""
+    ranges = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        if not (sep and first.isdigit() and last.isdigit()) or not 1 <= int(first) <= int(last) <= iterations:
+            raise ValueError(f"ranges must be FIRST-LAST with 1 <= FIRST <= LAST <= {iterations} (the iterations run), "
+                             f"separated by commas; got {part.strip()!r} in {text!r}")
+        ranges.append((int(first), int(last)))
+    return ranges
+
+
+def load_recipe(run_dir: str | Path, eval_subset: int, data_dir: str | None = None) -> CifarFF:
+    """The run's recipe with its checkpoint's weights; its evaluation sets hold the first
+    ``eval_subset`` images (the run's config, with ``eval_subset`` and, if given, ``data_dir``
+    replaced)."""
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / CONFIG).read_text())
+    if set(saved) != {f for f in CifarFFConfig.__dataclass_fields__}:
+        raise ValueError(f"{run_dir / CONFIG} is not the config of an ff-train cifar run; its keys are {sorted(saved)}")
+    config = CifarFFConfig(**{**saved, "eval_subset": eval_subset, "train_eval_subset": eval_subset,
+                              **({"data_dir": data_dir} if data_dir else {})})
+    recipe = CifarFF(config)
+    recipe.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, map_location=recipe.device)["model"])
+    return recipe
+
+
+@torch.no_grad()
+def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int,
+                     ranges: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], list[float]], float]:
+    """Errors of the goodness-over-labels procedure on uint8 ``images`` (N, 3, 32, 32) with int64
+    ``labels`` (N,): {(first, last): [layer 1, ..., layer K, all layers]}, goodness summed over
+    iterations first..last; and the one-pass softmax's error."""
+    scores = []  # (N, T, 10, K)
+    softmax_errors = 0
+    for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
+        x = standardize(x)
+        scores.append(recipe.model.label_goodness(x, iterations).permute(2, 0, 1, 3))
+        softmax_errors += int((recipe.model.head_logits(x).argmax(1) != y).sum())
+    g = torch.cat(scores)
+    depth = g.shape[-1]
+
+    def error(s: torch.Tensor) -> float:
+        return int((s.argmax(1) != labels).sum()) / len(labels)
+
+    table = {}
+    for first, last in ranges:
+        summed = g[:, first - 1:last].sum(1)  # (N, 10, K)
+        table[(first, last)] = [error(summed[..., k]) for k in range(depth)] + [error(summed.sum(2))]
+    return table, softmax_errors / len(labels)
+
+
+def format_table(table: dict[tuple[int, int], list[float]], softmax_error: float, scored: tuple[int, int]) -> str:
+    """The errors of :func:`iteration_errors` as a markdown table, in percent."""
+    depth = len(next(iter(table.values()))) - 1
+    lines = ["| iterations | " + " | ".join(f"layer {k + 1}" for k in range(depth)) + " | all layers |",
+             "|---|" + "---|" * (depth + 1)]
+    for (first, last), errors in table.items():
+        mark = " (the recipe's test)" if (first, last) == scored else ""
+        lines.append(f"| {first}-{last}{mark} | " + " | ".join(f"{100 * e:.1f}" for e in errors) + " |")
+    lines.append(f"\none-pass softmax: {100 * softmax_error:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ff_kernels.cifar_iterations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="an ff-train cifar run directory (config.json, checkpoint.pt)")
+    parser.add_argument("--images", type=int, default=1000, help="first N images of the set (default %(default)s)")
+    parser.add_argument("--set", default="test", choices=("test", "test_exact", "train"), help="default %(default)s")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations to run (default %(default)s)")
+    parser.add_argument("--ranges", default=DEFAULT_RANGES, help="iteration ranges to score (default %(default)s)")
+    parser.add_argument("--data-dir", help="CIFAR-10 folder, if not the one saved in the run's config")
+    args = parser.parse_args(argv)
+    try:
+        if args.images < 1 or args.iterations < 1:
+            raise ValueError(f"--images and --iterations must be >= 1, got {args.images} and {args.iterations}")
+        ranges = parse_ranges(args.ranges, args.iterations)
+        recipe = load_recipe(args.run_dir, args.images, args.data_dir)
+        data: CifarData = recipe.data
+        if args.set not in data.eval_sets:
+            raise ValueError(f"the run's data has no {args.set!r} set; it has {sorted(data.eval_sets)}")
+        images, labels = data.eval_sets[args.set]
+        table, softmax_error = iteration_errors(recipe, images[:args.images], labels[:args.images], args.iterations,
+                                                ranges)
+    except (OSError, ValueError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    c = recipe.config
+    print(f"{args.run_dir}: {args.set}, first {len(labels[:args.images])} images, {args.iterations} iterations, "
+          f"trained on iterations 1-{c.train_iterations}")
+    print(format_table(table, softmax_error, (c.score_from, c.score_to)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""ff_kernels.cifar_iterations: the goodness test by layer and iteration range of a trained run."""
+
+import pytest
+import torch
+from test_cifar_recipes import SMALL_FF, class_coded_data
+
+from ff_kernels import cifar_iterations, functional
+from ff_kernels.recipes import cifar_ff
+from ff_kernels.recipes.cifar_common import standardize
+from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-epoch min-ssq run of depth 2 on the class-coded images, and its data."""
+    data = class_coded_data(40)
+    run_dir = tmp_path_factory.mktemp("run")
+    train(CifarFF(CifarFFConfig(depth=2, goodness="neg_ssq", epochs=2, **SMALL_FF), data=data), run_dir, progress=False)
+    return run_dir, data
+
+
+def loaded(run_dir, data, monkeypatch):
+    monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: data)
+    return cifar_iterations.load_recipe(run_dir, eval_subset=20)
+
+
+def test_the_recipes_range_over_all_layers_is_its_test_procedure(trained_run, monkeypatch):
+    run_dir, data = trained_run
+    recipe = loaded(run_dir, data, monkeypatch)
+    images, labels = data.eval_sets["test"]
+    c = recipe.config
+    table, softmax = cifar_iterations.iteration_errors(recipe, images, labels, 4, [(c.score_from, c.score_to), (1, 1)])
+    metrics = recipe.evaluate()
+    assert table[(c.score_from, c.score_to)][-1] == metrics["test_error"]
+    assert softmax == metrics["test_error_softmax"]
+    assert len(table[(1, 1)]) == 3  # layer 1, layer 2, all layers
+
+
+def test_one_layer_at_one_iteration_matches_the_states_of_run(trained_run, monkeypatch):
+    run_dir, data = trained_run
+    recipe = loaded(run_dir, data, monkeypatch)
+    images, labels = data.eval_sets["test"]
+    table, _ = cifar_iterations.iteration_errors(recipe, images, labels, 3, [(2, 2), (1, 3)])
+    net, x = recipe.model.net, standardize(images)
+    good = torch.zeros(3, len(labels), 10, 2, dtype=torch.float64)  # (t, image, label, layer)
+    for label in range(10):
+        code = recipe.model.code(torch.full((len(labels),), label))
+        for t, states in enumerate(net.run(x, code, 3)[1:]):
+            for k, state in enumerate(states):
+                good[t, :, label, k] = functional.goodness(state.flatten(1), net.goodness_fn).double()
+    good = -good  # min ssq: low goodness means positive
+
+    def error(scores):
+        return float((scores.argmax(1) != labels).float().mean())
+
+    assert table[(2, 2)] == pytest.approx([error(good[1, ..., 0]), error(good[1, ..., 1]), error(good[1].sum(2))])
+    assert table[(1, 3)][-1] == pytest.approx(error(good.sum((0, 3))))
+
+
+def test_main_prints_the_table_and_names_bad_input(trained_run, monkeypatch, capsys):
+    run_dir, data = trained_run
+    monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: data)
+    assert cifar_iterations.main([str(run_dir), "--images", "20", "--iterations", "4", "--ranges", "1-2,2-3"]) == 0
+    out = capsys.readouterr().out
+    assert "| iterations | layer 1 | layer 2 | all layers |" in out
+    assert "| 2-3 (the recipe's test) |" in out and "one-pass softmax:" in out
+    assert cifar_iterations.main([str(run_dir), "--iterations", "4", "--ranges", "3-5"]) == 1
+    assert "1 <= FIRST <= LAST <= 4" in capsys.readouterr().err
+    assert cifar_iterations.main([str(run_dir), "--set", "test_exact"]) == 1
+    assert "no 'test_exact' set" in capsys.readouterr().err
+    assert cifar_iterations.main([str(run_dir.parent / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["4-2", "1-", "a-b", "0-1", "1-11"])
+def test_bad_ranges_are_refused(text):
+    with pytest.raises(ValueError, match="ranges must be FIRST-LAST"):
+        cifar_iterations.parse_ranges(text, 10)
