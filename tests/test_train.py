@@ -9,8 +9,17 @@ import torch
 
 from ff_kernels.cli import main
 from ff_kernels.data import mnist_splits
-from ff_kernels.recipes import SupervisedMNIST, SupervisedMNISTConfig
-from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, CheckpointError, atomic_write, load_checkpoint, train
+from ff_kernels.recipes import RECIPES, SupervisedMNIST, SupervisedMNISTConfig
+from ff_kernels.train import (
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_trained,
+    train,
+)
 
 from _paths import REPO_ROOT, require_mnist
 
@@ -64,6 +73,24 @@ def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
     torch.load(tmp_path / CHECKPOINT, weights_only=True)  # plain tensors and Python values only
     summary = json.loads((tmp_path / SUMMARY).read_text())
     assert summary["epoch"] == 1 and 0 <= summary["test_error"] <= 1 and summary["wall_s"] > 0
+
+
+def test_load_trained_rebuilds_the_run_with_overrides(data, mnist_dir, tmp_path):
+    trained = tiny_recipe(data, epochs=1)
+    train(trained, tmp_path, progress=False)
+    loaded, epochs = load_trained(SupervisedMNIST, tmp_path, data_dir=str(mnist_dir), eval_subset=50, lr=None)
+    assert epochs == 1 and loaded.config.eval_subset == 50 and loaded.config.lr == TINY["lr"]
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+
+
+def test_load_trained_refuses_a_run_of_another_recipe(data, tmp_path):
+    train(tiny_recipe(data, epochs=1), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"not the config of an ff-train cifar run: missing \[.*'damping'.*\], "
+                                              r"unexpected \[.*'width'.*\]"):
+        load_trained(RECIPES["cifar"], tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json in"):
+        load_trained(SupervisedMNIST, tmp_path / "absent")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

@@ -17,15 +17,14 @@ labels apart at those iterations and not later: this shows where.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from .recipes.cifar_common import CifarData, standardize
-from .recipes.cifar_ff import LABEL_BATCH, CifarFF, CifarFFConfig
-from .train import CHECKPOINT, CONFIG, CheckpointError, load_checkpoint
+from .recipes.cifar_ff import LABEL_BATCH, CifarFF
+from .train import CheckpointError, load_trained
 
 DEFAULT_RANGES = "1-1,1-3,1-6,4-6,7-10"
 
@@ -46,14 +45,8 @@ def load_recipe(run_dir: str | Path, eval_subset: int, data_dir: str | None = No
     """The run's recipe with its checkpoint's weights; its evaluation sets hold the first
     ``eval_subset`` images (the run's config, with ``eval_subset`` and, if given, ``data_dir``
     replaced)."""
-    run_dir = Path(run_dir)
-    saved = json.loads((run_dir / CONFIG).read_text())
-    if set(saved) != {f for f in CifarFFConfig.__dataclass_fields__}:
-        raise ValueError(f"{run_dir / CONFIG} is not the config of an ff-train cifar run; its keys are {sorted(saved)}")
-    config = CifarFFConfig(**{**saved, "eval_subset": eval_subset, "train_eval_subset": eval_subset,
-                              **({"data_dir": data_dir} if data_dir else {})})
-    recipe = CifarFF(config)
-    recipe.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, map_location=recipe.device)["model"])
+    recipe, _ = load_trained(CifarFF, run_dir, eval_subset=eval_subset, train_eval_subset=eval_subset,
+                             data_dir=data_dir)
     return recipe
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .data.aesop import ALPHABET, decode
-from .train import CHECKPOINT, CONFIG, METRICS, CheckpointError, load_checkpoint
+from .train import CONFIG, METRICS, CheckpointError, load_trained
 
 SAMPLES = "samples.txt"
 COLORS = {"teacher": "tab:blue", "generated": "tab:red", "sleep": "tab:orange", "random": "tab:gray"}
@@ -105,23 +105,15 @@ def write_samples(run_dir: str | os.PathLike, count: int = 5, seed: int = 0, dat
     (characters drawn from its softmax with a generator seeded by ``seed``); ``data_dir``
     overrides the run's data folder.
     """
-    from .recipes.aesop import AesopConfig, AesopFF
+    from .recipes.aesop import AesopFF
 
     run_dir = Path(run_dir)
-    config, metrics = read_run(run_dir)
-    if data_dir is not None:
-        config["data_dir"] = data_dir
-    config["device"] = "cpu"
-    try:
-        config = AesopConfig(**config)
-    except TypeError as err:
-        raise ValueError(f"{run_dir / CONFIG} does not fit this version's AesopConfig ({err})") from None
-    recipe = AesopFF(config)
-    recipe.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
+    recipe, epochs = load_trained(AesopFF, run_dir, data_dir=data_dir, device="cpu")
+    config = recipe.config
     real = recipe.train_strings[:count]
     generated = recipe.generate(real, torch.Generator().manual_seed(seed))
     c = config.context
-    lines = [f"{config.regime} after {metrics[-1]['epoch']} epochs; context | continuation"]
+    lines = [f"{config.regime} after {epochs} epochs; context | continuation"]
     for r, g in zip(real, generated):
         lines += [f"real:  {decode(r[:c])}|{decode(r[c:])}", f"model: {decode(g[:c])}|{decode(g[c:])}", ""]
     text = "\n".join(lines)

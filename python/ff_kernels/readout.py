@@ -38,7 +38,7 @@ from torch import nn
 from .data import DataError, MnistCorruptError, MnistMissingError
 from .recipes import RECIPES
 from .recipes.unsupervised_mnist import HybridFFNet, UnsupervisedMNIST
-from .train import CHECKPOINT, CONFIG, CheckpointError, atomic_write, load_checkpoint
+from .train import CheckpointError, atomic_write, load_trained
 
 READOUT = "readout.json"
 FEATURE_BATCH = 1000  # images per forward pass when computing the features
@@ -152,26 +152,13 @@ def frozen_features(model: HybridFFNet, images: torch.Tensor) -> torch.Tensor:
 
 
 def load_run(recipe_name: str, run_dir: Path, data_dir: str | None = None):
-    """The recipe ``recipe_name`` rebuilt from ``run_dir``'s config.json, with the weights of its
-    checkpoint; ``data_dir`` replaces the saved data folder when given."""
+    """(recipe, finished epochs): the hybrid-negative recipe ``recipe_name`` rebuilt from
+    ``run_dir`` (see :func:`~ff_kernels.train.load_trained`); ``data_dir`` replaces the saved
+    data folder when given."""
     if recipe_name not in HYBRID_RECIPES:
         raise ValueError(f"ff-readout refits the softmax of a hybrid-negative run: expected a recipe in "
                          f"{HYBRID_RECIPES}, got {recipe_name!r}")
-    config_path = run_dir / CONFIG
-    if not config_path.is_file():
-        raise CheckpointError(f"no {CONFIG} in {run_dir}: expected the directory of a finished ff-train run")
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    options = json.loads(config_path.read_text())
-    if data_dir is not None:
-        options["data_dir"] = data_dir
-    recipe_cls = RECIPES[recipe_name]
-    try:
-        config = recipe_cls.Config(**options)
-    except TypeError as err:
-        raise CheckpointError(f"{config_path} is not a {recipe_name!r} config ({err})") from err
-    recipe = recipe_cls(config)
-    recipe.model.load_state_dict(state["model"])
-    return recipe, state["epoch"]
+    return load_trained(RECIPES[recipe_name], run_dir, data_dir=data_dir)
 
 
 def readout_run(recipe_name: str, run_dir: str | Path, settings: ReadoutSettings = ReadoutSettings(),

@@ -154,6 +154,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def load_trained(recipe_cls: Callable[[Any], Recipe], run_dir: str | os.PathLike,
+                 **overrides: Any) -> tuple[Recipe, int]:
+    """Rebuild a finished or checkpointed run: ``(recipe, finished epochs)``.
+
+    ``recipe_cls`` (e.g. ``RECIPES["cifar"]``) is built from ``run_dir``'s config.json with
+    ``overrides`` applied (those given as None are skipped) and loads its checkpoint's weights.
+    The saved config must have exactly the fields of ``recipe_cls.Config``: a run of another
+    recipe raises CheckpointError naming the missing and unexpected fields.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG} in {run_dir}: expected the directory of an ff-train run")
+    saved = json.loads(config_path.read_text())
+    fields = {f.name for f in dataclasses.fields(recipe_cls.Config)}
+    if not isinstance(saved, dict) or saved.keys() != fields:
+        keys = set(saved) if isinstance(saved, dict) else set()
+        raise CheckpointError(f"{config_path} is not the config of an ff-train {recipe_cls.name} run: "
+                              f"missing {sorted(fields - keys)}, unexpected {sorted(keys - fields)}")
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    config = recipe_cls.Config(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    recipe = recipe_cls(config)
+    recipe.model.load_state_dict(state["model"])
+    return recipe, state["epoch"]
+
+
 def evaluation_due(finished_epochs: int, config: Any) -> bool:
     """Whether :func:`train` evaluates after ``finished_epochs``: after every
     ``config.eval_every``-th epoch (every epoch for a config without that field) and the last.
