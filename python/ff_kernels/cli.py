@@ -30,6 +30,7 @@ from .recipes import (
     UnsupervisedMNISTConfig,
 )
 from .recipes.checks import add_mnist_subset_arguments
+from .recipes.schedule import LR_SCHEDULES, SCHEDULE_HELP
 from .train import CHECKPOINT, CONFIG, CheckpointError, train
 
 
@@ -57,8 +58,8 @@ def _add_supervised_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")
     parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
     parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
-    parser.add_argument("--lr-schedule", choices=("half_linear", "constant"),
-                        help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
     parser.add_argument("--head-lr", type=float, help=f"learning rate of the softmax head (default {d.head_lr:g})")
     parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
     parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")
@@ -121,8 +122,8 @@ def _add_hybrid_arguments(parser: argparse.ArgumentParser, d) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d.optimizer}")
     parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
     parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
-    parser.add_argument("--lr-schedule", choices=("half_linear", "constant"),
-                        help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
     parser.add_argument("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
     parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
     parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")

@@ -60,7 +60,7 @@ from ..data.char_windows import one_hot_rows, prediction_windows, target_windows
 from ..nn import FFLinear, FFSequential
 from .checks import check_choices, check_sgd_settings
 from .layers import normal_init_, peer_norm_for
-from .schedule import LR_SCHEDULES, EpochLR, lr_factor
+from .schedule import LR_SCHEDULES, SCHEDULE_HELP, EpochLR, lr_factor
 from .supervised_mnist import INITS, OPTIMIZERS, SupervisedMNISTConfig
 
 SUPERVISED = SupervisedMNISTConfig
@@ -383,7 +383,7 @@ class AesopFF:
         parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
         parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
         parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                            help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+                            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
         parser.add_argument("--head-lr", type=float, help=f"Adam learning rate of the softmax (default {d.head_lr:g})")
         parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
         parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")

@@ -53,7 +53,7 @@ from .cifar_common import (
     load_data,
     standardize,
 )
-from .schedule import LR_SCHEDULES, epoch_schedule
+from .schedule import LR_SCHEDULES, SCHEDULE_HELP, epoch_schedule
 
 OPTIMIZERS = ("sgd", "adam")
 NEGATIVES = ("hard", "random")
@@ -243,7 +243,7 @@ class CifarFF:
         add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
         add("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
         add("--lr-schedule", choices=LR_SCHEDULES,
-            help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
         add("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
         add("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
         add("--negatives", choices=NEGATIVES, help=f"wrong-label choice (default {d.negatives})")

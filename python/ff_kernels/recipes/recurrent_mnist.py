@@ -44,7 +44,7 @@ from ..data import MnistSplits, hard_wrong_labels, random_wrong_labels
 from ..nn.recurrent import INITS, FFRecurrent
 from .checks import add_mnist_subset_arguments, check_choices, check_sgd_settings
 from .mnist_setup import attach_mnist
-from .schedule import LR_SCHEDULES, epoch_schedule
+from .schedule import LR_SCHEDULES, SCHEDULE_HELP, epoch_schedule
 from .supervised_mnist import EVAL_BATCH, INPUT_NORM_EPS, NUM_CLASSES, NUM_PIXELS
 
 NEGATIVES = ("hard", "random")
@@ -260,7 +260,7 @@ class RecurrentMNIST:
         add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
         add("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
         add("--lr-schedule", choices=LR_SCHEDULES,
-            help=f"half_linear: constant, then linear decay over the second half (default {d.lr_schedule})")
+            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
         add("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
         add("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
         add("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")

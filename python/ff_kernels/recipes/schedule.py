@@ -1,14 +1,17 @@
 """The learning-rate schedule of the recipes: a factor per epoch, stepped once per epoch.
 
 The schedules follow ffnew.m (Hinton's Matlab code for the paper): "half_linear" keeps the
-learning rate for the first half of the epochs, then lowers it linearly; "constant" keeps it.
+learning rate for the first half of the epochs, then lowers it linearly; "linear" lowers it
+linearly from the first epoch on; "constant" keeps it.
 """
 
 from __future__ import annotations
 
 import torch
 
-LR_SCHEDULES = ("half_linear", "constant")
+LR_SCHEDULES = ("half_linear", "linear", "constant")
+SCHEDULE_HELP = ("half_linear: constant, then linear decay over the second half; linear: linear decay from the "
+                 "first epoch")
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -16,8 +19,11 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
     "half_linear" (ffnew.m's epsgain): 1 while ``epoch <= epochs / 2``, then
     ``(1 + 2 * (epochs - epoch)) / epochs``, which falls linearly to ``1 / epochs`` in the
-    last epoch. "constant": 1.
+    last epoch. "linear": ``(epochs - epoch + 1) / epochs``, from 1 down to ``1 / epochs``.
+    "constant": 1.
     """
+    if schedule == "linear":
+        return (epochs - epoch + 1) / epochs
     if schedule == "constant" or epoch <= epochs / 2:
         return 1.0
     return max(1.0 + 2.0 * (epochs - epoch), 1.0) / epochs
