@@ -77,3 +77,34 @@ def test_main_prints_the_table_and_names_bad_input(trained_run, monkeypatch, cap
 def test_bad_ranges_are_refused(text):
     with pytest.raises(ValueError, match="ranges must be FIRST-LAST"):
         cifar_iterations.parse_ranges(text, 10)
+
+
+def test_logit_levels_match_the_goodness_of_run(trained_run, monkeypatch):
+    run_dir, data = trained_run
+    recipe = loaded(run_dir, data, monkeypatch)
+    images, labels = data.eval_sets["test"]
+    levels = cifar_iterations.logit_levels(recipe, images, labels, 2)
+    net, x = recipe.model.net, standardize(images)
+    logit = torch.zeros(2, len(labels), 10, 2, dtype=torch.float64)  # (t, image, label, layer)
+    for label in range(10):
+        code = recipe.model.code(torch.full((len(labels),), label))
+        for t, states in enumerate(net.run(x, code, 2)[1:]):
+            for k, state in enumerate(states):
+                g = functional.goodness(state.flatten(1), net.goodness_fn).double()
+                logit[t, :, label, k] = net.threshold - g  # min ssq, temperature 1: positive when G < N
+    true = torch.nn.functional.one_hot(labels, 10).bool()
+    pos, neg = logit[:, true], logit[:, ~true]  # (t, N, layer), (t, 9N, layer)
+    assert levels.shape == (2, 2, 4)
+    assert levels[..., 0] == pytest.approx(pos.mean(1), rel=1e-5, abs=1e-3)
+    assert levels[..., 1] == pytest.approx(neg.mean(1), rel=1e-5, abs=1e-3)
+    assert levels[..., 2] == pytest.approx((pos > 0).double().mean(1))
+    assert levels[..., 3] == pytest.approx((neg < 0).double().mean(1))
+
+
+def test_main_prints_the_logit_levels(trained_run, monkeypatch, capsys):
+    run_dir, data = trained_run
+    monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: data)
+    assert cifar_iterations.main([str(run_dir), "--images", "20", "--iterations", "3", "--ranges", "1-3", "--logits"]) == 0
+    out = capsys.readouterr().out
+    assert "| iteration | layer | mean logit, true label |" in out
+    assert out.count("\n| 3 | ") == 2  # iteration 3, layers 1 and 2

@@ -1,6 +1,6 @@
 """Which iterations and hidden layers of a trained CIFAR-10 FF net tell the labels apart.
 
-    python -m ff_kernels.cifar_iterations RUN_DIR [--images 1000] [--set test] [--iterations 10]
+    python -m ff_kernels.cifar_iterations RUN_DIR [--images 1000] [--set test] [--iterations 10] [--logits]
 
 loads the checkpoint of an ``ff-train cifar`` run, runs the first ``--images`` images of an
 evaluation set ("test", "test_exact" or "train") with each of the 10 labels for ``--iterations``
@@ -8,7 +8,9 @@ damped iterations, and prints the error of the "compute goodness for every label
 procedure with the goodness summed over each range of iterations (``--ranges``, e.g.
 ``1-3,4-6``), for every hidden layer alone and for all of them. The recipe's own procedure is
 all layers over iterations ``score_from..score_to`` (the paper's 4-6), marked in the table; the
-last line gives the one-pass softmax's error on the same images.
+last line gives the one-pass softmax's error on the same images. ``--logits`` adds what each
+layer's FF loss sees at every iteration: the mean logit of p(positive) with the true and with the
+wrong labels, and the share of each on the right side of the threshold.
 
 A net trained on its FF losses at iterations 1..N (``--train-iterations N``) may tell the
 labels apart at those iterations and not later: this shows where.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import functional
 from .recipes.cifar_common import CifarData, standardize
 from .recipes.cifar_ff import LABEL_BATCH, CifarFF
 from .train import CheckpointError, load_trained
@@ -75,6 +78,33 @@ def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor
     return table, softmax_errors / len(labels)
 
 
+@torch.no_grad()
+def logit_levels(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """What each layer's FF loss sees at every iteration, on uint8 ``images`` (N, 3, 32, 32) with
+    int64 ``labels`` (N,): (iterations, K, 4) float64 holding, per iteration and hidden layer, the
+    mean logit of p(positive) with the true label clamped, its mean with each wrong label, and the
+    share of true-label and of wrong-label rows on the right side of the threshold (logit > 0
+    and < 0)."""
+    net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
+    logits = torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(standardize(x), iterations),
+                                                  net.goodness_fn, net.threshold, net.temperature).double()
+                        for x in images.split(LABEL_BATCH)], dim=2)  # (T, 10, N, K)
+    true = torch.nn.functional.one_hot(labels, logits.shape[1]).t().bool()  # (10, N)
+    pos, neg = logits[:, true], logits[:, ~true]  # (T, N, K), (T, 9N, K)
+    return torch.stack([pos.mean(1), neg.mean(1), (pos > 0).double().mean(1), (neg < 0).double().mean(1)], dim=2)
+
+
+def format_levels(levels: torch.Tensor) -> str:
+    """The output of :func:`logit_levels` as a markdown table (logits to 1 decimal, shares in percent)."""
+    header = ("| iteration | layer | mean logit, true label | mean logit, wrong labels | true right side % | "
+              "wrong right side % |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for t, per_layer in enumerate(levels.tolist()):
+        for k, (pos, neg, pos_right, neg_right) in enumerate(per_layer):
+            lines.append(f"| {t + 1} | {k + 1} | {pos:.1f} | {neg:.1f} | {100 * pos_right:.1f} | {100 * neg_right:.1f} |")
+    return "\n".join(lines)
+
+
 def format_table(table: dict[tuple[int, int], list[float]], softmax_error: float, scored: tuple[int, int]) -> str:
     """The errors of :func:`iteration_errors` as a markdown table, in percent."""
     depth = len(next(iter(table.values()))) - 1
@@ -95,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=10, help="iterations to run (default %(default)s)")
     parser.add_argument("--ranges", default=DEFAULT_RANGES, help="iteration ranges to score (default %(default)s)")
     parser.add_argument("--data-dir", help="CIFAR-10 folder, if not the one saved in the run's config")
+    parser.add_argument("--logits", action="store_true",
+                        help="also print each layer's mean logit of p(positive) at every iteration, for the true "
+                             "and the wrong labels: what its FF loss sees")
     args = parser.parse_args(argv)
     try:
         if args.images < 1 or args.iterations < 1:
@@ -105,15 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.set not in data.eval_sets:
             raise ValueError(f"the run's data has no {args.set!r} set; it has {sorted(data.eval_sets)}")
         images, labels = data.eval_sets[args.set]
-        table, softmax_error = iteration_errors(recipe, images[:args.images], labels[:args.images], args.iterations,
-                                                ranges)
+        images, labels = images[:args.images], labels[:args.images]
+        table, softmax_error = iteration_errors(recipe, images, labels, args.iterations, ranges)
+        levels = logit_levels(recipe, images, labels, args.iterations) if args.logits else None
     except (OSError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     c = recipe.config
-    print(f"{args.run_dir}: {args.set}, first {len(labels[:args.images])} images, {args.iterations} iterations, "
+    print(f"{args.run_dir}: {args.set}, first {len(labels)} images, {args.iterations} iterations, "
           f"trained on iterations 1-{c.train_iterations}")
     print(format_table(table, softmax_error, (c.score_from, c.score_to)))
+    if levels is not None:
+        print(f"\nlogit of p(positive) = {functional.goodness_sign(c.goodness):+g} * (G - {recipe.model.net.threshold:g}) / "
+              f"{recipe.model.net.temperature:g}; 'right side': > 0 for the true label, < 0 for a wrong one\n")
+        print(format_levels(levels))
     return 0
 
 
