@@ -211,6 +211,8 @@ def test_configs_reject_bad_values(config_cls):
 def test_ff_config_checks_the_scored_iterations_and_choices():
     with pytest.raises(ValueError, match="score_from <= score_to"):
         CifarFFConfig(score_from=5, score_to=4)
+    with pytest.raises(ValueError, match="train_from <= train_iterations, got 4, 3"):
+        CifarFFConfig(train_from=4, train_iterations=3)
     with pytest.raises(ValueError, match="goodness must be one of"):
         CifarFFConfig(goodness="max")
     with pytest.raises(ValueError, match="damping must be in"):

@@ -75,22 +75,24 @@ class Naive:
                             for l, h in enumerate(states)])
         return history
 
-    def grads(self, images, labels, n_pos, iterations):
-        """Autograd of sum_l mean_t FF loss_l(t) with neighbours and previous states detached."""
+    def grads(self, images, labels, n_pos, iterations, first=1):
+        """Autograd of sum_l mean_{t >= first} FF loss_l(t) with neighbours and previous states detached."""
         params = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for w, b in self.params]
         label_weight = self.label_weight.clone().requires_grad_()
         net, d = self.net, self.net.damping
         with torch.no_grad():
             states = self.initial(images, labels)
         total = 0.0
-        for _ in range(iterations):
+        for t in range(1, iterations + 1):
             below, above = self.neighbours(states, images)
             new = []
             for l, h in enumerate(states):
                 z = self.preactivation(l, below[l], above[l], labels, params, label_weight)
                 state = d * h + (1 - d) * torch.relu(z)
                 g = F.goodness(state.flatten(1), net.goodness_fn)
-                total = total + F.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature) / iterations
+                if t >= first:
+                    loss = F.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
+                    total = total + loss / (iterations - first + 1)
                 new.append(state.detach())
             states = new
         total.backward()
@@ -149,15 +151,16 @@ def test_label_changes_the_last_layer_at_t0_and_the_others_later():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("goodness", ["ssq", "neg_ssq", "sum"])
-@pytest.mark.parametrize("depth,n_pos,n_neg", [(2, 1, 1), (3, 3, 2), (2, 1, 0)])
-def test_ff_backward_matches_autograd(backend, goodness, depth, n_pos, n_neg):
+@pytest.mark.parametrize("depth,n_pos,n_neg,first", [(2, 1, 1, 1), (3, 3, 2, 1), (2, 1, 0, 1), (2, 2, 1, 2),
+                                                     (3, 1, 2, 3)])
+def test_ff_backward_matches_autograd(backend, goodness, depth, n_pos, n_neg, first):
     dtype = torch.float64 if backend == "reference" else torch.float32
     net = make_net(depth, goodness, backend, dtype, seed=depth)
     images, labels = inputs(n_pos + n_neg, seed=7, dtype=dtype, device=net.label_weight.device)
     g = net.goodness(images, labels, 3)
     net.threshold, net.temperature = float(g.mean()), float(g.std()) + 1.0  # logits away from saturation
-    losses = net.ff_backward(images, labels, n_pos, iterations=3)
-    (ref, ref_label) = Naive(net).grads(images.double(), labels.double(), n_pos, 3)
+    losses = net.ff_backward(images, labels, n_pos, iterations=3, first=first)
+    (ref, ref_label) = Naive(net).grads(images.double(), labels.double(), n_pos, 3, first)
     assert len(losses) == depth
     tol = {"rtol": 2e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
     for l, (layer, (grad_w, grad_b)) in enumerate(zip(net.layers, ref)):
@@ -193,5 +196,7 @@ def test_bad_inputs_name_what_was_expected():
         net.run(images, labels, 0)
     with pytest.raises(ValueError, match="n_pos must be in 0..2"):
         net.ff_backward(images, labels, 3, 1)
+    with pytest.raises(ValueError, match=r"first must be an int in 1..iterations \(2\), got 3"):
+        net.ff_backward(images, labels, 1, 2, first=3)
     with pytest.raises(ValueError, match="kernel must be an odd int"):
         FFRecurrentLocal(IMAGE, kernel=4)

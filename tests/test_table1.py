@@ -70,14 +70,15 @@ def test_exact_test_set_and_unfinished_runs(tmp_path):
 
 
 def test_runs_not_yet_evaluated_show_running(tmp_path):
-    fresh = fake_run(tmp_path / "fresh", CifarFFConfig(depth=2, goodness="neg_ssq", epochs=6, train_iterations=3),
+    fresh = fake_run(tmp_path / "fresh", CifarFFConfig(depth=2, goodness="neg_ssq", epochs=6, train_iterations=3,
+                                                       train_from=2),
                      [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5}])
     started = fake_run(tmp_path / "started", CifarBackpropConfig(depth=3, epochs=20), [])
     text = table1.table1([table1.load_run(fresh), table1.load_run(started)])
     assert row(text, "FF min ssq", "compute goodness for every label") == ["running", "running", "—", "—"]
     assert row(text, "FF min ssq", "one-pass softmax") == ["running", "running", "—", "—"]
     assert row(text, "BP", "softmax") == ["—", "—", "running", "running"]
-    assert (f"`{fresh}`: cifar, depth 2, goodness neg_ssq, 6 epochs, FF losses at iterations 1-3 "
+    assert (f"`{fresh}`: cifar, depth 2, goodness neg_ssq, 6 epochs, FF losses at iterations 2-3 "
             f"(running: epoch 2 of 6, not evaluated yet)") in text
     assert f"`{started}`: cifar-backprop, depth 3, 20 epochs (running: epoch 0 of 20, not evaluated yet)" in text
 
@@ -107,3 +108,13 @@ def test_main_prints_the_table_or_the_error(tmp_path, capsys):
     assert row(capsys.readouterr().out, "BP", "softmax") == ["12.0", "38.0 / 37.0", "—", "—"]
     assert table1.main([str(tmp_path / "missing")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_train_from_existed_trained_from_iteration_1(tmp_path):
+    old = fake_run(tmp_path / "old", CifarFFConfig(depth=2, goodness="ssq", epochs=4), [ff_metrics(4, 0.2, 0.4, 0.41)])
+    config = json.loads((old / CONFIG).read_text())
+    del config["train_from"]
+    (old / CONFIG).write_text(json.dumps(config))
+    assert table1.load_run(old).trained_iterations == (1, 6)
+    assert row(table1.table1([table1.load_run(old)]), "FF max ssq", "compute goodness for every label")[:2] == [
+        "20.0", "40.0 / 41.0"]

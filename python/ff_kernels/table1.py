@@ -21,7 +21,6 @@ procedures of :mod:`ff_kernels.recipes.cifar_ff` ("compute goodness for every la
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from .recipes.cifar_backprop import CifarBackpropConfig
 from .recipes.cifar_ff import CifarFFConfig
-from .train import CONFIG, METRICS
+from .train import CONFIG, METRICS, config_mismatch
 
 DEPTHS = (2, 3)
 # (learning procedure, testing procedure, recipe, goodness or None, metric suffix)
@@ -40,21 +39,20 @@ ROWS = (
     ("FF max ssq", "compute goodness for every label", "cifar", "ssq", ""),
     ("FF max ssq", "one-pass softmax", "cifar", "ssq", "_softmax"),
 )
-_FIELDS = {"cifar": {f.name for f in dataclasses.fields(CifarFFConfig)},
-           "cifar-backprop": {f.name for f in dataclasses.fields(CifarBackpropConfig)}}
+_CONFIGS = {"cifar": CifarFFConfig, "cifar-backprop": CifarBackpropConfig}
 
 
 @dataclass(frozen=True)
 class CifarRun:
-    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and training
-    iterations (FF only, else None), planned epochs, the last finished epoch and that of the last
+    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and the first and
+    last iteration with an FF loss (FF only, else None), planned epochs, the last finished epoch and that of the last
     evaluated epoch's metrics (``epoch`` among them; empty before the first evaluation)."""
 
     path: Path
     recipe: str
     depth: int
     goodness: str | None
-    train_iterations: int | None
+    trained_iterations: tuple[int, int] | None
     epochs: int
     last_epoch: int
     metrics: dict
@@ -69,11 +67,18 @@ class CifarRun:
         if self.goodness is not None:
             text += f", goodness {self.goodness}"
         text += f", {self.epochs} epochs"
-        if self.train_iterations is not None:
-            text += f", FF losses at iterations 1-{self.train_iterations}"
+        if self.trained_iterations is not None:
+            text += ", FF losses at iterations {}-{}".format(*self.trained_iterations)
         if not self.metrics:
             return text + f" (running: epoch {self.last_epoch} of {self.epochs}, not evaluated yet)"
         return text + ("" if self.finished else f" (epoch {self.metrics['epoch']} of {self.epochs})")
+
+
+def _trained_iterations(config: dict) -> tuple[int, int] | None:
+    """(first, last) iteration of an FF run's losses (``train_from`` is absent from older runs: 1); None for BP."""
+    if "train_iterations" not in config:
+        return None
+    return config.get("train_from", 1), config["train_iterations"]
 
 
 def load_run(path: str | Path) -> CifarRun:
@@ -84,7 +89,7 @@ def load_run(path: str | Path) -> CifarRun:
     """
     path = Path(path)
     config = json.loads((path / CONFIG).read_text())
-    recipe = next((name for name, fields in _FIELDS.items() if set(config) == fields), None)
+    recipe = next((name for name, cls in _CONFIGS.items() if config_mismatch(cls, config) is None), None)
     if recipe is None:
         raise ValueError(f"{path / CONFIG} is not the config of an ff-train cifar or cifar-backprop run; "
                          f"its keys are {sorted(config)}")
@@ -92,7 +97,7 @@ def load_run(path: str | Path) -> CifarRun:
         raise ValueError(f"{path / CONFIG} is a --validation run: it has no test error for Table 1")
     epochs = list(map(json.loads, (path / METRICS).read_text().splitlines()))
     evaluated = [m for m in epochs if "test_error" in m]
-    return CifarRun(path, recipe, config["depth"], config.get("goodness"), config.get("train_iterations"),
+    return CifarRun(path, recipe, config["depth"], config.get("goodness"), _trained_iterations(config),
                     config["epochs"], epochs[-1]["epoch"] if epochs else 0, evaluated[-1] if evaluated else {})
 
 

@@ -154,25 +154,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def config_mismatch(config_cls: type, saved: dict) -> str | None:
+    """Why ``saved`` (a run's config.json) is not a ``config_cls`` config, or None when it is.
+
+    Its keys must be fields of ``config_cls``; it may lack fields that have defaults (fields added
+    since the run: their defaults keep the behaviour the run had).
+    """
+    fields = dataclasses.fields(config_cls)
+    unexpected = sorted(set(saved) - {f.name for f in fields})
+    missing = sorted(f.name for f in fields if f.name not in saved
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return f"missing {missing}, unexpected {unexpected}" if unexpected or missing else None
+
+
 def load_trained(recipe_cls: Callable[[Any], Recipe], run_dir: str | os.PathLike,
                  **overrides: Any) -> tuple[Recipe, int]:
     """Rebuild a finished or checkpointed run: ``(recipe, finished epochs)``.
 
     ``recipe_cls`` (e.g. ``RECIPES["cifar"]``) is built from ``run_dir``'s config.json with
     ``overrides`` applied (those given as None are skipped) and loads its checkpoint's weights.
-    The saved config must have exactly the fields of ``recipe_cls.Config``: a run of another
-    recipe raises CheckpointError naming the missing and unexpected fields.
+    A config that does not fit ``recipe_cls.Config`` (see :func:`config_mismatch`), e.g. a run
+    of another recipe, raises CheckpointError naming the fields.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG
     if not config_path.is_file():
         raise CheckpointError(f"no {CONFIG} in {run_dir}: expected the directory of an ff-train run")
     saved = json.loads(config_path.read_text())
-    fields = {f.name for f in dataclasses.fields(recipe_cls.Config)}
-    if not isinstance(saved, dict) or saved.keys() != fields:
-        keys = set(saved) if isinstance(saved, dict) else set()
-        raise CheckpointError(f"{config_path} is not the config of an ff-train {recipe_cls.name} run: "
-                              f"missing {sorted(fields - keys)}, unexpected {sorted(keys - fields)}")
+    mismatch = config_mismatch(recipe_cls.Config, saved) if isinstance(saved, dict) else "not a JSON object"
+    if mismatch:
+        raise CheckpointError(f"{config_path} is not the config of an ff-train {recipe_cls.name} run: {mismatch}")
     state = load_checkpoint(run_dir / CHECKPOINT)
     config = recipe_cls.Config(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
     recipe = recipe_cls(config)
@@ -190,8 +201,10 @@ def evaluation_due(finished_epochs: int, config: Any) -> bool:
     return finished_epochs % getattr(config, "eval_every", 1) == 0 or finished_epochs >= config.epochs
 
 
-def _check_resumable(saved: dict, current: dict, path: Path) -> None:
-    """The resumed config may differ from the saved one only in RESUMABLE_FIELDS."""
+def _check_resumable(saved: dict, current: dict, path: Path, defaults: dict) -> None:
+    """The resumed config may differ from the saved one only in RESUMABLE_FIELDS; a field the
+    saved one lacks (added since the run) counts as its default from ``defaults``."""
+    saved = {**defaults, **saved}
     changed = {k for k in saved.keys() | current.keys() if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)}
     if changed:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in sorted(changed))
@@ -268,7 +281,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
     scheduler = getattr(recipe, "scheduler", None)
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
-        _check_resumable(state["config"], config, checkpoint_path)
+        defaults = {f.name: f.default for f in dataclasses.fields(recipe.config) if f.default is not dataclasses.MISSING}
+        _check_resumable(state["config"], config, checkpoint_path, defaults)
         recipe.model.load_state_dict(state["model"])
         recipe.optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:

@@ -26,7 +26,7 @@ t = 0, so the bottom-up pass with a neutral label is the paper's "one-pass" net.
 
 Training (:meth:`FFRecurrentLocal.ff_backward`) runs ``iterations`` synchronous iterations with the
 weights fixed and adds to ``.grad`` the gradient of each layer's FF loss averaged over
-t = 1..iterations, with the neighbours' states and the layer's own previous state held constant
+t = first..iterations (default first = 1), with the neighbours' states and the layer's own previous state held constant
 (no derivative crosses a layer or a time step). With ``c = dL/dG`` per image,
 
     delta_l(t) = c * (1 - d) * dG/dh(h_l(t)) * 1[z_l(t) > 0]     (B, C, H, W)
@@ -235,26 +235,34 @@ class FFRecurrentLocal(nn.Module):
     # ------------------------------------------------------------ training
 
     @torch.no_grad()
-    def ff_backward(self, images: torch.Tensor, labels: torch.Tensor, n_pos: int, iterations: int) -> list[torch.Tensor]:
+    def ff_backward(self, images: torch.Tensor, labels: torch.Tensor, n_pos: int, iterations: int,
+                    first: int = 1) -> list[torch.Tensor]:
         """Add the local FF gradients of one batch to ``.grad``; return each layer's loss (0-dim).
 
         images (B, C_0, H, W), labels (B, num_labels); the first ``n_pos`` rows are positive, the
-        rest negative. Each layer's loss is the mean of its FF losses at t = 1..iterations and its
-        gradient that mean's (see the module docstring), all with the current weights.
+        rest negative. The net runs ``iterations`` iterations; each layer's loss is the mean of its
+        FF losses at t = ``first``..``iterations`` and its gradient that mean's (see the module
+        docstring), all with the current weights.
         """
         self._check(images, labels)
         if not 0 <= n_pos <= images.shape[0]:
             raise ValueError(f"FFRecurrentLocal: n_pos must be in 0..{images.shape[0]} (the batch), got {n_pos}")
         iterations = _check_iterations(iterations)
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= iterations:
+            raise ValueError(f"FFRecurrentLocal: first must be an int in 1..iterations ({iterations}), got {first!r}")
+        trained = iterations - first + 1
         drive = self.label_drive(labels)
         states = self.initial_states(images, labels)
         d, batch = self.damping, images.shape[0]
-        # every iteration's inputs and deltas, written in place: (iterations * B, ...) per layer
-        inputs_seen = [images.new_empty(iterations * batch, *layer.spec.input_shape) for layer in self.layers]
-        deltas = [images.new_empty(iterations * batch, *self.map_shape) for _ in self.layers]
+        # the trained iterations' inputs and deltas, written in place: (trained * B, ...) per layer
+        inputs_seen = [images.new_empty(trained * batch, *layer.spec.input_shape) for layer in self.layers]
+        deltas = [images.new_empty(trained * batch, *self.map_shape) for _ in self.layers]
         losses = [torch.zeros((), device=images.device) for _ in self.layers]
-        for t in range(iterations):
-            rows = slice(t * batch, (t + 1) * batch)
+        for t in range(1, iterations + 1):
+            if t < first:
+                states = self.step(states, images, drive)
+                continue
+            rows = slice((t - first) * batch, (t - first + 1) * batch)
             inputs = self.layer_inputs(states, images, [seen[rows] for seen in inputs_seen])
             new_states = []
             for l, (x, h) in enumerate(zip(inputs, states)):
@@ -263,7 +271,7 @@ class FFRecurrentLocal(nn.Module):
                 g = self.goodness_of(state)
                 losses[l] = losses[l] + F.ff_loss(g[:n_pos], g[n_pos:], self.goodness_fn, self.threshold, self.temperature).float()
                 coef = F.loss_goodness_grad(g, n_pos, self.goodness_fn, self.threshold, self.temperature)
-                scale = (coef * ((1.0 - d) / iterations)).view(-1, 1, 1, 1)
+                scale = (coef * ((1.0 - d) / trained)).view(-1, 1, 1, 1)
                 torch.mul(scale * F.goodness_activity_grad(state, self.goodness_fn), active > 0, out=deltas[l][rows])
                 new_states.append(state)
             states = new_states
@@ -274,8 +282,8 @@ class FFRecurrentLocal(nn.Module):
             local_delta_grad_(inputs_seen[l], deltas[l], layer.spec, layer.weight.grad, layer.bias.grad, self.backend)
         if self.label_weight.grad is None:
             self.label_weight.grad = torch.zeros_like(self.label_weight)
-        self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(iterations, 1))
-        return [loss / iterations for loss in losses]
+        self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(trained, 1))
+        return [loss / trained for loss in losses]
 
     def extra_repr(self) -> str:
         return (f"image {self.image_shape}, maps {self.map_shape} x {len(self.layers)}, labels {self.num_labels}, "

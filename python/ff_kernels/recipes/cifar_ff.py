@@ -8,8 +8,8 @@ inputs) instead. It runs as a recurrent net like the one of section 3.4: a botto
 synchronous damped iterations (new pre-normalized state = 0.3 x previous + 0.7 x computed).
 Positive rows carry the true label, negative rows a wrong one (hard negatives from the softmax
 below, as in section 3.3). Each layer learns by its own FF loss at iterations
-1..``train_iterations`` (default 6: the last one the test scores; the paper does not say how many
-it trained with); "ssq" is the paper's "max ssq", "neg_ssq" its "min ssq" (positives low).
+``train_from``..``train_iterations`` (default 1..6: 6 is the last one the test scores; the paper
+does not say which it trained on); "ssq" is the paper's "max ssq", "neg_ssq" its "min ssq" (positives low).
 
 Two test procedures (the columns of the paper's Table 1):
 
@@ -66,6 +66,7 @@ class CifarFFConfig(CifarConfig):
     say where each default comes from. The receptive field is also that of the top-down inputs."""
 
     train_iterations: int = 6  # FF losses at iterations 1..6 (not in the paper; 6 = the last scored one)
+    train_from: int = 1  # first iteration with an FF loss (not in the paper)
     score_from: int = 4  # section 4: goodness accumulated over iterations 4 to 6
     score_to: int = 6
     damping: float = 0.3  # section 3.4: new state = 0.3 x previous + 0.7 x computed
@@ -85,7 +86,10 @@ class CifarFFConfig(CifarConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_ints(self, ("train_iterations", "score_from", "score_to", "head_layers"))
+        check_positive_ints(self, ("train_iterations", "train_from", "score_from", "score_to", "head_layers"))
+        if not self.train_from <= self.train_iterations:
+            raise ValueError(f"the trained iterations must satisfy train_from <= train_iterations, got {self.train_from}, "
+                             f"{self.train_iterations}")
         if not self.score_from <= self.score_to:
             raise ValueError(f"the scored iterations must satisfy score_from <= score_to, got {self.score_from}, "
                              f"{self.score_to}")
@@ -205,7 +209,7 @@ class CifarFF:
         nn.functional.cross_entropy(logits, labels).backward()
         codes = torch.cat([self.model.code(labels), self.model.code(wrong)])
         losses = self.model.net.ff_backward(torch.cat([images, images]), codes, labels.shape[0],
-                                            self.config.train_iterations)
+                                            self.config.train_iterations, self.config.train_from)
         self.optimizer.step()
         return torch.stack(losses).mean(), (probs.argmax(1) != labels).sum(), labels.shape[0]
 
@@ -232,6 +236,8 @@ class CifarFF:
         add = parser.add_argument
         add("--train-iterations", type=int,
             help=f"training: FF losses at iterations 1..N after the bottom-up pass (default {d.train_iterations})")
+        add("--train-from", type=int,
+            help=f"training: first iteration with an FF loss (default {d.train_from}: all of 1..N)")
         add("--score-from", type=int, help=f"first iteration of the test goodness sum (default {d.score_from})")
         add("--score-to", type=int, help=f"last iteration of the test goodness sum (default {d.score_to})")
         add("--damping", type=float, help=f"share of the previous state in each update (default {d.damping:g})")
