@@ -44,9 +44,10 @@ _CONFIGS = {"cifar": CifarFFConfig, "cifar-backprop": CifarBackpropConfig}
 
 @dataclass(frozen=True)
 class CifarRun:
-    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and the first and
-    last iteration with an FF loss (FF only, else None), planned epochs, the last finished epoch and that of the last
-    evaluated epoch's metrics (``epoch`` among them; empty before the first evaluation)."""
+    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and the first
+    and last iteration with an FF loss (FF only, else None), planned epochs, the last finished
+    epoch and the last evaluated epoch's metrics (``epoch`` among them; empty before the first
+    evaluation)."""
 
     path: Path
     recipe: str
