@@ -63,7 +63,7 @@ def test_main_prints_the_table_and_names_bad_input(trained_run, monkeypatch, cap
     monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: data)
     assert cifar_iterations.main([str(run_dir), "--images", "20", "--iterations", "4", "--ranges", "1-2,2-3"]) == 0
     out = capsys.readouterr().out
-    assert "| iterations | layer 1 | layer 2 | all layers |" in out
+    assert "| iterations | layer 1 | layer 2 | all layers |" in out and "trained on iterations 1-2" in out
     assert "| 2-3 (the recipe's test) |" in out and "one-pass softmax:" in out
     assert cifar_iterations.main([str(run_dir), "--iterations", "4", "--ranges", "3-5"]) == 1
     assert "1 <= FIRST <= LAST <= 4" in capsys.readouterr().err

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     c = recipe.config
     print(f"{args.run_dir}: {args.set}, first {len(labels)} images, {args.iterations} iterations, "
-          f"trained on iterations 1-{c.train_iterations}")
+          f"trained on iterations {c.train_from}-{c.train_iterations}")
     print(format_table(table, softmax_error, (c.score_from, c.score_to)))
     if levels is not None:
         print(f"\nlogit of p(positive) = {functional.goodness_sign(c.goodness):+g} * (G - {recipe.model.net.threshold:g}) / "
