@@ -25,6 +25,18 @@ def loaded(run_dir, data, monkeypatch):
     return cifar_iterations.load_recipe(run_dir, eval_subset=20)
 
 
+def goodness_of_run(recipe, images, iterations):
+    """Every layer's goodness (t, image, label, layer) float64 from net.run with each label clamped."""
+    net, x = recipe.model.net, standardize(images)
+    good = torch.zeros(iterations, len(images), 10, len(net.layers), dtype=torch.float64)
+    for label in range(10):
+        code = recipe.model.code(torch.full((len(images),), label))
+        for t, states in enumerate(net.run(x, code, iterations)[1:]):
+            for k, state in enumerate(states):
+                good[t, :, label, k] = functional.goodness(state.flatten(1), net.goodness_fn).double()
+    return good
+
+
 def test_the_recipes_range_over_all_layers_is_its_test_procedure(trained_run, monkeypatch):
     run_dir, data = trained_run
     recipe = loaded(run_dir, data, monkeypatch)
@@ -42,14 +54,7 @@ def test_one_layer_at_one_iteration_matches_the_states_of_run(trained_run, monke
     recipe = loaded(run_dir, data, monkeypatch)
     images, labels = data.eval_sets["test"]
     table, _ = cifar_iterations.iteration_errors(recipe, images, labels, 3, [(2, 2), (1, 3)])
-    net, x = recipe.model.net, standardize(images)
-    good = torch.zeros(3, len(labels), 10, 2, dtype=torch.float64)  # (t, image, label, layer)
-    for label in range(10):
-        code = recipe.model.code(torch.full((len(labels),), label))
-        for t, states in enumerate(net.run(x, code, 3)[1:]):
-            for k, state in enumerate(states):
-                good[t, :, label, k] = functional.goodness(state.flatten(1), net.goodness_fn).double()
-    good = -good  # min ssq: low goodness means positive
+    good = -goodness_of_run(recipe, images, 3)  # min ssq: low goodness means positive
 
     def error(scores):
         return float((scores.argmax(1) != labels).float().mean())
@@ -84,14 +89,8 @@ def test_logit_levels_match_the_goodness_of_run(trained_run, monkeypatch):
     recipe = loaded(run_dir, data, monkeypatch)
     images, labels = data.eval_sets["test"]
     levels = cifar_iterations.logit_levels(recipe, images, labels, 2)
-    net, x = recipe.model.net, standardize(images)
-    logit = torch.zeros(2, len(labels), 10, 2, dtype=torch.float64)  # (t, image, label, layer)
-    for label in range(10):
-        code = recipe.model.code(torch.full((len(labels),), label))
-        for t, states in enumerate(net.run(x, code, 2)[1:]):
-            for k, state in enumerate(states):
-                g = functional.goodness(state.flatten(1), net.goodness_fn).double()
-                logit[t, :, label, k] = net.threshold - g  # min ssq, temperature 1: positive when G < N
+    # min ssq, temperature 1: positive when G < N
+    logit = recipe.model.net.threshold - goodness_of_run(recipe, images, 2)  # (t, image, label, layer)
     true = torch.nn.functional.one_hot(labels, 10).bool()
     pos, neg = logit[:, true], logit[:, ~true]  # (t, N, layer), (t, 9N, layer)
     assert levels.shape == (2, 2, 4)
@@ -99,6 +98,10 @@ def test_logit_levels_match_the_goodness_of_run(trained_run, monkeypatch):
     assert levels[..., 1] == pytest.approx(neg.mean(1), rel=1e-5, abs=1e-3)
     assert levels[..., 2] == pytest.approx((pos > 0).double().mean(1))
     assert levels[..., 3] == pytest.approx((neg < 0).double().mean(1))
+    with pytest.raises(ValueError, match=r"labels must be int64 \(20,\), one per image, got"):
+        cifar_iterations.logit_levels(recipe, images, labels[:19], 2)
+    with pytest.raises(ValueError, match=r"labels must be int64 \(20,\), one per image, got"):
+        cifar_iterations.iteration_errors(recipe, images, labels.int(), 2, [(1, 2)])
 
 
 def test_main_prints_the_logit_levels(trained_run, monkeypatch, capsys):

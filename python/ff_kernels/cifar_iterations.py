@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import functional
+from .ops.validation import describe
 from .recipes.cifar_common import CifarData, standardize
 from .recipes.cifar_ff import LABEL_BATCH, CifarFF
 from .train import CheckpointError, load_trained
@@ -53,12 +54,18 @@ def load_recipe(run_dir: str | Path, eval_subset: int, data_dir: str | None = No
     return recipe
 
 
+def _check_labels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (images.shape[0],):
+        raise ValueError(f"labels must be int64 ({images.shape[0]},), one per image, got {describe(labels)}")
+
+
 @torch.no_grad()
 def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int,
                      ranges: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], list[float]], float]:
     """Errors of the goodness-over-labels procedure on uint8 ``images`` (N, 3, 32, 32) with int64
     ``labels`` (N,): {(first, last): [layer 1, ..., layer K, all layers]}, goodness summed over
     iterations first..last; and the one-pass softmax's error."""
+    _check_labels(images, labels)
     scores = []  # (N, T, 10, K)
     softmax_errors = 0
     for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
@@ -85,6 +92,7 @@ def logit_levels(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, it
     mean logit of p(positive) with the true label clamped, its mean with each wrong label, and the
     share of true-label and of wrong-label rows on the right side of the threshold (logit > 0
     and < 0)."""
+    _check_labels(images, labels)
     net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
     logits = torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(standardize(x), iterations),
                                                   net.goodness_fn, net.threshold, net.temperature).double()
