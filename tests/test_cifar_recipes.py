@@ -158,7 +158,8 @@ def test_ff_train_step_trains_true_labels_against_hard_negatives():
         torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_recurrent_local_net_learns_labels_on_tiny_maps():
+@pytest.mark.parametrize("loss", ["threshold", "pairwise"])
+def test_recurrent_local_net_learns_labels_on_tiny_maps(loss):
     """FF alone (no softmax) learns which label goes with which image: goodness error from chance to ~0."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -168,7 +169,7 @@ def test_recurrent_local_net_learns_labels_on_tiny_maps():
     for i, y in enumerate(labels.tolist()):
         images[i, y % 3, :, 2 * y:2 * y + 2] += 2.0
     net = FFRecurrentLocal((3, 8, 8), channels=2, depth=2, kernel=3, num_labels=classes, temperature=10.0,
-                           backend="reference")
+                           backend="reference", loss=loss)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
 
     def error() -> float:
@@ -217,3 +218,12 @@ def test_ff_config_checks_the_scored_iterations_and_choices():
         CifarFFConfig(goodness="max")
     with pytest.raises(ValueError, match="damping must be in"):
         CifarFFConfig(damping=1.0)
+    with pytest.raises(ValueError, match=r"loss must be one of \('threshold', 'pairwise'\), got 'rank'"):
+        CifarFFConfig(loss="rank")
+
+
+def test_ff_recipe_builds_its_net_with_the_configured_loss():
+    recipe = CifarFF(CifarFFConfig(depth=2, loss="pairwise", **SMALL_FF), data=class_coded_data(10))
+    assert recipe.model.net.loss == "pairwise"
+    loss, _, n = recipe.train_step(torch.arange(4), torch.Generator().manual_seed(0))
+    assert n == 4 and torch.isfinite(loss)

@@ -43,6 +43,32 @@ def test_loss_goodness_grad_equals_autograd(kind):
     torch.testing.assert_close(F.loss_goodness_grad(g.detach(), 4, kind, 3.0, 0.5), g.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
+def test_pairwise_loss_goodness_grad_equals_autograd(kind):
+    g = (torch.rand(10, dtype=torch.float64) * 8).requires_grad_()
+    F.pairwise_loss(g[:5], g[5:], kind, 0.7).backward()
+    torch.testing.assert_close(F.pairwise_loss_goodness_grad(g.detach(), 5, kind, 0.7), g.grad, rtol=1e-12,
+                               atol=1e-14)
+
+
+def test_pairwise_loss_sees_only_the_difference_within_a_pair():
+    g_pos, g_neg = torch.tensor([5.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 4.0], dtype=torch.float64)
+    expected = (torch.log1p(torch.exp(torch.tensor(-3.0 / 2))) + torch.log1p(torch.exp(torch.tensor(3.0 / 2)))) / 2
+    torch.testing.assert_close(F.pairwise_loss(g_pos, g_neg, "ssq", 2.0), expected.double())
+    shift = torch.tensor([100.0, -0.5], dtype=torch.float64)  # a level per input leaves the loss as it is
+    torch.testing.assert_close(F.pairwise_loss(g_pos + shift, g_neg + shift, "ssq", 2.0), expected.double())
+    # min ssq prefers the positive row LOW: swapping the pair's roles gives the same loss
+    torch.testing.assert_close(F.pairwise_loss(g_neg, g_pos, "neg_ssq", 2.0), expected.double())
+    assert F.pairwise_loss(g_pos[:0], g_neg[:0], "ssq") == 0
+
+
+def test_pairwise_loss_rejects_unpaired_rows():
+    with pytest.raises(ValueError, match=r"g_pos and g_neg must both be \(P,\), got \(2,\) and \(3,\)"):
+        F.pairwise_loss(torch.zeros(2), torch.zeros(3), "ssq")
+    with pytest.raises(ValueError, match=r"g must be \(2 \* n_pos,\) = \(4,\) .*got \(5,\)"):
+        F.pairwise_loss_goodness_grad(torch.zeros(5), 2, "ssq")
+
+
 def test_goodness_direction():
     g = torch.tensor([1.0, 5.0])
     assert F.positive_probability(g, "ssq", 3.0)[1] > 0.5 > F.positive_probability(g, "ssq", 3.0)[0]

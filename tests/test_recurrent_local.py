@@ -91,7 +91,10 @@ class Naive:
                 state = d * h + (1 - d) * torch.relu(z)
                 g = F.goodness(state.flatten(1), net.goodness_fn)
                 if t >= first:
-                    loss = F.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
+                    if net.loss == "pairwise":
+                        loss = F.pairwise_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.temperature)
+                    else:
+                        loss = F.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
                     total = total + loss / (iterations - first + 1)
                 new.append(state.detach())
             states = new
@@ -99,11 +102,11 @@ class Naive:
         return [(w.grad, b.grad) for w, b in params], label_weight.grad
 
 
-def make_net(depth, goodness="ssq", backend="cpu", dtype=torch.float32, seed=0):
+def make_net(depth, goodness="ssq", backend="cpu", dtype=torch.float32, seed=0, loss="threshold"):
     """A small net on the backend's device ("cuda" on the GPU, else the CPU)."""
     torch.manual_seed(seed)
     return FFRecurrentLocal(IMAGE, channels=2, depth=depth, kernel=3, num_labels=LABELS, goodness=goodness,
-                            backend=backend, dtype=dtype, device="cuda" if backend == "cuda" else "cpu")
+                            backend=backend, dtype=dtype, device="cuda" if backend == "cuda" else "cpu", loss=loss)
 
 
 def inputs(batch, seed=0, dtype=torch.float32, device="cpu"):
@@ -154,8 +157,20 @@ def test_label_changes_the_last_layer_at_t0_and_the_others_later():
 @pytest.mark.parametrize("depth,n_pos,n_neg,first", [(2, 1, 1, 1), (3, 3, 2, 1), (2, 1, 0, 1), (2, 2, 1, 2),
                                                      (3, 1, 2, 3)])
 def test_ff_backward_matches_autograd(backend, goodness, depth, n_pos, n_neg, first):
+    check_ff_backward(backend, goodness, depth, n_pos, n_neg, first, "threshold")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("goodness", ["ssq", "neg_ssq"])
+@pytest.mark.parametrize("depth,n_pos,first", [(2, 1, 1), (3, 2, 2), (2, 3, 3)])
+def test_ff_backward_pairwise_matches_autograd(backend, goodness, depth, n_pos, first):
+    check_ff_backward(backend, goodness, depth, n_pos, n_pos, first, "pairwise")
+
+
+def check_ff_backward(backend, goodness, depth, n_pos, n_neg, first, loss):
+    """ff_backward's gradients and losses against Naive.grads (float64 autograd)."""
     dtype = torch.float64 if backend == "reference" else torch.float32
-    net = make_net(depth, goodness, backend, dtype, seed=depth)
+    net = make_net(depth, goodness, backend, dtype, seed=depth, loss=loss)
     images, labels = inputs(n_pos + n_neg, seed=7, dtype=dtype, device=net.label_weight.device)
     g = net.goodness(images, labels, 3)
     net.threshold, net.temperature = float(g.mean()), float(g.std()) + 1.0  # logits away from saturation
@@ -200,3 +215,10 @@ def test_bad_inputs_name_what_was_expected():
         net.ff_backward(images, labels, 1, 2, first=3)
     with pytest.raises(ValueError, match="kernel must be an odd int"):
         FFRecurrentLocal(IMAGE, kernel=4)
+    with pytest.raises(ValueError, match=r"loss must be one of \('threshold', 'pairwise'\), got 'ranked'"):
+        FFRecurrentLocal(IMAGE, loss="ranked")
+    pairwise = make_net(2, backend="reference", dtype=torch.float64, loss="pairwise")
+    images3, labels3 = inputs(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"pairwise loss needs one negative row per positive row \(B = 2 \* n_pos = 2\), "
+                                         r"got B = 3"):
+        pairwise.ff_backward(images3, labels3, 1, 1)

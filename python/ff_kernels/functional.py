@@ -144,6 +144,36 @@ def loss_goodness_grad(
     return dl_ds * (goodness_sign(kind) / temperature)
 
 
+def pairwise_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Paired FF loss (scalar): ``mean_i softplus(-sign * (g_pos[i] - g_neg[i]) / T)``.
+
+    Row i of ``g_pos`` and ``g_neg`` (both ``(P,)``) are the same input with its true and a wrong
+    label; the loss asks only that the positive row have the better goodness of the two, so it
+    ignores how an input's goodness level sits against a threshold (not in the paper: a ranking
+    form of its loss for label-conditioned nets). An empty batch gives 0.
+    """
+    if g_pos.shape != g_neg.shape or g_pos.dim() != 1:
+        raise ValueError(f"pairwise_loss: g_pos and g_neg must both be (P,), got {tuple(g_pos.shape)} and "
+                         f"{tuple(g_neg.shape)}")
+    if not g_pos.shape[0]:
+        return g_pos.new_zeros(())
+    return F.softplus(-goodness_sign(kind) * (g_pos - g_neg) / temperature).mean()
+
+
+def pairwise_loss_goodness_grad(g: torch.Tensor, n_pos: int, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """dL/dG of :func:`pairwise_loss` for ``g: (2P,)`` whose row i (< P = ``n_pos``) pairs with row P + i -> ``(2P,)``.
+
+    With ``c_i = -sign * sigmoid(-sign * (g_i - g_{P+i}) / T) / (T * P)``: ``c_i`` for row i and
+    ``-c_i`` for row P + i.
+    """
+    if g.dim() != 1 or g.shape[0] != 2 * n_pos:
+        raise ValueError(f"pairwise_loss_goodness_grad: g must be (2 * n_pos,) = ({2 * n_pos},) (each positive row "
+                         f"paired with one negative row), got {tuple(g.shape)}")
+    sign = goodness_sign(kind)
+    c = -sign * torch.sigmoid(-sign * (g[:n_pos] - g[n_pos:]) / temperature) / (temperature * max(n_pos, 1))
+    return torch.cat([c, -c])
+
+
 def target_goodness_epsilon(g: torch.Tensor, target, kind: str = "ssq") -> torch.Tensor:
     """The paper's equation 4: ``eps = sqrt(target / g) - 1`` for goodness ``g`` (any shape).
 

@@ -49,6 +49,8 @@ from ..functional_local import LocalSpec
 from ..ops.local2d_parts import local_delta_grad_, local_relu
 from ..ops.validation import describe
 
+LOSSES = ("threshold", "pairwise")
+
 
 class RecurrentLocalLayer(nn.Module):
     """The parameters of one hidden layer: ``weight`` (L, C, K) over ``[below, above]`` and ``bias`` (L, C).
@@ -87,6 +89,9 @@ class FFRecurrentLocal(nn.Module):
         goodness, threshold, temperature, rms_norm: as for the FF layers; threshold None means
             C * H * W, the number of units of a layer.
         backend: the local ops' backend (see :mod:`ff_kernels.ops.local2d_parts`).
+        loss: "threshold" (the paper's: each row against the threshold, :func:`~ff_kernels.functional.ff_loss`)
+            or "pairwise" (each positive row against its paired negative row,
+            :func:`~ff_kernels.functional.pairwise_loss`; the threshold is then unused in training).
 
     States are lists of K raw damped activity maps (B, C, H, W). Inputs: images (B, C_0, H, W)
     and labels (B, num_labels) float (one-hot, or a neutral label of 1 / num_labels each).
@@ -107,8 +112,12 @@ class FFRecurrentLocal(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        *,
+        loss: str = "threshold",
     ) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"FFRecurrentLocal: loss must be one of {LOSSES}, got {loss!r}")
         c0, height, width = (int(v) for v in image_shape)
         for name, value in (("channels", channels), ("depth", depth), ("num_labels", num_labels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -129,6 +138,7 @@ class FFRecurrentLocal(nn.Module):
         self.temperature = float(temperature)
         self.rms_norm = bool(rms_norm)
         self.backend = backend
+        self.loss = loss
         layers = []
         for l in range(depth):
             below = c0 if l == 0 else channels
@@ -240,13 +250,16 @@ class FFRecurrentLocal(nn.Module):
         """Add the local FF gradients of one batch to ``.grad``; return each layer's loss (0-dim).
 
         images (B, C_0, H, W), labels (B, num_labels); the first ``n_pos`` rows are positive, the
-        rest negative. The net runs ``iterations`` iterations; each layer's loss is the mean of its
+        rest negative (for the "pairwise" loss B = 2 * n_pos and row i pairs with row n_pos + i). The net runs ``iterations`` iterations; each layer's loss is the mean of its
         FF losses at t = ``first``..``iterations`` and its gradient that mean's (see the module
         docstring), all with the current weights.
         """
         self._check(images, labels)
         if not 0 <= n_pos <= images.shape[0]:
             raise ValueError(f"FFRecurrentLocal: n_pos must be in 0..{images.shape[0]} (the batch), got {n_pos}")
+        if self.loss == "pairwise" and images.shape[0] != 2 * n_pos:
+            raise ValueError(f"FFRecurrentLocal: the pairwise loss needs one negative row per positive row "
+                             f"(B = 2 * n_pos = {2 * n_pos}), got B = {images.shape[0]}")
         iterations = _check_iterations(iterations)
         if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= iterations:
             raise ValueError(f"FFRecurrentLocal: first must be an int in 1..iterations ({iterations}), got {first!r}")
@@ -269,8 +282,8 @@ class FFRecurrentLocal(nn.Module):
                 active = self._activities(l, x, drive)
                 state = d * h + (1.0 - d) * active
                 g = self.goodness_of(state)
-                losses[l] = losses[l] + F.ff_loss(g[:n_pos], g[n_pos:], self.goodness_fn, self.threshold, self.temperature).float()
-                coef = F.loss_goodness_grad(g, n_pos, self.goodness_fn, self.threshold, self.temperature)
+                loss, coef = self._loss_and_grad(g, n_pos)
+                losses[l] = losses[l] + loss.float()
                 scale = (coef * ((1.0 - d) / trained)).view(-1, 1, 1, 1)
                 torch.mul(scale * F.goodness_activity_grad(state, self.goodness_fn), active > 0, out=deltas[l][rows])
                 new_states.append(state)
@@ -285,10 +298,19 @@ class FFRecurrentLocal(nn.Module):
         self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(trained, 1))
         return [loss / trained for loss in losses]
 
+    def _loss_and_grad(self, g: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's FF loss (0-dim) and dL/dG (B,) from its goodness ``g`` (B,) at one iteration."""
+        kind, temperature = self.goodness_fn, self.temperature
+        if self.loss == "pairwise":
+            return (F.pairwise_loss(g[:n_pos], g[n_pos:], kind, temperature),
+                    F.pairwise_loss_goodness_grad(g, n_pos, kind, temperature))
+        return (F.ff_loss(g[:n_pos], g[n_pos:], kind, self.threshold, temperature),
+                F.loss_goodness_grad(g, n_pos, kind, self.threshold, temperature))
+
     def extra_repr(self) -> str:
         return (f"image {self.image_shape}, maps {self.map_shape} x {len(self.layers)}, labels {self.num_labels}, "
                 f"damping={self.damping:g}, goodness={self.goodness_fn!r}, threshold={self.threshold:g}, "
-                f"temperature={self.temperature:g}")
+                f"temperature={self.temperature:g}, loss={self.loss!r}")
 
 
 def _check_iterations(iterations: int) -> int:

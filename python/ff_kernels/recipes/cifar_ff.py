@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import functional
 from ..data import hard_wrong_labels, neutral_label, random_wrong_labels
-from ..nn.recurrent_local import FFRecurrentLocal
+from ..nn.recurrent_local import LOSSES, FFRecurrentLocal
 from .cifar_common import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -82,6 +82,7 @@ class CifarFFConfig(CifarConfig):
     negatives: str = "hard"  # wrong labels drawn from the softmax (section 3.3) or "random"
     # p(positive) = sigmoid((G - N) / temperature), N = 3072 units per layer (ffnew.m's form).
     temperature: float = 1.0
+    loss: str = "threshold"  # the paper's; "pairwise": true-label row against its wrong-label row (not in the paper)
     rms_norm: bool = True  # states passed on with unit mean square (else unit length)
 
     def __post_init__(self) -> None:
@@ -103,7 +104,8 @@ class CifarFFConfig(CifarConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES)):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
+                              ("loss", LOSSES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         functional.check_goodness(self.goodness)
@@ -122,7 +124,7 @@ class CifarFFNet(nn.Module):
         self.config = config
         self.net = FFRecurrentLocal(IMAGE_SHAPE, config.channels, config.depth, config.receptive_field, NUM_CLASSES,
                                     config.damping, config.goodness, None, config.temperature, config.rms_norm,
-                                    config.backend)
+                                    config.backend, loss=config.loss)
         self.head_indices = tuple(range(max(config.depth - config.head_layers, 0), config.depth))
         self.head = nn.Linear(self.net.units * len(self.head_indices), NUM_CLASSES, bias=False)
         nn.init.zeros_(self.head.weight)
@@ -255,6 +257,9 @@ class CifarFF:
         add("--negatives", choices=NEGATIVES, help=f"wrong-label choice (default {d.negatives})")
         add("--temperature", type=float,
             help=f"T in sigmoid((G - N) / T), N = units per layer (default {d.temperature:g})")
+        add("--loss", choices=LOSSES,
+            help="threshold: each row's goodness against the threshold (the paper's); pairwise: "
+                 f"softplus of the goodness difference between an image's true- and wrong-label rows (default {d.loss})")
         add("--length-norm", action="store_false", dest="rms_norm",
             help="pass on states scaled to unit length (default: unit mean square)")
         add("--backend", choices=("auto", "reference", "cpu", "cuda"), help=f"default {d.backend}")
