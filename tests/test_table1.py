@@ -110,11 +110,22 @@ def test_main_prints_the_table_or_the_error(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_a_run_saved_before_train_from_existed_trained_from_iteration_1(tmp_path):
+def test_the_run_list_names_a_loss_other_than_the_papers(tmp_path):
+    pair = fake_run(tmp_path / "pair", CifarFFConfig(depth=2, goodness="neg_ssq", epochs=8, train_from=3,
+                                                     loss="pairwise"), [ff_metrics(8, 0.3, 0.4, 0.41)])
+    paper = fake_run(tmp_path / "paper", CifarFFConfig(depth=3, goodness="neg_ssq", epochs=8),
+                     [ff_metrics(8, 0.3, 0.4, 0.41)])
+    text = table1.table1([table1.load_run(pair), table1.load_run(paper)])
+    assert f"`{pair}`: cifar, depth 2, goodness neg_ssq, 8 epochs, FF losses at iterations 3-6, pairwise loss" in text
+    assert f"`{paper}`: cifar, depth 3, goodness neg_ssq, 8 epochs, FF losses at iterations 1-6\n" in text + "\n"
+
+
+def test_a_run_saved_before_train_from_and_loss_existed_trained_from_iteration_1(tmp_path):
     old = fake_run(tmp_path / "old", CifarFFConfig(depth=2, goodness="ssq", epochs=4), [ff_metrics(4, 0.2, 0.4, 0.41)])
     config = json.loads((old / CONFIG).read_text())
-    del config["train_from"]
+    del config["train_from"], config["loss"]
     (old / CONFIG).write_text(json.dumps(config))
     assert table1.load_run(old).trained_iterations == (1, 6)
+    assert table1.load_run(old).ff_loss == "threshold"
     assert row(table1.table1([table1.load_run(old)]), "FF max ssq", "compute goodness for every label")[:2] == [
         "20.0", "40.0 / 41.0"]

@@ -8,7 +8,7 @@ FF, its goodness ("ssq" = the paper's max ssq, "neg_ssq" = min ssq) come from ``
 A cell holds the error of the run's last evaluated epoch, in percent: training error on the
 first ``train_eval_subset`` training images, test error on the JPEG test set and, after a slash,
 on the exact test set when the run has it. The list of runs under the table gives each run's
-schedule (epochs; for FF, the iterations trained on); a run whose last evaluation is not its
+schedule (epochs; for FF, the iterations trained on and a loss other than the paper's); a run whose last evaluation is not its
 last epoch is marked "(epoch k of N)" there, and a run that has not been evaluated yet fills
 its cells with "running". Two runs for the same cell are an error, and so is a ``--validation``
 run (it has no test error); a cell no run fills shows "—".
@@ -44,8 +44,9 @@ _CONFIGS = {"cifar": CifarFFConfig, "cifar-backprop": CifarBackpropConfig}
 
 @dataclass(frozen=True)
 class CifarRun:
-    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness and the first
-    and last iteration with an FF loss (FF only, else None), planned epochs, the last finished
+    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness, the first
+    and last iteration with an FF loss and that loss's form ("threshold" or "pairwise"; FF only,
+    else None), planned epochs, the last finished
     epoch and the last evaluated epoch's metrics (``epoch`` among them; empty before the first
     evaluation)."""
 
@@ -54,6 +55,7 @@ class CifarRun:
     depth: int
     goodness: str | None
     trained_iterations: tuple[int, int] | None
+    ff_loss: str | None
     epochs: int
     last_epoch: int
     metrics: dict
@@ -70,6 +72,8 @@ class CifarRun:
         text += f", {self.epochs} epochs"
         if self.trained_iterations is not None:
             text += ", FF losses at iterations {}-{}".format(*self.trained_iterations)
+        if self.ff_loss not in (None, "threshold"):
+            text += f", {self.ff_loss} loss"
         if not self.metrics:
             return text + f" (running: epoch {self.last_epoch} of {self.epochs}, not evaluated yet)"
         return text + ("" if self.finished else f" (epoch {self.metrics['epoch']} of {self.epochs})")
@@ -98,7 +102,8 @@ def load_run(path: str | Path) -> CifarRun:
         raise ValueError(f"{path / CONFIG} is a --validation run: it has no test error for Table 1")
     epochs = list(map(json.loads, (path / METRICS).read_text().splitlines()))
     evaluated = [m for m in epochs if "test_error" in m]
-    return CifarRun(path, recipe, config["depth"], config.get("goodness"), _trained_iterations(config),
+    ff_loss = config.get("loss", "threshold") if recipe == "cifar" else None  # runs before --loss: threshold
+    return CifarRun(path, recipe, config["depth"], config.get("goodness"), _trained_iterations(config), ff_loss,
                     config["epochs"], epochs[-1]["epoch"] if epochs else 0, evaluated[-1] if evaluated else {})
 
 
