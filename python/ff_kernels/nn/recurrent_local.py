@@ -250,9 +250,10 @@ class FFRecurrentLocal(nn.Module):
         """Add the local FF gradients of one batch to ``.grad``; return each layer's loss (0-dim).
 
         images (B, C_0, H, W), labels (B, num_labels); the first ``n_pos`` rows are positive, the
-        rest negative (for the "pairwise" loss B = 2 * n_pos and row i pairs with row n_pos + i). The net runs ``iterations`` iterations; each layer's loss is the mean of its
-        FF losses at t = ``first``..``iterations`` and its gradient that mean's (see the module
-        docstring), all with the current weights.
+        rest negative (for the "pairwise" loss B = 2 * n_pos and row i pairs with row n_pos + i).
+        The net runs ``iterations`` iterations; each layer's loss is the mean of its FF losses at
+        t = ``first``..``iterations`` and its gradient that mean's (see the module docstring), all
+        with the current weights.
         """
         self._check(images, labels)
         if not 0 <= n_pos <= images.shape[0]:
