@@ -12,7 +12,7 @@ to its pure-torch code. ``CFLAGS=-g0`` roughly halves the compile time; ``MAX_JO
 import os
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/local2d_cpu.cpp", "csrc/local2d_cpu_rows.cpp"]
 CUDA_SOURCES = ["csrc/local2d_cuda.cu"]
@@ -50,13 +50,11 @@ setup(
     name="ff_kernels",
     version="0.1.0",
     description="Forward-Forward training with fused Triton kernels and a pure-torch reference",
-    packages=[
-        "ff_kernels", "ff_kernels.ops", "ff_kernels.nn", "ff_kernels.data", "ff_kernels.recipes", "fftriton",
-    ],
+    packages=find_packages("python") + ["fftriton"],
     package_dir={"ff_kernels": "python/ff_kernels", "fftriton": "fftriton"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={"triton": ["triton>=3.0"], "plots": ["matplotlib"]},
-    entry_points={"console_scripts": ["ff-train=ff_kernels.cli:main", "ff-readout=ff_kernels.readout:main"]},
+    entry_points={"console_scripts": ["ff-train=ff_kernels.paper.cli:main", "ff-readout=ff_kernels.paper.readout:main"]},
     **extension_build(),
 )

@@ -23,12 +23,12 @@ import importlib.util
 import torch
 
 import ff_kernels
-from ff_kernels import functional_local as FL
+from ff_kernels.functional import local as FFL
 from ff_kernels.ops.local2d import ff_local2d_forward, ff_local2d_step
 
 from common import append_csv, interleaved_medians, machine_name, today
 
-SPEC = FL.LocalSpec(3, 32, 32, 3, kernel=11, stride=1, padding=5)
+SPEC = FFL.LocalSpec(3, 32, 32, 3, kernel=11, stride=1, padding=5)
 SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 
 
@@ -39,7 +39,7 @@ def mib(*tensors: torch.Tensor) -> float:
 def local_params(device):
     torch.manual_seed(0)
     bound = 1.0 / SPEC.block_size**0.5
-    w = (torch.rand(*SPEC.weight_shape, device=device) * 2 - 1) * bound * FL.local_valid_mask(SPEC, device)[:, None, :]
+    w = (torch.rand(*SPEC.weight_shape, device=device) * 2 - 1) * bound * FFL.local_valid_mask(SPEC, device)[:, None, :]
     b = (torch.rand(*SPEC.bias_shape, device=device) * 2 - 1) * bound
     return w, b, torch.zeros_like(w), torch.zeros_like(b)
 
@@ -69,7 +69,7 @@ def dense_backend(device) -> str:
 def dense_provider(backend, device, x, half):
     """(forward, update, parameter MiB incl. the bool mask) of the masked dense FFLinear."""
     torch.manual_seed(0)
-    layer = ff_kernels.FFLinear(SPEC.in_features, SPEC.out_features, mask=FL.local_dense_mask(SPEC), backend=backend,
+    layer = ff_kernels.FFLinear(SPEC.in_features, SPEC.out_features, mask=FFL.local_dense_mask(SPEC), backend=backend,
                                 device=device)
     flat = x.flatten(1)
 

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ff_kernels.nn.recurrent_local import FFRecurrentLocal
+from ff_kernels.paper.recipes.cifar_ff_net import FFRecurrentLocal
 
 from common import append_csv, interleaved_medians, machine_name, today
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ff_kernels import functional as F
+from ff_kernels import functional as FF
 
 
 def ref64_step(x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms=False, mask=None):
@@ -12,9 +12,9 @@ def ref64_step(x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, 
     d = lambda t: None if t is None else t.detach().double()
     xp, xn, w, b = d(x_pos), d(x_neg), d(weight), d(bias)
     m = None if mask is None else mask.double()
-    loss, dw, db = F.ff_linear_grads(xp, xn, w, b, goodness, threshold, temperature, m)
-    h = F.linear_activity(torch.cat([xp, xn]), w, b, m)
-    return {"loss": loss, "goodness": F.goodness(h, goodness), "output": F.normalize(h, goodness, rms), "dw": dw, "db": db}
+    loss, dw, db = FF.ff_linear_grads(xp, xn, w, b, goodness, threshold, temperature, m)
+    h = FF.linear_activity(torch.cat([xp, xn]), w, b, m)
+    return {"loss": loss, "goodness": FF.goodness(h, goodness), "output": FF.normalize(h, goodness, rms), "dw": dw, "db": db}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

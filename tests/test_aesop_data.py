@@ -7,8 +7,8 @@ the code under test.
 import pytest
 import torch
 
-from ff_kernels.data import DataError
-from ff_kernels.data.aesop import (
+from ff_kernels.paper.data import DataError
+from ff_kernels.paper.data.aesop import (
     ALPHABET,
     AesopMissingError,
     AesopTextError,
@@ -18,8 +18,8 @@ from ff_kernels.data.aesop import (
     decode,
     encode,
 )
-from ff_kernels.data.char_negatives import generate_strings, sample_chars, teacher_forcing_negatives
-from ff_kernels.data.char_windows import one_hot_rows, prediction_windows, target_windows
+from ff_kernels.paper.data.char_negatives import generate_strings, sample_chars, teacher_forcing_negatives
+from ff_kernels.paper.data.char_windows import one_hot_rows, prediction_windows, target_windows
 
 from _paths import require_data
 

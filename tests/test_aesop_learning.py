@@ -13,9 +13,9 @@ fails if the FF layers stop learning useful features (then both regimes score al
 import pytest
 import torch
 
-from ff_kernels.data.aesop import aesop_strings
-from ff_kernels.recipes.aesop import AesopConfig, AesopFF
-from ff_kernels.train import train
+from ff_kernels.paper.data.aesop import aesop_strings
+from ff_kernels.paper.recipes.aesop import AesopConfig, AesopFF
+from ff_kernels.paper.train import train
 
 from _paths import require_data
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ff_kernels.recipes.aesop import AesopConfig, AesopFF
+from ff_kernels.paper.recipes.aesop import AesopConfig, AesopFF
 
 A = 30
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ff_kernels.data import MnistSplits
-from ff_kernels.recipes import RECIPES, BackpropMNIST, BackpropMNISTConfig
-from ff_kernels.recipes.backprop_mnist import STEP_KEY, mlp
-from ff_kernels.train import train
+from ff_kernels.paper.data import MnistSplits
+from ff_kernels.paper.recipes import RECIPES, BackpropMNIST, BackpropMNISTConfig
+from ff_kernels.paper.recipes.backprop_mnist import STEP_KEY, mlp
+from ff_kernels.paper.train import train
 
 
 def synthetic_splits(n_train=120, n_eval=40):

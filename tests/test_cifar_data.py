@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ff_kernels.data import DataError
-from ff_kernels.data import cifar10 as C
-from ff_kernels.data.cifar10 import Cifar10CorruptError, Cifar10MissingError, load_cifar10
+from ff_kernels.paper.data import DataError
+from ff_kernels.paper.data import cifar10 as C
+from ff_kernels.paper.data.cifar10 import Cifar10CorruptError, Cifar10MissingError, load_cifar10
 
 from _paths import require_data
 

@@ -1,14 +1,15 @@
-"""ff_kernels.cifar_iterations: the goodness test by layer and iteration range of a trained run."""
+"""ff_kernels.paper.cifar_iterations: the goodness test by layer and iteration range of a trained run."""
 
 import pytest
 import torch
 from test_cifar_recipes import SMALL_FF, class_coded_data
 
-from ff_kernels import cifar_iterations, functional
-from ff_kernels.recipes import cifar_ff
-from ff_kernels.recipes.cifar_common import standardize
-from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
-from ff_kernels.train import train
+from ff_kernels import functional
+from ff_kernels.paper import cifar_iterations
+from ff_kernels.paper.recipes import cifar_ff
+from ff_kernels.paper.recipes.cifar_common import standardize
+from ff_kernels.paper.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.paper.train import train
 
 
 @pytest.fixture(scope="module")

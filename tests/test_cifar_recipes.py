@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 
-from ff_kernels import functional as F
-from ff_kernels.data import hard_wrong_labels
-from ff_kernels.data.cifar10 import Cifar10
-from ff_kernels.nn.recurrent_local import FFRecurrentLocal
-from ff_kernels.recipes import cifar_common
-from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
-from ff_kernels.recipes.cifar_common import MEAN, STD, VALIDATION_IMAGES, CifarData, load_data, standardize
-from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
-from ff_kernels.train import METRICS, evaluation_due, train
+from ff_kernels import functional as FF
+from ff_kernels.paper.data import hard_wrong_labels
+from ff_kernels.paper.data.cifar10 import Cifar10
+from ff_kernels.paper.recipes import cifar_common
+from ff_kernels.paper.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
+from ff_kernels.paper.recipes.cifar_common import MEAN, STD, VALIDATION_IMAGES, CifarData, load_data, standardize
+from ff_kernels.paper.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.paper.recipes.cifar_ff_net import FFRecurrentLocal
+from ff_kernels.paper.train import METRICS, evaluation_due, train
 
 SMALL_FF = {"receptive_field": 3, "train_iterations": 2, "score_from": 2, "score_to": 3, "batch_size": 20}
 
@@ -63,7 +63,7 @@ def test_label_scores_match_one_run_per_label(ff_recipe, goodness):
     for label in range(10):
         code = torch.nn.functional.one_hot(torch.full((3,), label), 10).float()
         history = model.net.run(images, code, c.score_to)  # states at t = 0..score_to
-        expected = sum(F.goodness(s.flatten(1)) for states in history[c.score_from:c.score_to + 1] for s in states)
+        expected = sum(FF.goodness(s.flatten(1)) for states in history[c.score_from:c.score_to + 1] for s in states)
         torch.testing.assert_close(got[:, label], sign * expected, rtol=1e-5, atol=1e-3)
     model.config.goodness = model.net.goodness_fn = "ssq"
 
@@ -72,7 +72,7 @@ def test_head_logits_read_the_neutral_bottom_up_pass(ff_recipe):
     model = ff_recipe.model
     images = standardize(ff_recipe.data.train_images[:4])
     states = model.net.run(images, torch.full((4, 10), 0.1), 1)[0]
-    features = torch.cat([F.normalize(s.flatten(1), "ssq", rms=True) for s in states], dim=1)
+    features = torch.cat([FF.normalize(s.flatten(1), "ssq", rms=True) for s in states], dim=1)
     torch.testing.assert_close(model.head_logits(images), features @ model.head.weight.t())
 
 

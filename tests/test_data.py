@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ff_kernels.data import (
+from ff_kernels.paper.data import (
     MnistCorruptError,
     MnistMissingError,
     hard_wrong_labels,
@@ -18,7 +18,7 @@ from ff_kernels.data import (
     overlay_label,
     random_wrong_labels,
 )
-from ff_kernels.data import mnist as mnist_module
+from ff_kernels.paper.data import mnist as mnist_module
 
 from _paths import require_mnist
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ff_kernels.cli import main
-from ff_kernels.recipes import BackpropMNIST
-from ff_kernels.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, load_checkpoint
+from ff_kernels.paper.cli import main
+from ff_kernels.paper.recipes import BackpropMNIST
+from ff_kernels.paper.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, load_checkpoint
 
 from _paths import require_mnist
 from reference_tools import max_err, scale_of

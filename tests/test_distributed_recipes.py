@@ -19,14 +19,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ff_kernels.cli import main
-from ff_kernels.data import MnistSplits, hybrid_negatives
 from ff_kernels.distributed import shard_batch
-from ff_kernels.figures import HYBRID_FIGURE, RECEPTIVE_FIELDS_FIGURE
-from ff_kernels.recipes import BackpropMNIST, BackpropMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
-from ff_kernels.recipes.backprop_mnist import STEP_KEY, mlp
-from ff_kernels.recipes.backprop_parallel import sharded_forward
-from ff_kernels.train import CHECKPOINT, METRICS, load_checkpoint
+from ff_kernels.paper.cli import main
+from ff_kernels.paper.data import MnistSplits, hybrid_negatives
+from ff_kernels.paper.figures import HYBRID_FIGURE, RECEPTIVE_FIELDS_FIGURE
+from ff_kernels.paper.recipes import BackpropMNIST, BackpropMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
+from ff_kernels.paper.recipes.backprop_mnist import STEP_KEY, mlp
+from ff_kernels.paper.recipes.backprop_parallel import sharded_forward
+from ff_kernels.paper.train import CHECKPOINT, METRICS, load_checkpoint
 
 from _paths import require_mnist
 from reference_tools import max_err, scale_of

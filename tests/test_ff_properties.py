@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from ff_kernels import FFLinear, FFSequential
-from ff_kernels import functional as F
+from ff_kernels import functional as FF
 
 SQUARED = ["ssq", "neg_ssq"]
 # float32 tolerance of one goodness after an update: the activities are float32 dot products
@@ -60,16 +60,16 @@ def _side(kind: str, g: torch.Tensor, target: float) -> bool:
 def _eq4_step64(x, w, b, target, kind, threshold, temperature, mask=None):
     """One plain-SGD FF step (functional.ff_linear_grads + sgd_momentum_, float64, in place) on
     the single row ``x: (1, D_in)``, at the learning rate of ``target_goodness_lr``."""
-    g = F.goodness(F.linear_activity(x, w, b, mask), kind)
+    g = FF.goodness(FF.linear_activity(x, w, b, mask), kind)
     positive = _side(kind, g, target)
     sq = x.square().sum(-1)
-    lr = float(F.target_goodness_lr(g, target, sq, kind, threshold, temperature, positive, b is not None))
+    lr = float(FF.target_goodness_lr(g, target, sq, kind, threshold, temperature, positive, b is not None))
     assert lr > 0
     x_pos, x_neg = (x, x[:0]) if positive else (x[:0], x)
-    _, dw, db = F.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature, mask)
-    F.sgd_momentum_(w, dw, torch.zeros_like(w), lr, mask=mask)
+    _, dw, db = FF.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature, mask)
+    FF.sgd_momentum_(w, dw, torch.zeros_like(w), lr, mask=mask)
     if b is not None:
-        F.sgd_momentum_(b, db, torch.zeros_like(b), lr)
+        FF.sgd_momentum_(b, db, torch.zeros_like(b), lr)
     return lr
 
 
@@ -77,7 +77,7 @@ def _eq4_ff_step(layer: FFLinear, x: torch.Tensor, target: float):
     """``layer.ff_step`` on the single row x at the learning rate that brings its goodness to target."""
     g = layer.goodness(x).double()
     positive = _side(layer.goodness_fn, g, target)
-    lr = F.target_goodness_lr(
+    lr = FF.target_goodness_lr(
         g, target, x.double().square().sum(-1), layer.goodness_fn, layer.threshold, layer.temperature,
         positive, layer.bias is not None,
     )
@@ -111,11 +111,11 @@ def test_equation_4_derivation():
     x = torch.randn(1, 12, generator=gen, dtype=torch.float64)
     z = x @ w.T + b
     y = torch.relu(z)
-    g = F.goodness(y, kind)
+    g = FF.goodness(y, kind)
     assert 0 < int((y > 0).sum()) < 30  # both active and silent units
-    eps = F.target_goodness_epsilon(g, target, kind)
-    lr = F.target_goodness_lr(g, target, x.square().sum(-1), kind, threshold, temperature, True, True)
-    s = F.positive_logit(g, kind, threshold, temperature)
+    eps = FF.target_goodness_epsilon(g, target, kind)
+    lr = FF.target_goodness_lr(g, target, x.square().sum(-1), kind, threshold, temperature, True, True)
+    s = FF.positive_logit(g, kind, threshold, temperature)
     c = -torch.sigmoid(-s) / temperature
     torch.testing.assert_close(lr, -eps / (2 * c * (x.square().sum() + 1)), rtol=1e-14, atol=0)
     _eq4_step64(x, w, b, target, kind, threshold, temperature)
@@ -123,7 +123,7 @@ def test_equation_4_derivation():
     active = z[0] > 0
     torch.testing.assert_close(z_new[0, active], (1 + eps) * z[0, active], rtol=1e-13, atol=0)
     torch.testing.assert_close(z_new[0, ~active], z[0, ~active], rtol=0, atol=0)  # silent units did not move
-    torch.testing.assert_close(F.goodness(torch.relu(z_new), kind), torch.full_like(g, target), rtol=1e-13, atol=0)
+    torch.testing.assert_close(FF.goodness(torch.relu(z_new), kind), torch.full_like(g, target), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("kind", SQUARED)
@@ -144,12 +144,12 @@ def test_one_update_reaches_target_goodness_float64(kind, bias, factor, normaliz
     for _ in range(6):
         x = torch.randn(1, n_in, generator=gen, dtype=torch.float64) * 2.0
         if normalized_input:
-            x = F.normalize(torch.relu(x), kind)
-        g_before = F.goodness(F.linear_activity(x, w, b), kind)
+            x = FF.normalize(torch.relu(x), kind)
+        g_before = FF.goodness(FF.linear_activity(x, w, b), kind)
         assert g_before > 0
         target = factor * float(g_before)
         _eq4_step64(x, w, b, target, kind, threshold, temperature)
-        g_after = F.goodness(F.linear_activity(x, w, b), kind)
+        g_after = FF.goodness(FF.linear_activity(x, w, b), kind)
         assert abs(float(g_after) / target - 1) < 1e-12
 
 
@@ -163,9 +163,9 @@ def test_one_update_needs_full_connectivity():
     mask = (torch.rand(n_out, n_in, generator=gen) < 0.5).double()
     w.mul_(mask)
     x = torch.randn(1, n_in, generator=gen, dtype=torch.float64)
-    target = 3.0 * float(F.goodness(F.linear_activity(x, w, b, mask), "ssq"))
+    target = 3.0 * float(FF.goodness(FF.linear_activity(x, w, b, mask), "ssq"))
     _eq4_step64(x, w, b, target, "ssq", 4.0, 1.0, mask)
-    g_after = float(F.goodness(F.linear_activity(x, w, b, mask), "ssq"))
+    g_after = float(FF.goodness(FF.linear_activity(x, w, b, mask), "ssq"))
     assert abs(g_after / target - 1) > 1e-2
 
 
@@ -191,16 +191,16 @@ def test_one_update_reaches_target_in_every_layer_of_a_stack_float64(kind, bias)
     def forward(x):
         goodness = []
         for w, b in layers:
-            h = F.linear_activity(x, w, b)
-            goodness.append(float(F.goodness(h, kind)))
-            x = F.normalize(h, kind, eps=0.0)
+            h = FF.linear_activity(x, w, b)
+            goodness.append(float(FF.goodness(h, kind)))
+            x = FF.normalize(h, kind, eps=0.0)
         return goodness
 
     before = forward(x0)
     assert all(g > 0 and abs(g / target - 1) > 0.05 for g in before)
     x = x0
     for w, b in layers:  # one pass: input = the pre-update normalized output of the layer below
-        out = F.normalize(F.linear_activity(x, w, b), kind, eps=0.0)
+        out = FF.normalize(FF.linear_activity(x, w, b), kind, eps=0.0)
         _eq4_step64(x, w, b, target, kind, threshold, temperature)
         x = out
     after = forward(x0)
@@ -217,7 +217,7 @@ def test_fflinear_one_update_reaches_target_goodness(backend, kind, bias):
     gen = torch.Generator().manual_seed(4)
     layer = FFLinear(48, 40, bias=bias, goodness=kind, threshold=6.0, temperature=2.0, backend=backend)
     for factor in (2.5, 0.5, 1.7):
-        x = F.normalize(torch.relu(torch.randn(1, 48, generator=gen)), kind)
+        x = FF.normalize(torch.relu(torch.randn(1, 48, generator=gen)), kind)
         target = factor * float(layer.goodness(x))
         _eq4_ff_step(layer, x, target)
         assert abs(float(layer.goodness(x)) / target - 1) < FP32_RTOL
@@ -245,13 +245,13 @@ def test_fflinear_stack_reaches_target_in_every_layer(backend, bias):
 def test_target_goodness_lr_sign_and_sum_goodness():
     """lr > 0 exactly on the side that moves the goodness towards S*; "sum" is rejected."""
     g, sq = torch.tensor([2.0, 8.0], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    lr_pos = F.target_goodness_lr(g, 4.0, sq, "ssq", 5.0, 1.0, positive=True)
-    lr_neg = F.target_goodness_lr(g, 4.0, sq, "ssq", 5.0, 1.0, positive=False)
+    lr_pos = FF.target_goodness_lr(g, 4.0, sq, "ssq", 5.0, 1.0, positive=True)
+    lr_neg = FF.target_goodness_lr(g, 4.0, sq, "ssq", 5.0, 1.0, positive=False)
     assert lr_pos[0] > 0 > lr_pos[1] and lr_neg[1] > 0 > lr_neg[0]
-    lr_min = F.target_goodness_lr(g, 4.0, sq, "neg_ssq", 5.0, 1.0, positive=True)
+    lr_min = FF.target_goodness_lr(g, 4.0, sq, "neg_ssq", 5.0, 1.0, positive=True)
     assert lr_min[1] > 0 > lr_min[0]
     with pytest.raises(ValueError, match="squared goodness"):
-        F.target_goodness_lr(g, 4.0, sq, "sum")
+        FF.target_goodness_lr(g, 4.0, sq, "sum")
 
 
 # --- 2. The update leaves the normalized output for x unchanged --------------------------------
@@ -272,26 +272,26 @@ def test_update_leaves_normalized_output_unchanged_float64(kind, bias, rms, posi
     n_in, n_out = 25, 31
     w, b = _params64(n_in, n_out, bias, gen)
     threshold, temperature = 3.0, 1.0
-    x = F.normalize(torch.relu(torch.randn(1, n_in, generator=gen, dtype=torch.float64)), kind)
-    h = F.linear_activity(x, w, b)
+    x = FF.normalize(torch.relu(torch.randn(1, n_in, generator=gen, dtype=torch.float64)), kind)
+    h = FF.linear_activity(x, w, b)
     x_pos, x_neg = (x, x[:0]) if positive else (x[:0], x)
-    _, dw, db = F.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature)
-    g = F.goodness(h, kind)
+    _, dw, db = FF.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature)
+    g = FF.goodness(h, kind)
     raising = positive == (kind == "ssq")
-    lr = float(F.target_goodness_lr(g, (2.25 if raising else 0.25) * g, x.square().sum(-1), kind, threshold,
+    lr = float(FF.target_goodness_lr(g, (2.25 if raising else 0.25) * g, x.square().sum(-1), kind, threshold,
                                     temperature, positive, bias))
-    F.sgd_momentum_(w, dw, torch.zeros_like(w), lr)
+    FF.sgd_momentum_(w, dw, torch.zeros_like(w), lr)
     if b is not None:
-        F.sgd_momentum_(b, db, torch.zeros_like(b), lr)
-    h_new = F.linear_activity(x, w, b)
+        FF.sgd_momentum_(b, db, torch.zeros_like(b), lr)
+    h_new = FF.linear_activity(x, w, b)
     scale = float(h_new.norm() / h.norm())  # 1 + eps
     assert abs(abs(scale - 1) - 0.5) < 1e-12  # the step did change the layer's response to x
-    torch.testing.assert_close(F.normalize(h_new, kind, rms, eps=0.0), F.normalize(h, kind, rms, eps=0.0),
+    torch.testing.assert_close(FF.normalize(h_new, kind, rms, eps=0.0), FF.normalize(h, kind, rms, eps=0.0),
                                rtol=1e-13, atol=1e-15)
-    e = F.NORM_EPS * (n_out**0.5 if rms else 1.0)
+    e = FF.NORM_EPS * (n_out**0.5 if rms else 1.0)
     n = float(h.norm())
     guard = scale * (n + e) / (scale * n + e)
-    torch.testing.assert_close(F.normalize(h_new, kind, rms), guard * F.normalize(h, kind, rms), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(FF.normalize(h_new, kind, rms), guard * FF.normalize(h, kind, rms), rtol=1e-13, atol=1e-15)
     assert abs(guard - 1) < 1e-4  # |eps| e / ((1 + eps) ||h|| + e): the guard's effect is small
 
 
@@ -306,13 +306,13 @@ def test_fflinear_ff_step_leaves_normalized_output_unchanged(backend, kind, rms)
     torch.manual_seed(7)
     gen = torch.Generator().manual_seed(7)
     layer = FFLinear(40, 36, goodness=kind, threshold=4.0, rms_norm=rms, backend=backend)
-    x = F.normalize(torch.relu(torch.randn(1, 40, generator=gen)), kind)
+    x = FF.normalize(torch.relu(torch.randn(1, 40, generator=gen)), kind)
     step = layer.ff_step(x, x[:0], lr=2.0, return_step=True)
     y_after, g_after = layer.forward_with_goodness(x)
     g_before = float(step.goodness[0])
     assert max(float(g_after) / g_before, g_before / float(g_after)) > 1.5
     n, scale = g_before**0.5, (float(g_after) / g_before) ** 0.5
-    e = F.NORM_EPS * (36**0.5 if rms else 1.0)
+    e = FF.NORM_EPS * (36**0.5 if rms else 1.0)
     guard = scale * (n + e) / (scale * n + e)
     err = float((y_after - guard * step.output).abs().max() / step.output.abs().max())
     assert err < FP32_RTOL
@@ -328,11 +328,11 @@ def test_normalized_output_does_change_without_the_conditions():
     w0, b0 = _params64(n_in, n_out, True, gen)
     for kind, rows in [("ssq", x), ("sum", x[:1])]:
         w, b = w0.clone(), b0.clone()
-        y = F.normalize(F.linear_activity(x[:1], w, b), kind)
-        _, dw, db = F.ff_linear_grads(rows, x[:0], w, b, kind, 3.0, 1.0)
-        F.sgd_momentum_(w, dw, torch.zeros_like(w), 0.5)
-        F.sgd_momentum_(b, db, torch.zeros_like(b), 0.5)
-        y_new = F.normalize(F.linear_activity(x[:1], w, b), kind)
+        y = FF.normalize(FF.linear_activity(x[:1], w, b), kind)
+        _, dw, db = FF.ff_linear_grads(rows, x[:0], w, b, kind, 3.0, 1.0)
+        FF.sgd_momentum_(w, dw, torch.zeros_like(w), 0.5)
+        FF.sgd_momentum_(b, db, torch.zeros_like(b), 0.5)
+        y_new = FF.normalize(FF.linear_activity(x[:1], w, b), kind)
         assert float((y_new - y).abs().max() / y.abs().max()) > 1e-3, kind
 
 
@@ -420,24 +420,24 @@ def test_ff_learns_through_a_stochastic_black_box():
 def test_block_goodness_and_normalize_match_a_loop(kind, blocks):
     gen = torch.Generator().manual_seed(20)
     h = torch.relu(torch.randn(7, 12, generator=gen, dtype=torch.float64)) + 0.1
-    g = F.goodness(h, kind, blocks=blocks)
+    g = FF.goodness(h, kind, blocks=blocks)
     size = 12 // blocks
     assert g.shape == (7, blocks)
     for i in range(blocks):
         part = h[:, i * size:(i + 1) * size]
-        torch.testing.assert_close(g[:, i], F.goodness(part, kind), rtol=1e-14, atol=0)
+        torch.testing.assert_close(g[:, i], FF.goodness(part, kind), rtol=1e-14, atol=0)
         for rms in (False, True):
-            torch.testing.assert_close(F.normalize(h, kind, rms, blocks=blocks)[:, i * size:(i + 1) * size],
-                                       F.normalize(part, kind, rms), rtol=1e-14, atol=0)
-    torch.testing.assert_close(g.sum(1), F.goodness(h, kind), rtol=1e-13, atol=0)
-    p = F.positive_probability(g, kind, 2.0, 1.5)
+            torch.testing.assert_close(FF.normalize(h, kind, rms, blocks=blocks)[:, i * size:(i + 1) * size],
+                                       FF.normalize(part, kind, rms), rtol=1e-14, atol=0)
+    torch.testing.assert_close(g.sum(1), FF.goodness(h, kind), rtol=1e-13, atol=0)
+    p = FF.positive_probability(g, kind, 2.0, 1.5)
     assert p.shape == (7, blocks)
 
 
 @pytest.mark.parametrize("blocks", [0, 5, 2.0, True])
 def test_block_count_must_divide_the_units(blocks):
     with pytest.raises(ValueError, match="blocks must be a positive integer that divides the 12 units"):
-        F.goodness(torch.ones(3, 12), "ssq", blocks=blocks)
+        FF.goodness(torch.ones(3, 12), "ssq", blocks=blocks)
 
 
 @pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
@@ -454,9 +454,9 @@ def test_block_layer_is_independent_layers(kind, bias):
     x_neg = torch.randn(4, n_in, generator=gen, dtype=torch.float64)
     threshold, temperature = 1.5, 0.8
     w_, b_ = w.clone().requires_grad_(), (b.clone().requires_grad_() if bias else None)
-    loss = F.ff_linear_loss(x_pos, x_neg, w_, b_, kind, threshold, temperature, blocks=blocks)
+    loss = FF.ff_linear_loss(x_pos, x_neg, w_, b_, kind, threshold, temperature, blocks=blocks)
     loss.backward()
-    loss2, dw, db = F.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature, blocks=blocks)
+    loss2, dw, db = FF.ff_linear_grads(x_pos, x_neg, w, b, kind, threshold, temperature, blocks=blocks)
     torch.testing.assert_close(loss2, loss.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dw, w_.grad, rtol=1e-8, atol=1e-10)
     assert dw.abs().sum() > 0
@@ -466,7 +466,7 @@ def test_block_layer_is_independent_layers(kind, bias):
     for i in range(blocks):
         rows = slice(i * size, (i + 1) * size)
         b_i = b[rows] if bias else None
-        loss_i, dw_i, db_i = F.ff_linear_grads(x_pos, x_neg, w[rows], b_i, kind, threshold, temperature)
+        loss_i, dw_i, db_i = FF.ff_linear_grads(x_pos, x_neg, w[rows], b_i, kind, threshold, temperature)
         total = total + loss_i
         torch.testing.assert_close(dw[rows], dw_i, rtol=1e-12, atol=1e-14)
         if bias:
@@ -492,17 +492,17 @@ def test_block_wise_layer_learns():
     test_neg = _with_label(x_test, _wrong_labels(y_test, torch.Generator().manual_seed(24)))
 
     def block_accuracy() -> torch.Tensor:
-        p_pos = F.positive_probability(F.goodness(F.linear_activity(test_pos, w, b), "ssq", blocks), "ssq", threshold)
-        p_neg = F.positive_probability(F.goodness(F.linear_activity(test_neg, w, b), "ssq", blocks), "ssq", threshold)
+        p_pos = FF.positive_probability(FF.goodness(FF.linear_activity(test_pos, w, b), "ssq", blocks), "ssq", threshold)
+        p_neg = FF.positive_probability(FF.goodness(FF.linear_activity(test_neg, w, b), "ssq", blocks), "ssq", threshold)
         return ((p_pos > 0.5).float().mean(0) + (p_neg <= 0.5).float().mean(0)) / 2  # (blocks,)
 
     before = block_accuracy()
     for _ in range(300):
         x, y = _clusters(64, gen)
-        _, dw, db = F.ff_linear_grads(_with_label(x, y), _with_label(x, _wrong_labels(y, gen)), w, b, "ssq",
+        _, dw, db = FF.ff_linear_grads(_with_label(x, y), _with_label(x, _wrong_labels(y, gen)), w, b, "ssq",
                                       threshold, 1.0, blocks=blocks)
-        F.sgd_momentum_(w, dw, w_buf, lr=0.03, momentum=0.9)
-        F.sgd_momentum_(b, db, b_buf, lr=0.03, momentum=0.9)
+        FF.sgd_momentum_(w, dw, w_buf, lr=0.03, momentum=0.9)
+        FF.sgd_momentum_(b, db, b_buf, lr=0.03, momentum=0.9)
     after = block_accuracy()
     assert (after > 0.8).all(), (before, after)
     assert (before - 0.5).abs().max() < 0.1, before

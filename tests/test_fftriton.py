@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ff_kernels import functional as F
+from ff_kernels import functional as FF
 from fftriton import (
     block_config,
     ff_linear_forward,
@@ -122,7 +122,7 @@ class Problem:
     def threshold(self, goodness: str) -> float:
         """The mean reference goodness: logits of both signs and moderate size."""
         x_pos, x_neg, w, b, mask = self.reference()
-        return F.goodness(F.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask), goodness).mean().item()
+        return FF.goodness(FF.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask), goodness).mean().item()
 
     def kernel_inputs(self) -> dict:
         return {"x_scale": self.x_scale, "mask": self.mask}
@@ -171,7 +171,7 @@ def reference_grads(p: Problem, goodness: str, threshold: float):
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
-    loss = F.ff_linear_loss(x_pos, x_neg, w, b, goodness, threshold, TEMPERATURE, mask)
+    loss = FF.ff_linear_loss(x_pos, x_neg, w, b, goodness, threshold, TEMPERATURE, mask)
     loss.backward()
     return loss.detach(), w.grad, None if b is None else b.grad
 
@@ -199,12 +199,12 @@ def test_forward(device, goodness, dtype, case, features):
         p.x_pos, p.x_neg, p.weight, p.bias, goodness=goodness, precision="ieee", **p.kernel_inputs()
     )
     x_pos, x_neg, w, b, mask = p.reference()
-    ref_h = F.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask)
+    ref_h = FF.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask)
     m, n, k = ref_h.shape[0], w.shape[0], w.shape[1]
     assert h.dtype == dtype and partials.dtype == torch.float32
     assert partials.shape == (m, -(-n // block_config(dtype, m, n, k).block_n))
     assert_close(h, ref_h, rel_for(dtype, REL_BF16_H), "h")
-    assert_close(partials.sum(1), F.goodness(ref_h, goodness), REL_FP32, "goodness")
+    assert_close(partials.sum(1), FF.goodness(ref_h, goodness), REL_FP32, "goodness")
 
 
 def random_partials(h: torch.Tensor, goodness: str, block: int) -> torch.Tensor:
@@ -216,14 +216,14 @@ def random_partials(h: torch.Tensor, goodness: str, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rms", [False, True], ids=["norm", "rms"])
 @pytest.mark.parametrize("rows", [(1, 1), (5, 3), (6, 0), (0, 4), (19, 14)], ids=str)
-@pytest.mark.parametrize("goodness", F.GOODNESS)
+@pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_row_stats_and_scale_rows(device, goodness, rows, rms, dtype):
     n_pos, n_neg = rows
     g = torch.Generator().manual_seed(1)
     h = torch.relu(torch.randn(n_pos + n_neg, 37, generator=g)).to(dtype).double()
     if h.shape[0] > 2:
         h[2] = 0.0  # a dead row: G = 0, the normalized output stays 0
-    ref_g = F.goodness(h, goodness)
+    ref_g = FF.goodness(h, goodness)
     threshold = ref_g.mean().item() if ref_g.numel() else 0.0
     partials = random_partials(h, goodness, 16).float().to(device)
     stats = ff_row_stats(
@@ -231,24 +231,24 @@ def test_row_stats_and_scale_rows(device, goodness, rows, rms, dtype):
     )
     assert all(t.dtype == torch.float32 and t.shape == (n_pos + n_neg,) for t in stats)
     assert_close(stats.goodness, ref_g, REL_FP32, "goodness")
-    ref_loss = F.ff_loss(ref_g[:n_pos], ref_g[n_pos:], goodness, threshold, TEMPERATURE)
+    ref_loss = FF.ff_loss(ref_g[:n_pos], ref_g[n_pos:], goodness, threshold, TEMPERATURE)
     assert_close(stats.loss_rows.sum(), ref_loss, REL_FP32, "loss")
-    ref_coef = F.loss_goodness_grad(ref_g, n_pos, goodness, threshold, TEMPERATURE)
+    ref_coef = FF.loss_goodness_grad(ref_g, n_pos, goodness, threshold, TEMPERATURE)
     assert_close(stats.coef, ref_coef, REL_FP32, "coef")
     y = scale_rows(h.to(device=device, dtype=dtype), stats.inv_norm)
     assert y.dtype == dtype
-    assert_close(y, F.normalize(h, goodness, rms), rel_for(dtype, REL_BF16_H), "normalized output")
+    assert_close(y, FF.normalize(h, goodness, rms), rel_for(dtype, REL_BF16_H), "normalized output")
 
 
-@pytest.mark.parametrize("goodness", F.GOODNESS)
+@pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_row_stats_saturated_logits(device, goodness):
     """|logit| = 200: exp(-|v|) underflows to 0, loss and coef stay finite and exact."""
     partials = torch.tensor([[600.0], [200.0], [600.0], [200.0]], device=device)
     stats = ff_row_stats(partials, 2, goodness=goodness, threshold=400.0, temperature=1.0, n_features=4)
     ref_g = partials.double().cpu().sum(1)
-    ref_loss = F.ff_loss(ref_g[:2], ref_g[2:], goodness, 400.0)
+    ref_loss = FF.ff_loss(ref_g[:2], ref_g[2:], goodness, 400.0)
     assert_close(stats.loss_rows.sum(), ref_loss, REL_FP32, "loss")
-    assert_close(stats.coef, F.loss_goodness_grad(ref_g, 2, goodness, 400.0), REL_FP32, "coef")
+    assert_close(stats.coef, FF.loss_goodness_grad(ref_g, 2, goodness, 400.0), REL_FP32, "coef")
 
 
 # Every case with x_scale and mask on (each alone is covered by test_forward), two cases plain.
@@ -258,7 +258,7 @@ UPDATE_IDS = [f"{name}-scaled_masked" for name in CASE_IDS] + [f"{CASE_IDS[1]}-p
 
 @pytest.mark.parametrize("case, features", UPDATE_CASES, ids=UPDATE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("goodness", F.GOODNESS)
+@pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_grad_matches_autograd(device, goodness, dtype, case, features):
     p = case_problem(device, dtype, case, features, seed=2)
     threshold = p.threshold(goodness)
@@ -285,14 +285,14 @@ def sgd_reference_step(ref_params, ref_bufs, p, goodness, threshold, lr, momentu
     ref_p = Problem(p.x_pos, p.x_neg, ref_params[0], ref_params[1], p.x_scale, p.mask)
     _, dw, db = reference_grads(ref_p, goodness, threshold)
     mask = None if p.mask is None else p.mask.cpu()
-    F.sgd_momentum_(ref_params[0], dw, ref_bufs[0], lr, momentum, weight_decay, mask)
+    FF.sgd_momentum_(ref_params[0], dw, ref_bufs[0], lr, momentum, weight_decay, mask)
     if ref_params[1] is not None:
-        F.sgd_momentum_(ref_params[1], db, ref_bufs[1], lr, momentum, weight_decay)
+        FF.sgd_momentum_(ref_params[1], db, ref_bufs[1], lr, momentum, weight_decay)
 
 
 @pytest.mark.parametrize("features", ["plain", "scaled_masked"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASE_IDS[1], CASE_IDS[3]])
-@pytest.mark.parametrize("goodness", F.GOODNESS)
+@pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_sgd_three_steps_fp32(device, goodness, case, features):
     """Three fused SGD steps follow the float64 reference trajectory; masked weights stay exactly 0."""
     lr, momentum, weight_decay = 0.3, 0.9, 0.01
@@ -320,7 +320,7 @@ def test_update_sgd_three_steps_fp32(device, goodness, case, features):
         assert (p.weight[absent] == 0).all() and (weight_buf[absent] == 0).all()
 
 
-@pytest.mark.parametrize("goodness", F.GOODNESS)
+@pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_sgd_bf16(device, goodness):
     """bfloat16 states: each of three steps matches the float64 step taken from the same bf16 state."""
     lr, momentum, weight_decay = 0.3, 0.9, 0.01
@@ -363,7 +363,7 @@ def test_empty_tile_map_is_honored(device):
     )
     assert (weight_grad == 0).all()
     h64 = h.double().cpu()
-    ref_db = (stats.coef.double().cpu()[:, None] * F.goodness_activity_grad(h64, "ssq")).sum(0)
+    ref_db = (stats.coef.double().cpu()[:, None] * FF.goodness_activity_grad(h64, "ssq")).sum(0)
     assert_close(bias_grad, ref_db, REL_FP32, "bias_grad")
 
 
@@ -388,7 +388,7 @@ def test_default_tf32_precision(device):
     threshold = p.threshold("ssq")
     h, stats = kernel_stats(p, "ssq", threshold, precision="tf32")
     x_pos, x_neg, w, b, _ = p.reference()
-    assert_close(h, F.linear_activity(torch.cat([x_pos, x_neg]), w, b), REL_TF32, "h")
+    assert_close(h, FF.linear_activity(torch.cat([x_pos, x_neg]), w, b), REL_TF32, "h")
     weight_grad, bias_grad = torch.zeros_like(p.weight), torch.zeros_like(p.bias)
     ff_linear_update(
         p.x_pos, p.x_neg, h, stats.coef, p.weight, p.bias, goodness="ssq", x_scale=p.x_scale,

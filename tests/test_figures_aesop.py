@@ -2,9 +2,9 @@
 
 import torch
 
-from ff_kernels.figures_aesop import SAMPLES, main
-from ff_kernels.recipes.aesop import AesopConfig, AesopFF
-from ff_kernels.train import train
+from ff_kernels.paper.figures_aesop import SAMPLES, main
+from ff_kernels.paper.recipes.aesop import AesopConfig, AesopFF
+from ff_kernels.paper.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ff_kernels.data import MnistSplits
-from ff_kernels.data.jitter import random_shifts, shift_images
-from ff_kernels.recipes import RECIPES, JitterMNIST, JitterMNISTConfig, SupervisedMNISTConfig
+from ff_kernels.paper.data import MnistSplits
+from ff_kernels.paper.data.jitter import random_shifts, shift_images
+from ff_kernels.paper.recipes import RECIPES, JitterMNIST, JitterMNISTConfig, SupervisedMNISTConfig
 
 
 def roll_and_zero(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

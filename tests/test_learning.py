@@ -12,9 +12,9 @@ phase (true label least good) scores near 0%.
 
 import pytest
 
-from ff_kernels.data import mnist_splits
-from ff_kernels.recipes import SupervisedMNIST, SupervisedMNISTConfig
-from ff_kernels.train import train
+from ff_kernels.paper.data import mnist_splits
+from ff_kernels.paper.recipes import SupervisedMNIST, SupervisedMNISTConfig
+from ff_kernels.paper.train import train
 
 from _paths import require_mnist
 

@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 
-from ff_kernels import functional_local as FL
 from ff_kernels import ops
-from ff_kernels.functional_local import LocalSpec
+from ff_kernels.functional import local as FFL
+from ff_kernels.functional.local import LocalSpec
 from ff_kernels.ops import ext_local2d, local2d
 from ff_kernels.ops.local2d import ff_local2d_forward, ff_local2d_step
 
@@ -52,14 +52,14 @@ def make_case(spec, n_pos, n_neg, device="cpu", seed=0):
     x_pos = torch.rand(n_pos, *spec.input_shape, generator=gen)
     x_neg = torch.rand(n_neg, *spec.input_shape, generator=gen)
     w = (torch.rand(*spec.weight_shape, generator=gen) - 0.4) * (3.0 / spec.block_size**0.5)
-    w = w * FL.local_valid_mask(spec)[:, None, :]
+    w = w * FFL.local_valid_mask(spec)[:, None, :]
     b = torch.randn(*spec.bias_shape, generator=gen) * 0.1
     return [t.to(device) for t in (x_pos, x_neg, w, b)]
 
 
 def outside(t, spec):
     """The entries of a (L, C_out, K) weight-shaped tensor whose window position lies outside the map."""
-    return t.transpose(1, 2)[~FL.local_valid_mask(spec, t.device)]
+    return t.transpose(1, 2)[~FFL.local_valid_mask(spec, t.device)]
 
 
 def threshold_for(kind, spec):
@@ -68,14 +68,14 @@ def threshold_for(kind, spec):
 
 def truth64(x_pos, x_neg, w, b, spec, kind, rms=False, threshold=None):
     """Loss, goodness, normalized output (B, C_out, H_out, W_out), dW, db of one step in float64."""
-    from ff_kernels import functional as F
+    from ff_kernels import functional as FF
 
     d = [t.double() for t in (x_pos, x_neg, w, b)]
     threshold = threshold_for(kind, spec) if threshold is None else threshold
-    loss, dw, db = FL.ff_local_grads(*d, spec, kind, threshold, 3.0)
-    h = FL.local_activity(torch.cat(d[:2]), d[2], d[3], spec).flatten(1)
-    output = F.normalize(h, kind, rms).view(-1, *spec.output_shape)
-    return {"loss": loss, "goodness": F.goodness(h, kind), "output": output, "dw": dw, "db": db}
+    loss, dw, db = FFL.ff_local_grads(*d, spec, kind, threshold, 3.0)
+    h = FFL.local_activity(torch.cat(d[:2]), d[2], d[3], spec).flatten(1)
+    output = FF.normalize(h, kind, rms).view(-1, *spec.output_shape)
+    return {"loss": loss, "goodness": FF.goodness(h, kind), "output": output, "dw": dw, "db": db}
 
 
 def check_close(name, fast, ref_same_precision, truth):
@@ -95,8 +95,8 @@ def local_step(backend, x_pos, x_neg, w, b, spec, kind, rms=False):
 
 def dense_step(backend, x_pos, x_neg, w, b, spec, kind, rms=False):
     """The same step through FFLinear's masked dense op (footnote 13) -> (FFLayerStep, dense dW, dense db)."""
-    mask = FL.local_dense_mask(spec, w.device)
-    dw = FL.local_weight_to_dense(w, spec).clone().requires_grad_()
+    mask = FFL.local_dense_mask(spec, w.device)
+    dw = FFL.local_weight_to_dense(w, spec).clone().requires_grad_()
     db = b.t().reshape(-1).clone().requires_grad_()
     step = ops.ff_linear_step(x_pos.flatten(1), x_neg.flatten(1), dw, db, goodness=kind, mask=mask, rms=rms,
                               threshold=threshold_for(kind, spec), temperature=3.0, backend=backend)
@@ -124,7 +124,7 @@ def test_grad_step_extension_reference_and_dense_agree_with_float64(case, kind):
     dense_ref, dense_ref_dw, dense_ref_db = dense_step("reference", x_pos, x_neg, w, b, spec, kind, rms)
     check_close("dense output", dense.output, dense_ref.output, truth["output"].flatten(1))
     check_close("dense goodness", dense.goodness, dense_ref.goodness, truth["goodness"])
-    check_close("dense dW", dense_dw, dense_ref_dw, FL.local_weight_to_dense(truth["dw"], spec))
+    check_close("dense dW", dense_dw, dense_ref_dw, FFL.local_weight_to_dense(truth["dw"], spec))
     check_close("dense db", dense_db, dense_ref_db, truth["db"].t().reshape(-1))
 
 
@@ -139,8 +139,8 @@ def test_forward_matches_reference_and_dense(case):
     assert out.shape == (n_pos, *spec.output_shape) and g.dtype == torch.float32
     check_close("output", out, ref_out, truth["output"])
     check_close("goodness", g, ref_g, truth["goodness"])
-    dense_out, _dense_g = ops.ff_linear_forward(x.flatten(1), FL.local_weight_to_dense(w, spec), b.t().reshape(-1),
-                                               mask=FL.local_dense_mask(spec), backend="cpu")
+    dense_out, _dense_g = ops.ff_linear_forward(x.flatten(1), FFL.local_weight_to_dense(w, spec), b.t().reshape(-1),
+                                               mask=FFL.local_dense_mask(spec), backend="cpu")
     check_close("dense output", dense_out, ref_out.flatten(1), truth["output"].flatten(1))
 
 
@@ -148,9 +148,9 @@ def test_forward_matches_reference_and_dense(case):
 @pytest.mark.parametrize("kind", GOODNESS)
 def test_explicit_reference_gradients_equal_autograd(spec, kind):
     x_pos, x_neg, w, b = [t.double() for t in make_case(spec, 2, 3, seed=2)]
-    loss, dw, db = FL.ff_local_grads(x_pos, x_neg, w, b, spec, kind, threshold_for(kind, spec), 3.0)
+    loss, dw, db = FFL.ff_local_grads(x_pos, x_neg, w, b, spec, kind, threshold_for(kind, spec), 3.0)
     w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    expected = FL.ff_local_loss(x_pos, x_neg, w, b, spec, kind, threshold_for(kind, spec), 3.0)
+    expected = FFL.ff_local_loss(x_pos, x_neg, w, b, spec, kind, threshold_for(kind, spec), 3.0)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach())
     torch.testing.assert_close(dw, w.grad)
@@ -161,16 +161,16 @@ def test_explicit_reference_gradients_equal_autograd(spec, kind):
 def test_dense_mask_is_the_local_connectivity():
     spec = ODD[1]
     x, _, w, b = make_case(spec, 3, 0, seed=4)
-    mask = FL.local_dense_mask(spec)
-    valid = FL.local_valid_mask(spec)
+    mask = FFL.local_dense_mask(spec)
+    valid = FFL.local_valid_mask(spec)
     assert mask.shape == (spec.out_features, spec.in_features)
     assert int(mask.sum()) == spec.out_channels * int(valid.sum())
-    dense_w = FL.local_weight_to_dense(w, spec)
+    dense_w = FFL.local_weight_to_dense(w, spec)
     assert (dense_w[~mask] == 0).all()
-    z = FL.local_linear(x, w, b, spec)
+    z = FFL.local_linear(x, w, b, spec)
     torch.testing.assert_close(z.flatten(1), x.flatten(1) @ dense_w.t() + b.t().reshape(-1))
     # CIFAR interior units see 3 * 11 * 11 = 363 inputs, corner units 3 * 6 * 6
-    counts = FL.local_valid_mask(CIFAR).sum(1).view(32, 32)
+    counts = FFL.local_valid_mask(CIFAR).sum(1).view(32, 32)
     assert counts[16, 16] == 363 and counts[0, 0] == 108
 
 
@@ -292,7 +292,7 @@ def test_bad_inputs_raise_clear_errors(backend):
         call(x, w.transpose(0, 1).contiguous().transpose(0, 1), b, spec)
     with pytest.raises(ValueError, match="contains NaN"):
         call(x * float("nan"), w, b, spec)
-    with pytest.raises(TypeError, match="spec must be a ff_kernels.functional_local.LocalSpec"):
+    with pytest.raises(TypeError, match="spec must be a ff_kernels.functional.local.LocalSpec"):
         call(x, w, b, (2, 9, 7))
     with pytest.raises(ValueError, match="momentum=0.9 needs weight_buf"):
         ff_local2d_step(x, x, w, b, spec, mode="sgd", lr=0.1, momentum=0.9, backend=backend)
@@ -321,10 +321,10 @@ def test_compiled_forward_adds_extra_before_the_optional_relu(device, spec, batc
     batch 1 and 33 (one image past the CPU kernel's 32-image work item)."""
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, *spec.input_shape, generator=gen)
-    w = torch.randn(*spec.weight_shape, generator=gen) * FL.local_valid_mask(spec)[:, None, :]
+    w = torch.randn(*spec.weight_shape, generator=gen) * FFL.local_valid_mask(spec)[:, None, :]
     b = torch.randn(*spec.bias_shape, generator=gen)
     extra = torch.randn(batch, *spec.output_shape, generator=gen)
-    z = FL.local_linear(x.double(), w.double(), b.double(), spec) + extra.double()
+    z = FFL.local_linear(x.double(), w.double(), b.double(), spec) + extra.double()
     expected = torch.relu(z) if relu else z
     on = [t.to(device) for t in (x, w, b, extra)]
     got = torch.ops.ff_kernels.local2d_forward(*on[:3], spec.kernel, spec.stride, spec.padding, on[3], relu).cpu()

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from ff_kernels import functional_local as FL
-from ff_kernels.functional_local import LocalSpec
+from ff_kernels.functional import local as FFL
+from ff_kernels.functional.local import LocalSpec
 from ff_kernels.ops import ext_local2d
 
 pytestmark = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
@@ -38,7 +38,7 @@ def case(spec, batch, seed):
     """x (B, C, H, W), weight with NaN at the absent entries, bias, h, coef, all float32."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *spec.input_shape, generator=gen)
-    valid = FL.local_valid_mask(spec)[:, None, :].expand(spec.weight_shape)
+    valid = FFL.local_valid_mask(spec)[:, None, :].expand(spec.weight_shape)
     w = torch.randn(*spec.weight_shape, generator=gen) / spec.block_size**0.5
     w = torch.where(valid, w, torch.full_like(w, float("nan")))
     b = torch.randn(*spec.bias_shape, generator=gen)
@@ -56,7 +56,7 @@ def test_forward_matches_the_reference_and_never_reads_absent_weights(monkeypatc
     x, w, b, _, _, valid = case(spec, batch, seed=batch)
     extra = torch.randn(batch, *spec.output_shape)
     got = torch.ops.ff_kernels.local2d_forward(x, w, b, spec.kernel, spec.stride, spec.padding, extra, relu)
-    z = FL.local_linear(x.double(), torch.where(valid, w, 0).double(), b.double(), spec) + extra.double()
+    z = FFL.local_linear(x.double(), torch.where(valid, w, 0).double(), b.double(), spec) + extra.double()
     assert torch.isfinite(got).all() and (z < 0).any()
     # float32 sums of block_size products of unit-scale terms
     torch.testing.assert_close(got.double(), torch.relu(z) if relu else z, rtol=1e-5, atol=1e-5 * spec.block_size**0.5)
@@ -75,7 +75,7 @@ def test_gradient_matches_the_reference_and_never_writes_absent_entries(monkeypa
     torch.ops.ff_kernels.local2d_grad_(x, h, coef, goodness, spec.kernel, spec.stride, spec.padding, grad_w, grad_b)
     dg = 2 * h.double() if goodness == "ssq" else (h > 0).double()
     delta = (coef.double().view(-1, 1, 1, 1) * dg).flatten(2)  # (B, C_out, L)
-    dw = torch.einsum("bol,blk->lok", delta, FL.local_patches(x.double(), spec))
+    dw = torch.einsum("bol,blk->lok", delta, FFL.local_patches(x.double(), spec))
     assert torch.isnan(grad_w[~valid]).all()
     # float32 sums over batch terms of unit scale, each itself a product of two unit-scale numbers
     tol = 1e-5 * (batch * 4) ** 0.5

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ff_kernels
-from ff_kernels import functional as F
+from ff_kernels import functional as FF
 
 from reference_tools import device_for, random_mask
 
@@ -29,7 +29,7 @@ def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
     loss = layer.ff_backward(x_pos, x_neg)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    expected = F.ff_linear_loss(x_pos, x_neg, w, b, kind, 3.0, 0.7)
+    expected = FF.ff_linear_loss(x_pos, x_neg, w, b, kind, 3.0, 0.7)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach())
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
@@ -151,7 +151,7 @@ class TestSequential:
         # layer 1 gets layer 0's normalized output as its input
         y_pos, y_neg = net[0](x_pos), net[0](x_neg)
         w = net[1].weight.detach().clone().requires_grad_()
-        F.ff_linear_loss(y_pos, y_neg, w, net[1].bias.detach(), "ssq", 2.0, 1.0).backward()
+        FF.ff_linear_loss(y_pos, y_neg, w, net[1].bias.detach(), "ssq", 2.0, 1.0).backward()
         torch.testing.assert_close(net[1].weight.grad, w.grad, rtol=1e-5, atol=1e-6)
 
     def test_greedy_layers_only_touch_chosen(self):

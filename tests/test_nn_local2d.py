@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ff_kernels
-from ff_kernels import functional_local as FL
+from ff_kernels.functional import local as FFL
 from ff_kernels.ops import ext_local2d
 
 from reference_tools import max_err, scale_of
@@ -26,7 +26,7 @@ GOODNESS = ["ssq", "neg_ssq", "sum"]
 REL = 1e-5
 # truncated edges (padding 2, stride 2) on a non-square map: 30 locations of 5 units, 18-entry blocks
 GEOMETRY = {"in_channels": 2, "in_size": (9, 7), "out_channels": 5, "kernel": 3, "stride": 2, "padding": 2}
-SPEC = FL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)
+SPEC = FFL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)
 
 
 def close(got, want, rel=REL):
@@ -51,7 +51,7 @@ def make_layer(backend="cpu", kind="ssq", seed=0, **kwargs):
 
 def outside(t):
     """Entries of a (L, C_out, K) tensor whose window position lies outside the map."""
-    return t.transpose(1, 2)[~FL.local_valid_mask(SPEC, t.device)]
+    return t.transpose(1, 2)[~FFL.local_valid_mask(SPEC, t.device)]
 
 
 def test_geometry_init_and_spec():
@@ -60,7 +60,7 @@ def test_geometry_init_and_spec():
     assert layer.weight.shape == (30, 5, 18) and layer.bias.shape == (30, 5)
     assert layer.threshold == 150.0  # C_out * H_out * W_out
     assert (outside(layer.weight) == 0).all()
-    valid = FL.local_valid_mask(SPEC)
+    valid = FFL.local_valid_mask(SPEC)
     assert (layer.weight.transpose(1, 2)[valid] != 0).all()
     bound = valid.sum(1).float().rsqrt()  # per location 1 / sqrt(fan_in_l): 1/sqrt(8) at a corner, 1/sqrt(18) inside
     assert (layer.weight.abs().amax((1, 2)) <= bound).all() and (layer.bias.abs().amax(1) <= bound).all()
@@ -78,7 +78,7 @@ def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
     loss = layer.ff_backward(x_pos, x_neg)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    expected = FL.ff_local_loss(x_pos, x_neg, w, b, SPEC, kind, layer.threshold, 0.5)
+    expected = FFL.ff_local_loss(x_pos, x_neg, w, b, SPEC, kind, layer.threshold, 0.5)
     expected.backward()
     close(loss, expected.detach())
     close(layer.weight.grad, w.grad)
@@ -129,7 +129,7 @@ def test_to_dense_is_the_same_layer(backend, rms):
     x_pos, x_neg = images(seed=2)
     layer.ff_step(x_pos, x_neg, lr=0.05, momentum=0.9)  # momentum buffers are carried over too
     dense = layer.to_dense()
-    mask = FL.local_dense_mask(SPEC)
+    mask = FFL.local_dense_mask(SPEC)
     assert isinstance(dense, ff_kernels.FFLinear) and torch.equal(dense.mask, mask)
     assert (dense.weight[~mask] == 0).all() and dense.threshold == layer.threshold and dense.rms_norm == rms
     out, g = layer.forward_with_goodness(x_pos)
@@ -139,11 +139,11 @@ def test_to_dense_is_the_same_layer(backend, rms):
     layer.ff_backward(x_pos, x_neg)
     dense.ff_backward(x_pos.flatten(1), x_neg.flatten(1))
     assert (dense.weight.grad[~mask] == 0).all()
-    close(dense.weight.grad, FL.local_weight_to_dense(layer.weight.grad, SPEC))
+    close(dense.weight.grad, FFL.local_weight_to_dense(layer.weight.grad, SPEC))
     close(dense.bias.grad, layer.bias.grad.t().reshape(-1))
     layer.ff_step(x_pos, x_neg, lr=0.05, momentum=0.9, weight_decay=0.01)
     dense.ff_step(x_pos.flatten(1), x_neg.flatten(1), lr=0.05, momentum=0.9, weight_decay=0.01)
-    close(dense.weight, FL.local_weight_to_dense(layer.weight, SPEC))
+    close(dense.weight, FFL.local_weight_to_dense(layer.weight, SPEC))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -225,7 +225,7 @@ class TestSequential:
         net.ff_backward(x_pos, x_neg)
         y_pos, y_neg = net[0](x_pos), net[0](x_neg)
         w = net[1].weight.detach().clone().requires_grad_()
-        FL.ff_local_loss(y_pos, y_neg, w, net[1].bias.detach(), net[1].spec, "ssq", 0.5, 1.0).backward()
+        FFL.ff_local_loss(y_pos, y_neg, w, net[1].bias.detach(), net[1].spec, "ssq", 0.5, 1.0).backward()
         close(net[1].weight.grad, w.grad)
 
 

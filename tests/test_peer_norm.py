@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import ff_kernels
-from ff_kernels import functional as F
-from ff_kernels import functional_local as FL
+from ff_kernels import functional as FF
+from ff_kernels.functional import local as FFL
 from ff_kernels.nn.peer_norm import mean_activity
 from ff_kernels.ops import ext_local2d
 
@@ -25,7 +25,7 @@ from reference_tools import max_err, random_mask, scale_of
 needs_ext = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
                                reason=f"ff_kernels._C not built: {ext_local2d.load_error()}")
 REL = 1e-5
-SPEC = FL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)  # truncated edges: 150 units
+SPEC = FFL.LocalSpec(2, 9, 7, 5, kernel=3, stride=2, padding=2)  # truncated edges: 150 units
 GEOMETRY = {"in_channels": 2, "in_size": (9, 7), "out_channels": 5, "kernel": 3, "stride": 2, "padding": 2}
 # (layer type, backend, masked)
 LAYERS = [
@@ -72,13 +72,13 @@ class Case:
         """Pre-activations (B, N), units ordered like the layer's flattened output."""
         if self.kind == "linear":
             return torch.nn.functional.linear(x, w if self.mask is None else w * self.mask, b)
-        return FL.local_linear(x, w, b, SPEC).flatten(1)
+        return FFL.local_linear(x, w, b, SPEC).flatten(1)
 
     def ff_loss(self, x_pos, x_neg, w, b):
         layer = self.layer
         if self.kind == "linear":
-            return F.ff_linear_loss(x_pos, x_neg, w, b, layer.goodness_fn, layer.threshold, 0.5, self.mask)
-        return FL.ff_local_loss(x_pos, x_neg, w, b, SPEC, layer.goodness_fn, layer.threshold, 0.5)
+            return FF.ff_linear_loss(x_pos, x_neg, w, b, layer.goodness_fn, layer.threshold, 0.5, self.mask)
+        return FFL.ff_local_loss(x_pos, x_neg, w, b, SPEC, layer.goodness_fn, layer.threshold, 0.5)
 
     def truth(self):
         """float64: (new running mean, total dW, total db, peer-only dW) of one ff_backward."""
@@ -101,11 +101,11 @@ def test_normalization_scale_undoes_normalize(goodness, rms):
     gen = torch.Generator().manual_seed(0)
     h = torch.relu(torch.randn(5, 12, generator=gen, dtype=torch.float64))
     h[2] = 0.0  # an all-zero row: s = eps, output 0, recovered 0
-    s = F.normalization_scale(F.goodness(h, goodness), goodness, 12, rms)
+    s = FF.normalization_scale(FF.goodness(h, goodness), goodness, 12, rms)
     assert s.shape == (5,)
-    assert torch.equal(F.normalize(h, goodness, rms), h / s[:, None])
-    torch.testing.assert_close(F.normalize(h, goodness, rms) * s[:, None], h, rtol=1e-14, atol=0)
-    torch.testing.assert_close(mean_activity(F.normalize(h, goodness, rms), F.goodness(h, goodness), goodness, rms),
+    assert torch.equal(FF.normalize(h, goodness, rms), h / s[:, None])
+    torch.testing.assert_close(FF.normalize(h, goodness, rms) * s[:, None], h, rtol=1e-14, atol=0)
+    torch.testing.assert_close(mean_activity(FF.normalize(h, goodness, rms), FF.goodness(h, goodness), goodness, rms),
                                h.mean(0).float())
 
 
@@ -122,7 +122,7 @@ def test_peer_gradient_equals_autograd_of_the_peer_loss(layer_kind, backend, mas
     if masked:
         assert (case.layer.weight.grad[~case.mask] == 0).all()
     if layer_kind == "local":
-        assert (case.layer.weight.grad.transpose(1, 2)[~FL.local_valid_mask(SPEC)] == 0).all()
+        assert (case.layer.weight.grad.transpose(1, 2)[~FFL.local_valid_mask(SPEC)] == 0).all()
 
 
 @pytest.mark.parametrize("layer_kind,backend,masked", LAYERS, ids=LAYER_IDS)
@@ -206,7 +206,7 @@ def test_to_dense_carries_peer_normalization(backend):
     local.ff_backward(x_pos, x_neg)
     dense.ff_backward(x_pos.flatten(1), x_neg.flatten(1))
     close(dense.peer_norm.running_mean, local.peer_norm.running_mean)
-    close(dense.weight.grad, FL.local_weight_to_dense(local.weight.grad, SPEC))
+    close(dense.weight.grad, FFL.local_weight_to_dense(local.weight.grad, SPEC))
     close(dense.bias.grad, local.bias.grad.t().reshape(-1))
 
 

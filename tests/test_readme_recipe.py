@@ -1,4 +1,4 @@
-"""The README's "Your own recipe" example runs, trains through ff_kernels.train and learns."""
+"""The README's "Your own recipe" example runs, trains through ff_kernels.paper.train and learns."""
 
 import json
 import re

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ff_kernels.readout import READOUT, ReadoutSettings, choose_softmax, error_rate, fit_softmax, main
-from ff_kernels.recipes import LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
-from ff_kernels.train import METRICS, train
+from ff_kernels.paper.readout import READOUT, ReadoutSettings, choose_softmax, error_rate, fit_softmax, main
+from ff_kernels.paper.recipes import LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
+from ff_kernels.paper.train import METRICS, train
 
 from _paths import require_mnist
 

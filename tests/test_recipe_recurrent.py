@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ff_kernels.data import MnistSplits, mnist_splits
-from ff_kernels.recipes.recurrent_mnist import RecurrentLabelNet, RecurrentMNIST, RecurrentMNISTConfig
-from ff_kernels.train import CHECKPOINT, train
+from ff_kernels.paper.data import MnistSplits, mnist_splits
+from ff_kernels.paper.recipes.recurrent_mnist import RecurrentLabelNet, RecurrentMNIST, RecurrentMNISTConfig
+from ff_kernels.paper.train import CHECKPOINT, train
 
 from _paths import require_mnist
 from recurrent_reference import naive_run

@@ -12,9 +12,9 @@ import math
 
 import pytest
 
-from ff_kernels.cli import build_parser, main
-from ff_kernels.recipes import RECIPES
-from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
+from ff_kernels.paper.cli import build_parser, main
+from ff_kernels.paper.recipes import RECIPES
+from ff_kernels.paper.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
 
 from _paths import require_data
 

@@ -6,19 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ff_kernels.cli import main
-from ff_kernels.data import hybrid_images, hybrid_mask, hybrid_negatives, mnist_splits, random_partners
-from ff_kernels.data.hybrid import BLUR_STEPS, blur_matrix
-from ff_kernels.figures import (
+from ff_kernels.nn import FFLinear, FFLocal2d
+from ff_kernels.paper.cli import main
+from ff_kernels.paper.data import hybrid_images, hybrid_mask, hybrid_negatives, mnist_splits, random_partners
+from ff_kernels.paper.data.hybrid import BLUR_STEPS, blur_matrix
+from ff_kernels.paper.figures import (
     HYBRID_FIGURE,
     RECEPTIVE_FIELDS_FIGURE,
     plot_hybrid_example,
     plot_receptive_fields,
     write_run_figures,
 )
-from ff_kernels.nn import FFLinear, FFLocal2d
-from ff_kernels.recipes import RECIPES, LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
-from ff_kernels.train import METRICS, SUMMARY, train
+from ff_kernels.paper.recipes import RECIPES, LocalMNIST, LocalMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
+from ff_kernels.paper.train import METRICS, SUMMARY, train
 
 from _paths import require_mnist
 

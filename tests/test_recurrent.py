@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ff_kernels.functional_recurrent import recurrent_layer_grads
+from ff_kernels.functional.recurrent import recurrent_layer_grads
 from ff_kernels.nn.recurrent import FFRecurrent
 
 from recurrent_reference import naive_run, rms_normalize

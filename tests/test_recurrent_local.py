@@ -9,11 +9,11 @@ state detached. Tiny maps (8x8, kernel 3) with batch 1 and a few images.
 import pytest
 import torch
 
-from ff_kernels import functional as F
-from ff_kernels import functional_local as FL
-from ff_kernels.functional_local import LocalSpec
-from ff_kernels.nn.recurrent_local import FFRecurrentLocal
+from ff_kernels import functional as FF
+from ff_kernels.functional import local as FFL
+from ff_kernels.functional.local import LocalSpec
 from ff_kernels.ops import ext_local2d
+from ff_kernels.paper.recipes.cifar_ff_net import FFRecurrentLocal
 
 needs_ext = pytest.mark.skipif(ext_local2d.load_error() is not None, reason="ff_kernels._C is not built")
 BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=pytest.mark.gpu), "reference"]
@@ -33,7 +33,7 @@ class Naive:
         self.label_weight = net.label_weight.detach().double()
 
     def normalize(self, h):
-        return F.normalize(h.flatten(1), self.net.goodness_fn, self.net.rms_norm).view_as(h)
+        return FF.normalize(h.flatten(1), self.net.goodness_fn, self.net.rms_norm).view_as(h)
 
     def preactivation(self, l, below, above, labels, params=None, label_weight=None):
         """z of layer l: local(below; W_up) + local(above; W_down) + label @ V.T."""
@@ -42,10 +42,10 @@ class Naive:
         c_below, k = self.net.layers[l].below_channels, spec.kernel
         blocks = weight.view(spec.num_locations, spec.out_channels, spec.in_channels, k * k)
         up = LocalSpec(c_below, spec.in_height, spec.in_width, spec.out_channels, k, 1, k // 2)
-        z = FL.local_linear(below, blocks[:, :, :c_below].reshape(spec.num_locations, spec.out_channels, -1), bias, up)
+        z = FFL.local_linear(below, blocks[:, :, :c_below].reshape(spec.num_locations, spec.out_channels, -1), bias, up)
         if above is not None:
             down = LocalSpec(spec.in_channels - c_below, spec.in_height, spec.in_width, spec.out_channels, k, 1, k // 2)
-            z = z + FL.local_linear(above, blocks[:, :, c_below:].reshape(spec.num_locations, spec.out_channels, -1),
+            z = z + FFL.local_linear(above, blocks[:, :, c_below:].reshape(spec.num_locations, spec.out_channels, -1),
                                     None, down)
         if l == len(self.params) - 1:
             v = self.label_weight if label_weight is None else label_weight
@@ -89,12 +89,12 @@ class Naive:
             for l, h in enumerate(states):
                 z = self.preactivation(l, below[l], above[l], labels, params, label_weight)
                 state = d * h + (1 - d) * torch.relu(z)
-                g = F.goodness(state.flatten(1), net.goodness_fn)
+                g = FF.goodness(state.flatten(1), net.goodness_fn)
                 if t >= first:
                     if net.loss == "pairwise":
-                        loss = F.pairwise_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.temperature)
+                        loss = FF.pairwise_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.temperature)
                     else:
-                        loss = F.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
+                        loss = FF.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
                     total = total + loss / (iterations - first + 1)
                 new.append(state.detach())
             states = new
@@ -135,7 +135,7 @@ def test_run_matches_naive_loop(backend, depth, batch):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"t={t}, layer {l}")
     g = net.goodness(images, labels, iterations=4)
     assert g.shape == (4, batch, depth)
-    ref_g = torch.stack([torch.stack([F.goodness(s.flatten(1)) for s in states], 1) for states in expected[1:]])
+    ref_g = torch.stack([torch.stack([FF.goodness(s.flatten(1)) for s in states], 1) for states in expected[1:]])
     torch.testing.assert_close(g.double(), ref_g, rtol=1e-4, atol=1e-4)
 
 
@@ -196,7 +196,7 @@ def test_ff_backward_accumulates_and_keeps_absent_weights_zero():
     for p, g in zip(net.parameters(), first):
         torch.testing.assert_close(p.grad, 2 * g)
     for layer in net.layers:
-        outside = ~FL.local_valid_mask(layer.spec)[:, None, :].expand_as(layer.weight)
+        outside = ~FFL.local_valid_mask(layer.spec)[:, None, :].expand_as(layer.weight)
         assert not layer.weight[outside].any() and not layer.weight.grad[outside].any()
 
 

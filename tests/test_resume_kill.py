@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ff_kernels.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
+from ff_kernels.paper.train import CHECKPOINT, METRICS, SUMMARY, load_checkpoint
 
 from _paths import REPO_ROOT, require_mnist
 

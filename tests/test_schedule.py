@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ff_kernels.recipes.schedule import LR_SCHEDULES, EpochLR, lr_factor
+from ff_kernels.paper.recipes.schedule import LR_SCHEDULES, EpochLR, lr_factor
 
 
 @pytest.mark.parametrize("schedule, expected", [

@@ -1,4 +1,4 @@
-"""ff_kernels.table1: the paper's Table 1 read from CIFAR-10 run directories."""
+"""ff_kernels.paper.table1: the paper's Table 1 read from CIFAR-10 run directories."""
 
 import dataclasses
 import json
@@ -6,11 +6,11 @@ import json
 import pytest
 from test_cifar_recipes import SMALL_FF, class_coded_data
 
-from ff_kernels import table1
-from ff_kernels.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
-from ff_kernels.recipes.cifar_ff import CifarFF, CifarFFConfig
-from ff_kernels.recipes.supervised_mnist import SupervisedMNISTConfig
-from ff_kernels.train import CONFIG, METRICS, train
+from ff_kernels.paper import table1
+from ff_kernels.paper.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
+from ff_kernels.paper.recipes.cifar_ff import CifarFF, CifarFFConfig
+from ff_kernels.paper.recipes.supervised_mnist import SupervisedMNISTConfig
+from ff_kernels.paper.train import CONFIG, METRICS, train
 
 
 def fake_run(path, config, metrics):

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from ff_kernels.cli import main
-from ff_kernels.data import mnist_splits
-from ff_kernels.recipes import RECIPES, SupervisedMNIST, SupervisedMNISTConfig
-from ff_kernels.train import (
+from ff_kernels.paper.cli import main
+from ff_kernels.paper.data import mnist_splits
+from ff_kernels.paper.recipes import RECIPES, SupervisedMNIST, SupervisedMNISTConfig
+from ff_kernels.paper.train import (
     CHECKPOINT,
     METRICS,
     SUMMARY,

@@ -1,5 +1,5 @@
-"""``python -m ff_kernels``: the same as the ``ff-train`` command."""
+"""``python -m ff_kernels``: the same as the ``ff-train`` command (:mod:`ff_kernels.paper.cli`)."""
 
-from .cli import main
+from .paper.cli import main
 
 raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 ``ff-train RECIPE --parallel data|pipeline`` (with ``--nproc N`` or under torchrun) builds a
 :class:`ParallelContext` and hands it to the recipe (``recipe.enable_parallel(context)``) and
-to :func:`ff_kernels.train.train`. The recipe uses it to shard batches, gather what every
+to :func:`ff_kernels.paper.train.train`. The recipe uses it to shard batches, gather what every
 rank must see (the class probabilities that hard negatives are drawn from), and sum counts;
 the training loop uses it to let rank 0 alone write files and to agree on epoch metrics.
 

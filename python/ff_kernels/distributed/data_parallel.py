@@ -37,7 +37,7 @@ from torch.optim.sgd import sgd
 
 from ..nn.layer import FFLayer
 from ..nn.sequential import FFSequential
-from ..ops.results import FFLayerStep
+from ..ops.layer_step import FFLayerStep
 from ..ops.validation import check_hyper
 from .comm import check_device, comm_device, group_rank_and_size, other_ranks, peer_failure
 from .state import broadcast_parameters

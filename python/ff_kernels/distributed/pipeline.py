@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..nn.sequential import FFSequential
-from ..ops.results import FFLayerStep
+from ..ops.layer_step import FFLayerStep
 from .comm import check_device, group_rank_and_size
 from .p2p import ActivityReceiver, ActivitySender
 from .state import broadcast_parameters

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
-from ..ops.results import FFLayerStep
+from .. import functional as FF
+from ..ops.layer_step import FFLayerStep
 from .peer_norm import PeerNormalization, check_peer_norm, gradient_targets, mean_activity
 
 
@@ -31,7 +31,7 @@ class FFLayer(nn.Module):
 
     def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
         """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
-        self.goodness_fn = F.check_goodness(goodness)
+        self.goodness_fn = FF.check_goodness(goodness)
         self.threshold = float(num_units if threshold is None else threshold)
         if not float(temperature) > 0:
             raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
@@ -56,7 +56,7 @@ class FFLayer(nn.Module):
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """p(positive) (B,) of each row (image) of ``x``."""
-        return F.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
+        return FF.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
                     apply_peer_norm: bool = True):

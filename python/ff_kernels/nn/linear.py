@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import ff_linear_forward, ff_linear_step
-from ..ops.results import FFLayerStep
+from ..ops.layer_step import FFLayerStep
 from ..ops.validation import check_mask
 from .layer import FFLayer
 from .peer_norm import PeerNormalization

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional_local as FL
-from ..functional_local import LocalSpec
+from ..functional import local as FFL
+from ..functional.local import LocalSpec
+from ..ops.layer_step import FFLayerStep
 from ..ops.local2d import ff_local2d_forward, ff_local2d_step
-from ..ops.results import FFLayerStep
 from ..ops.validation import describe
 from .layer import FFLayer
 from .linear import FFLinear
@@ -28,8 +28,8 @@ class FFLocal2d(FFLayer):
 
     Every output location has its own weights over a ``kernel x kernel`` window of the input;
     windows are truncated at the edges (footnote 12). The geometry is ``.spec``, a
-    :class:`~ff_kernels.functional_local.LocalSpec`; the math is in
-    :mod:`ff_kernels.functional_local`, the ops in :mod:`ff_kernels.ops.local2d`. The goodness
+    :class:`~ff_kernels.functional.local.LocalSpec`; the math is in
+    :mod:`ff_kernels.functional.local`, the ops in :mod:`ff_kernels.ops.local2d`. The goodness
     and the normalization cover all ``C_out * H_out * W_out`` units of an image.
 
     Args:
@@ -46,7 +46,7 @@ class FFLocal2d(FFLayer):
             ``C_out * H_out * W_out`` units, ordered like ``output.flatten(1)`` (footnote 9).
 
     Parameters: ``weight`` (L, C_out, C_in * k * k) with L = H_out * W_out, entries whose window
-    position lies outside the map zero (:func:`~ff_kernels.functional_local.local_valid_mask`)
+    position lies outside the map zero (:func:`~ff_kernels.functional.local.local_valid_mask`)
     and kept exactly zero by every update; ``bias`` (L, C_out).
 
     Shapes: ``x: (B, C_in, H_in, W_in)`` in the layer's dtype -> ``(B, C_out, H_out, W_out)``.
@@ -99,7 +99,7 @@ class FFLocal2d(FFLayer):
 
     def valid_mask(self) -> torch.Tensor:
         """(L, 1, K) bool: True where a weight entry's window position lies inside the map."""
-        return FL.local_valid_mask(self.spec, self.weight.device)[:, None, :]
+        return FFL.local_valid_mask(self.spec, self.weight.device)[:, None, :]
 
     def reset_parameters(self) -> None:
         """Per location l: weight and bias uniform(-1/sqrt(fan_in_l), +), fan_in_l the valid inputs of l.
@@ -153,7 +153,7 @@ class FFLocal2d(FFLayer):
         mean positive image. One batched rank-1 update per location (``baddbmm_``).
         """
         p = p.view(self.spec.out_channels, self.spec.num_locations).t()  # (L, C_out), like the bias
-        patch = FL.local_patches(x_mean, self.spec)[0]  # (L, K), 0 outside the map
+        patch = FFL.local_patches(x_mean, self.spec)[0]  # (L, K), 0 outside the map
         dtype = weight_target.dtype
         weight_target.baddbmm_(p.to(dtype)[:, :, None], patch.to(dtype)[:, None, :], alpha=alpha)
         if bias_target is not None:
@@ -166,7 +166,7 @@ class FFLocal2d(FFLayer):
         ``FFLinear(C_in*H_in*W_in, C_out*H_out*W_out, mask=local_dense_mask(spec))`` with the same
         weights, bias, momentum buffers, hyper-parameters and a copy of ``peer_norm``; its
         output, goodness and gradients on ``x.flatten(1)`` are this layer's, flattened
-        (:func:`~ff_kernels.functional_local.local_weight_to_dense` gives the layout).
+        (:func:`~ff_kernels.functional.local.local_weight_to_dense` gives the layout).
         """
         spec = self.spec
         peer = None
@@ -176,15 +176,15 @@ class FFLocal2d(FFLayer):
             peer.running_mean.copy_(self.peer_norm.running_mean)
         dense = FFLinear(
             spec.in_features, spec.out_features, bias=self.bias is not None, goodness=self.goodness_fn,
-            threshold=self.threshold, temperature=self.temperature, mask=FL.local_dense_mask(spec, self.weight.device),
+            threshold=self.threshold, temperature=self.temperature, mask=FFL.local_dense_mask(spec, self.weight.device),
             rms_norm=self.rms_norm, backend="reference" if self.backend == "reference" else "auto",
             device=self.weight.device, dtype=self.weight.dtype, peer_norm=peer,
         )
-        dense.weight.copy_(FL.local_weight_to_dense(self.weight, spec))
+        dense.weight.copy_(FFL.local_weight_to_dense(self.weight, spec))
         if self.bias is not None:
             dense.bias.copy_(self.bias.t().reshape(-1))
         if self.weight_momentum is not None:
-            dense.weight_momentum = FL.local_weight_to_dense(self.weight_momentum, spec).contiguous()
+            dense.weight_momentum = FFL.local_weight_to_dense(self.weight_momentum, spec).contiguous()
         if self.bias_momentum is not None:
             dense.bias_momentum = self.bias_momentum.t().reshape(-1).clone()
         return dense

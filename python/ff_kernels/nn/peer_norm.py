@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as FF
 from ..ops.validation import check_hyper
 
 
@@ -102,7 +102,7 @@ def mean_activity(output: torch.Tensor, goodness: torch.Tensor, kind: str, rms: 
     undoes the layer's normalization (an all-zero row stays zero).
     """
     flat = output.flatten(1).float()
-    scale = F.normalization_scale(goodness.float(), kind, flat.shape[1], rms)
+    scale = FF.normalization_scale(goodness.float(), kind, flat.shape[1], rms)
     return (flat * scale[:, None]).mean(0)
 
 

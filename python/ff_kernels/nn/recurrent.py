@@ -9,7 +9,7 @@ output ``relu(x @ W_l.T + b_l)`` is the sum of a bottom-up and a top-down linear
   (the layer above has no state yet);
 - t = 1..T: all hidden layers at once from the states at t - 1, damped:
   ``h_l = d * h_l + (1 - d) * relu(W_l [n(h_{l-1}), n(h_{l+1})] + b_l)``
-  (see :mod:`ff_kernels.functional_recurrent`).
+  (see :mod:`ff_kernels.functional.recurrent`).
 
 ``n`` is the layers' normalization (unit mean square with ``rms_norm``). Training
 (:meth:`FFRecurrent.ff_step`) runs T iterations with the weights fixed, sums each layer's local
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import functional as F
-from .. import functional_recurrent as FR
+from .. import functional as FF
+from ..functional import recurrent as FFR
 from ..ops.validation import check_matrix
 from .linear import FFLinear
 from .peer_norm import PeerNormalization
@@ -123,7 +123,7 @@ class FFRecurrent(nn.Module):
     def normalize(self, state: torch.Tensor) -> torch.Tensor:
         """n(h): what a hidden layer passes to its neighbours (all layers share goodness and rms_norm)."""
         layer = self.layers[0]
-        return F.normalize(state, layer.goodness_fn, layer.rms_norm)
+        return FF.normalize(state, layer.goodness_fn, layer.rms_norm)
 
     @torch.no_grad()
     def initial_states(self, bottom: torch.Tensor) -> list[torch.Tensor]:
@@ -131,7 +131,7 @@ class FFRecurrent(nn.Module):
         self._check(bottom, None, None)
         states, below = [], bottom
         for layer, d_below in zip(self.layers, self.sizes):
-            states.append(F.linear_activity(below, layer.weight[:, :d_below], layer.bias))
+            states.append(FF.linear_activity(below, layer.weight[:, :d_below], layer.bias))
             below = self.normalize(states[-1])
         return states
 
@@ -146,7 +146,7 @@ class FFRecurrent(nn.Module):
     def step(self, states: Sequence[torch.Tensor], bottom: torch.Tensor, top: torch.Tensor) -> list[torch.Tensor]:
         """One synchronous damped iteration: the states at t from those at t - 1 (K tensors (B, D_l))."""
         inputs = self.layer_inputs(states, bottom, top)
-        return [FR.damped_state(x, h, layer.weight, layer.bias, self.damping)[0]
+        return [FFR.damped_state(x, h, layer.weight, layer.bias, self.damping)[0]
                 for layer, x, h in zip(self.layers, inputs, states)]
 
     @torch.no_grad()
@@ -163,7 +163,7 @@ class FFRecurrent(nn.Module):
         per_iteration = []
         for _ in range(_check_iterations(iterations)):
             states = self.step(states, bottom, top)
-            per_iteration.append(torch.stack([F.goodness(s, layer.goodness_fn).float()
+            per_iteration.append(torch.stack([FF.goodness(s, layer.goodness_fn).float()
                                               for layer, s in zip(self.layers, states)], dim=1))
         return torch.stack(per_iteration)
 
@@ -184,7 +184,7 @@ class FFRecurrent(nn.Module):
         bottom: (B, D_0), top: (B, D_{K+1}); the first ``n_pos`` rows are positive, the rest
         negative. ``states``: the states at t = 0 (default: the bottom-up pass of ``bottom``).
         Each layer's loss is the mean of its FF losses at t = 1..iterations and its gradient the
-        mean of the local gradients (:func:`~ff_kernels.functional_recurrent.recurrent_layer_grads`),
+        mean of the local gradients (:func:`~ff_kernels.functional.recurrent.recurrent_layer_grads`),
         all computed with the weights before the update. The step is ``torch.optim.SGD(lr,
         momentum, weight_decay)`` with the momentum buffers kept in each FFLinear, plus peer
         normalization measured on the positive rows' damped states and inputs averaged over the
@@ -200,7 +200,7 @@ class FFRecurrent(nn.Module):
             inputs = self.layer_inputs(states, bottom, top)
             new_states = []
             for i, (layer, x, h) in enumerate(zip(self.layers, inputs, states)):
-                step = FR.recurrent_layer_grads(x, h, layer.weight, layer.bias, n_pos, self.damping, layer.goodness_fn,
+                step = FFR.recurrent_layer_grads(x, h, layer.weight, layer.bias, n_pos, self.damping, layer.goodness_fn,
                                                 layer.threshold, layer.temperature)
                 parts = [step.loss, step.grad_weight, step.grad_bias,
                          step.state[:n_pos].float().mean(0), x[:n_pos].float().mean(0, keepdim=True)]
@@ -211,7 +211,7 @@ class FFRecurrent(nn.Module):
         for layer, (loss, grad_w, grad_b, activity, x_mean) in zip(self.layers, totals):
             weight_buf, bias_buf = layer.momentum_buffers(momentum)
             for param, grad, buf in ((layer.weight, grad_w, weight_buf), (layer.bias, grad_b, bias_buf)):
-                F.sgd_momentum_(param, grad / iterations, buf if buf is not None else torch.zeros_like(param), lr,
+                FF.sgd_momentum_(param, grad / iterations, buf if buf is not None else torch.zeros_like(param), lr,
                                 momentum, weight_decay)
             if layer.peer_norm is not None and n_pos > 0:
                 layer.apply_peer_norm_((activity / iterations, x_mean / iterations), "sgd", lr, weight_buf, bias_buf)

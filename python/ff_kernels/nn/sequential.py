@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..ops.results import FFLayerStep
+from ..ops.layer_step import FFLayerStep
 
 
 class FFSequential(nn.Sequential):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional as F
+from .. import functional as FF
 from .cpu_features import warn_if_bf16_emulated
-from .results import FFLayerStep
+from .layer_step import FFLayerStep
 
 
 def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _normalized(h: torch.Tensor, scale: torch.Tensor, goodness: str, rms: bool) 
     if rms:
         d = h.shape[1]
         scale = scale / (d if goodness == "sum" else d**0.5)
-    return h * (1.0 / (scale + F.NORM_EPS)).to(h.dtype)[:, None]
+    return h * (1.0 / (scale + FF.NORM_EPS)).to(h.dtype)[:, None]
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -114,10 +114,10 @@ def train_step(
     h = _activities(x, _cast(weight, compute_dtype), bias)
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
-    loss = F.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
     output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
 
-    coef = F.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
     if goodness == "sum":
         delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
     else:

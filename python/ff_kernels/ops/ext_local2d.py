@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-from .. import functional as F
-from .results import FFLayerStep
+from .. import functional as FF
+from .layer_step import FFLayerStep
 
 
 @functools.cache
@@ -50,7 +50,7 @@ def forward(x, weight, bias, spec, *, goodness, rms):
     """Normalized output (B, C_out, H_out, W_out) and goodness (B,) float32."""
     h = activities(x.contiguous(), weight, bias, spec)
     flat = h.flatten(1)
-    return F.normalize(flat, goodness, rms).view_as(h), F.goodness(flat, goodness)
+    return FF.normalize(flat, goodness, rms).view_as(h), FF.goodness(flat, goodness)
 
 
 def train_step(
@@ -62,10 +62,10 @@ def train_step(
     x = torch.cat([x_pos, x_neg]).contiguous()
     h = activities(x, weight, bias, spec)
     flat = h.flatten(1)
-    g = F.goodness(flat, goodness)
-    loss = F.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
-    output = F.normalize(flat, goodness, rms).view_as(h)
-    coef = F.loss_goodness_grad(g, n_pos, goodness, threshold, temperature).contiguous()
+    g = FF.goodness(flat, goodness)
+    loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    output = FF.normalize(flat, goodness, rms).view_as(h)
+    coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature).contiguous()
     window = (spec.kernel, spec.stride, spec.padding)
     if mode == "grad":
         for param in (weight, bias):

@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from .. import functional as F
+from .. import functional as FF
 from . import cpu_linear, reference_linear
-from .results import FFLayerStep
+from .layer_step import FFLayerStep
 from .validation import FLOAT_DTYPES, check_matrix, check_rows_pair, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -70,7 +70,7 @@ def ff_linear_forward(
     x: (B, D_in) float32|bfloat16, weight: (D_out, D_in), bias: (D_out,) or None,
     mask: (D_out, D_in) bool or None -> (output (B, D_out) in x's dtype, goodness (B,) float32).
     """
-    F.check_goodness(goodness)
+    FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
     check_matrix("x", layer, x, weight.shape[1], weight)
     backend = resolve_backend(backend, weight.device, layer)
@@ -120,7 +120,7 @@ def ff_linear_step(
     Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
     as they were before this step.
     """
-    F.check_goodness(goodness)
+    FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
     check_rows_pair(layer, x_pos, x_neg)
     check_matrix("x_pos", layer, x_pos, weight.shape[1], weight)

@@ -1,6 +1,6 @@
 """Dispatch for the FF ops of a locally connected 2-D layer: validate once, pick a backend, call it.
 
-The layer is defined in :mod:`ff_kernels.functional_local` (a :class:`LocalSpec`, weight
+The layer is defined in :mod:`ff_kernels.functional.local` (a :class:`LocalSpec`, weight
 (L, C_out, K), bias (L, C_out), input (B, C_in, H_in, W_in) -> output (B, C_out, H_out, W_out)).
 
 Backends:
@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from .. import functional as F
-from ..functional_local import LocalSpec
+from .. import functional as FF
+from ..functional.local import LocalSpec
 from . import ext_local2d, reference_local2d, validation
-from .results import FFLayerStep
+from .layer_step import FFLayerStep
 from .validation import FLOAT_DTYPES, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
@@ -67,7 +67,7 @@ def _unavailable(device: torch.device) -> str:
 
 def _check_spec(layer: str, spec: LocalSpec) -> None:
     if not isinstance(spec, LocalSpec):
-        raise TypeError(f"{layer}: spec must be a ff_kernels.functional_local.LocalSpec, got {type(spec).__name__}")
+        raise TypeError(f"{layer}: spec must be a ff_kernels.functional.local.LocalSpec, got {type(spec).__name__}")
 
 
 def _check_params(layer: str, spec: LocalSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -117,7 +117,7 @@ def ff_local2d_forward(
     all bfloat16 -> (output (B, C_out, H_out, W_out) in x's dtype, goodness (B,) float32). The
     goodness is taken over all C_out * H_out * W_out units of an image, and so is the normalization.
     """
-    F.check_goodness(goodness)
+    FF.check_goodness(goodness)
     _check_spec(layer, spec)
     _check_params(layer, spec, weight, bias)
     _check_input("x", layer, x, spec, weight)
@@ -162,7 +162,7 @@ def ff_local2d_step(
     Returns :class:`FFLayerStep` (loss, goodness (Bp + Bn,), normalized output
     (Bp + Bn, C_out, H_out, W_out)) computed with the weights as they were before this step.
     """
-    F.check_goodness(goodness)
+    FF.check_goodness(goodness)
     _check_spec(layer, spec)
     _check_params(layer, spec, weight, bias)
     _check_input("x_pos", layer, x_pos, spec, weight)

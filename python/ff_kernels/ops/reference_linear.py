@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional as F
-from .results import FFLayerStep
+from .. import functional as FF
+from .layer_step import FFLayerStep
 
 
 def forward(x, weight, bias, *, goodness, rms, mask):
     """Normalized output (B, D_out) and goodness (B,) float32 of ``x: (B, D_in)``."""
-    h = F.linear_activity(x, weight, bias, mask)
-    return F.normalize(h, goodness, rms), F.goodness(h.float(), goodness)
+    h = FF.linear_activity(x, weight, bias, mask)
+    return FF.normalize(h, goodness, rms), FF.goodness(h.float(), goodness)
 
 
 def train_step(
@@ -25,12 +25,12 @@ def train_step(
     w = weight.detach().requires_grad_(True)
     b = bias.detach().requires_grad_(True) if bias is not None else None
     with torch.enable_grad():
-        h_pos = F.linear_activity(x_pos, w, b, mask)
-        h_neg = F.linear_activity(x_neg, w, b, mask)
-        g_pos, g_neg = F.goodness(h_pos.float(), goodness), F.goodness(h_neg.float(), goodness)
-        loss = F.ff_loss(g_pos, g_neg, goodness, threshold, temperature)
+        h_pos = FF.linear_activity(x_pos, w, b, mask)
+        h_neg = FF.linear_activity(x_neg, w, b, mask)
+        g_pos, g_neg = FF.goodness(h_pos.float(), goodness), FF.goodness(h_neg.float(), goodness)
+        loss = FF.ff_loss(g_pos, g_neg, goodness, threshold, temperature)
         loss.backward()
-    output = F.normalize(torch.cat([h_pos, h_neg]).detach(), goodness, rms)
+    output = FF.normalize(torch.cat([h_pos, h_neg]).detach(), goodness, rms)
     with torch.no_grad():
         pairs = [(weight, w.grad, weight_buf, mask)] + ([(bias, b.grad, bias_buf, None)] if bias is not None else [])
         for param, grad, buf, param_mask in pairs:
@@ -39,5 +39,5 @@ def train_step(
             else:
                 if buf is None:
                     buf = torch.zeros_like(param)
-                F.sgd_momentum_(param, grad, buf, lr, momentum, weight_decay, param_mask)
+                FF.sgd_momentum_(param, grad, buf, lr, momentum, weight_decay, param_mask)
     return FFLayerStep(loss.detach(), torch.cat([g_pos, g_neg]).detach(), output)

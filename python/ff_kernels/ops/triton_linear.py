@@ -17,8 +17,8 @@ import torch
 
 import fftriton
 
-from .. import functional as F
-from .results import FFLayerStep
+from .. import functional as FF
+from .layer_step import FFLayerStep
 
 # id(mask) -> {(mask version, block_n, block_k): tile map}; an entry is dropped with its mask.
 _occupancy_cache: dict[int, dict] = {}
@@ -55,7 +55,7 @@ def forward(x, weight, bias, *, goodness, rms, mask):
     h, partials = _forward(x, x[:0], weight, bias, goodness, mask)
     stats = fftriton.ff_row_stats(
         partials, x.shape[0], goodness=goodness, threshold=0.0, temperature=1.0, n_features=weight.shape[0],
-        rms=rms, eps=F.NORM_EPS,
+        rms=rms, eps=FF.NORM_EPS,
     )
     return fftriton.scale_rows(h, stats.inv_norm), stats.goodness
 
@@ -68,7 +68,7 @@ def train_step(
     h, partials = _forward(x_pos, x_neg, weight, bias, goodness, mask)
     stats = fftriton.ff_row_stats(
         partials, x_pos.shape[0], goodness=goodness, threshold=threshold, temperature=temperature,
-        n_features=weight.shape[0], rms=rms, eps=F.NORM_EPS,
+        n_features=weight.shape[0], rms=rms, eps=FF.NORM_EPS,
     )
     output = fftriton.scale_rows(h, stats.inv_norm)
     (n, k), m = weight.shape, h.shape[0]

@@ -1,0 +1,265 @@
+"""Supervised FF on CIFAR-10 with local receptive fields and top-down connections (Hinton 2022, section 4).
+
+The net (:class:`~ff_kernels.paper.recipes.cifar_ff_net.FFRecurrentLocal`): 2 or 3 hidden layers, each a
+32x32 topographic map with 3 ReLUs per location; every unit has an 11x11 bottom-up receptive
+field in the layer below (11 x 11 x 3 = 363 inputs for the image) and, except in the last hidden
+layer, an 11x11 top-down field in the layer above; the last hidden layer gets the label (10
+inputs) instead. It runs as a recurrent net like the one of section 3.4: a bottom-up pass, then
+synchronous damped iterations (new pre-normalized state = 0.3 x previous + 0.7 x computed).
+Positive rows carry the true label, negative rows a wrong one (hard negatives from the softmax
+below, as in section 3.3). Each layer learns by its own FF loss at iterations
+``train_from``..``train_iterations`` (default 1..6: 6 is the last one the test scores; the paper
+does not say which it trained on); "ssq" is the paper's "max ssq", "neg_ssq" its "min ssq" (positives low).
+
+Two test procedures (the columns of the paper's Table 1):
+
+    "compute goodness for every label"  ``<set>_error``: run the net with each label and pick the
+        label with the best goodness summed over the hidden layers and iterations
+        ``score_from..score_to`` (the paper runs 10 iterations and sums 4 to 6; iterations after
+        ``score_to`` do not change the score, so the net stops there).
+    "one-pass softmax"  ``<set>_error_softmax``: a softmax over the normalized activities of the
+        bottom-up pass with a neutral label (0.1 each), learned alongside on detached
+        activities (bias-free, zero at the start); its probabilities also pick the hard
+        negatives, and its error on each training batch before the update is
+        ``running_error_softmax``.
+
+``<set>`` is "train" (the first ``train_eval_subset`` training images), "test" and, with the
+JPEG archive, "test_exact" (see :mod:`.cifar_common`).
+
+The paper gives the architecture, weight decay and the test procedures only. The optimizer
+settings are those of the supervised MNIST recipe (Hinton's ffnew.m, see
+:class:`~ff_kernels.paper.recipes.supervised_mnist.SupervisedMNISTConfig`); images are standardized per
+channel; the label enters as a one-hot vector (neutral: 0.1 each).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ... import functional
+from ..data import hard_wrong_labels, neutral_label, random_wrong_labels
+from .cifar_common import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    CifarConfig,
+    CifarData,
+    add_common_arguments,
+    check_positive_ints,
+    load_data,
+    standardize,
+)
+from .cifar_ff_net import LOSSES, FFRecurrentLocal
+from .schedule import LR_SCHEDULES, SCHEDULE_HELP, epoch_schedule
+
+OPTIMIZERS = ("sgd", "adam")
+NEGATIVES = ("hard", "random")
+LABEL_BATCH = 100  # images per evaluation chunk: the net runs on 10 labelled copies of each
+
+
+@dataclass
+class CifarFFConfig(CifarConfig):
+    """Settings of the CIFAR-10 FF recipe (and :class:`~.cifar_common.CifarConfig`'s); the comments
+    say where each default comes from. The receptive field is also that of the top-down inputs."""
+
+    train_iterations: int = 6  # FF losses at iterations 1..6 (not in the paper; 6 = the last scored one)
+    train_from: int = 1  # first iteration with an FF loss (not in the paper)
+    score_from: int = 4  # section 4: goodness accumulated over iterations 4 to 6
+    score_to: int = 6
+    damping: float = 0.3  # section 3.4: new state = 0.3 x previous + 0.7 x computed
+    goodness: str = "ssq"  # "ssq" (max ssq) or "neg_ssq" (min ssq), Table 1's two FF rows
+    head_layers: int = 3  # the one-pass softmax reads the last min(head_layers, depth) layers
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adam"
+    lr: float = 5e-4  # the supervised MNIST recipe's (ffnew.m's eps 0.01)
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 2e-3  # section 4 uses weight decay; the value is ffnew.m's (see supervised_mnist)
+    lr_schedule: str = "half_linear"  # see schedule.lr_factor
+    head_lr: float = 1e-2  # softmax, ffnew.m's
+    head_weight_decay: float = 3e-3  # softmax, ffnew.m's
+    negatives: str = "hard"  # wrong labels drawn from the softmax (section 3.3) or "random"
+    # p(positive) = sigmoid((G - N) / temperature), N = 3072 units per layer (ffnew.m's form).
+    temperature: float = 1.0
+    loss: str = "threshold"  # the paper's; "pairwise": true-label row against its wrong-label row (not in the paper)
+    rms_norm: bool = True  # states passed on with unit mean square (else unit length)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_ints(self, ("train_iterations", "train_from", "score_from", "score_to", "head_layers"))
+        if not self.train_from <= self.train_iterations:
+            raise ValueError(f"the trained iterations must satisfy train_from <= train_iterations, got {self.train_from}, "
+                             f"{self.train_iterations}")
+        if not self.score_from <= self.score_to:
+            raise ValueError(f"the scored iterations must satisfy score_from <= score_to, got {self.score_from}, "
+                             f"{self.score_to}")
+        if not 0 <= self.damping < 1:
+            raise ValueError(f"damping must be in [0, 1), got {self.damping}")
+        for name in ("lr", "head_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "head_weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
+                              ("loss", LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        functional.check_goodness(self.goodness)
+
+
+class CifarFFNet(nn.Module):
+    """The recurrent local FF net plus the one-pass softmax.
+
+    ``net``: FFRecurrentLocal over standardized images (B, 3, 32, 32) and 10-way labels.
+    ``head``: bias-free nn.Linear, zero at the start, over the normalized bottom-up-pass states
+    (neutral label) of the last ``head_layers`` hidden layers -> 10 logits.
+    """
+
+    def __init__(self, config: CifarFFConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.net = FFRecurrentLocal(IMAGE_SHAPE, config.channels, config.depth, config.receptive_field, NUM_CLASSES,
+                                    config.damping, config.goodness, None, config.temperature, config.rms_norm,
+                                    config.backend, loss=config.loss)
+        self.head_indices = tuple(range(max(config.depth - config.head_layers, 0), config.depth))
+        self.head = nn.Linear(self.net.units * len(self.head_indices), NUM_CLASSES, bias=False)
+        nn.init.zeros_(self.head.weight)
+
+    def code(self, labels: torch.Tensor) -> torch.Tensor:
+        """int64 labels (B,) -> one-hot (B, 10) in the net's dtype."""
+        return nn.functional.one_hot(labels, NUM_CLASSES).to(self.head.weight.dtype)
+
+    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """One-pass softmax logits (B, 10) of standardized images (B, 3, 32, 32); only the head gets gradients."""
+        neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
+        states = self.net.initial_states(images, neutral)
+        features = torch.cat([self.net.normalize(states[i]).flatten(1) for i in self.head_indices], dim=1)
+        return self.head(features.detach())
+
+    @torch.no_grad()
+    def label_goodness(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Every hidden layer's goodness at t = 1..``iterations`` with each label clamped, oriented so
+        that higher is better: (iterations, 10, B, K) for standardized images (B, 3, 32, 32).
+
+        The net runs once on all 10 * B labelled copies of the images.
+        """
+        batch = images.shape[0]
+        labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
+        g = self.net.goodness(images.repeat(NUM_CLASSES, 1, 1, 1), self.code(labels), iterations)  # (T, 10B, K)
+        return functional.goodness_sign(self.config.goodness) * g.view(iterations, NUM_CLASSES, batch, -1)
+
+    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Goodness for every label (B, 10): :meth:`label_goodness` summed over the hidden layers
+        and iterations ``score_from..score_to``."""
+        c = self.config
+        return self.label_goodness(images, c.score_to)[c.score_from - 1:].sum((0, 3)).t()
+
+
+class CifarFF:
+    """CIFAR-10 with local receptive fields, trained by FF (paper section 4, Table 1's FF rows).
+
+    ``data`` (a :class:`~.cifar_common.CifarData`) may be given to share one load between runs; it
+    is used as given (the config's subsets and data_dir do not apply).
+    The model is initialized from ``torch.manual_seed(config.seed)``; ``scheduler`` scales both
+    learning rates once per epoch.
+    """
+
+    name = "cifar"
+    Config = CifarFFConfig
+    data_name = "cifar10"
+    train_error_name = "running_error_softmax"
+
+    def __init__(self, config: CifarFFConfig, data: CifarData | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.data = data if data is not None else load_data(config, self.device)
+        torch.manual_seed(config.seed)
+        self.model = CifarFFNet(config).to(self.device)
+        groups = [
+            {"params": list(self.model.net.parameters()), "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": list(self.model.head.parameters()), "lr": config.head_lr,
+             "weight_decay": config.head_weight_decay},
+        ]
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(groups)
+        else:
+            self.optimizer = torch.optim.SGD(groups, momentum=config.momentum)
+        self.scheduler = epoch_schedule(self.optimizer, config)
+
+    def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        return self.data.epoch_batches(generator, self.config.batch_size)
+
+    def train_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One update on the rows ``batch`` (index tensor).
+
+        Returns (mean FF loss over the hidden layers and iterations (0-dim), softmax errors on the
+        batch before the update (0-dim), batch size).
+        """
+        images = standardize(self.data.train_images[batch])
+        labels = self.data.train_labels[batch]
+        logits = self.model.head_logits(images)
+        probs = torch.softmax(logits.detach(), dim=1)
+        if self.config.negatives == "hard":
+            wrong = hard_wrong_labels(probs, labels, generator)
+        else:
+            wrong = random_wrong_labels(labels, NUM_CLASSES, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(logits, labels).backward()
+        codes = torch.cat([self.model.code(labels), self.model.code(wrong)])
+        losses = self.model.net.ff_backward(torch.cat([images, images]), codes, labels.shape[0],
+                                            self.config.train_iterations, self.config.train_from)
+        self.optimizer.step()
+        return torch.stack(losses).mean(), (probs.argmax(1) != labels).sum(), labels.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """``<set>_error`` (goodness for every label) and ``<set>_error_softmax`` (one-pass softmax)
+        for every evaluation set."""
+        metrics = {}
+        for name, (images, labels) in self.data.eval_sets.items():
+            goodness_errors = softmax_errors = 0
+            for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
+                x = standardize(x)
+                goodness_errors += int((self.model.label_scores(x).argmax(1) != y).sum())
+                softmax_errors += int((self.model.head_logits(x).argmax(1) != y).sum())
+            metrics[f"{name}_error"] = goodness_errors / len(labels)
+            metrics[f"{name}_error_softmax"] = softmax_errors / len(labels)
+        return metrics
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The ``ff-train cifar`` options (defaults suppressed by the caller: the config's apply)."""
+        d = CifarFFConfig()
+        add_common_arguments(parser, d)
+        add = parser.add_argument
+        add("--train-iterations", type=int,
+            help=f"training: FF losses at iterations 1..N after the bottom-up pass (default {d.train_iterations})")
+        add("--train-from", type=int,
+            help=f"training: first iteration with an FF loss (default {d.train_from}: all of 1..N)")
+        add("--score-from", type=int, help=f"first iteration of the test goodness sum (default {d.score_from})")
+        add("--score-to", type=int, help=f"last iteration of the test goodness sum (default {d.score_to})")
+        add("--damping", type=float, help=f"share of the previous state in each update (default {d.damping:g})")
+        add("--goodness", choices=functional.GOODNESS,
+            help=f"ssq = the paper's max ssq, neg_ssq = min ssq (default {d.goodness})")
+        add("--head-layers", type=int, help=f"the softmax reads the last N hidden layers (default {d.head_layers})")
+        add("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
+        add("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
+        add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
+        add("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
+        add("--lr-schedule", choices=LR_SCHEDULES,
+            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
+        add("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
+        add("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
+        add("--negatives", choices=NEGATIVES, help=f"wrong-label choice (default {d.negatives})")
+        add("--temperature", type=float,
+            help=f"T in sigmoid((G - N) / T), N = units per layer (default {d.temperature:g})")
+        add("--loss", choices=LOSSES,
+            help="threshold: each row's goodness against the threshold (the paper's); pairwise: "
+                 f"softplus of the goodness difference between an image's true- and wrong-label rows (default {d.loss})")
+        add("--length-norm", action="store_false", dest="rms_norm",
+            help="pass on states scaled to unit length (default: unit mean square)")
+        add("--backend", choices=("auto", "reference", "cpu", "cuda"), help=f"default {d.backend}")

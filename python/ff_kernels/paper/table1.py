@@ -1,0 +1,169 @@
+"""The paper's Table 1 (CIFAR-10, section 4) as a markdown table, read from run directories.
+
+    python -m ff_kernels.paper.table1 runs/cifar-table1/*
+
+Every directory holds an ``ff-train cifar`` or ``ff-train cifar-backprop`` run (``config.json``
+and ``metrics.jsonl``, see :mod:`ff_kernels.paper.train`); which of the two it is, its depth and, for
+FF, its goodness ("ssq" = the paper's max ssq, "neg_ssq" = min ssq) come from ``config.json``.
+A cell holds the error of the run's last evaluated epoch, in percent: training error on the
+first ``train_eval_subset`` training images, test error on the JPEG test set and, after a slash,
+on the exact test set when the run has it. The list of runs under the table gives each run's
+schedule (epochs; for FF, the iterations trained on and a loss other than the paper's); a run whose last evaluation is not its
+last epoch is marked "(epoch k of N)" there, and a run that has not been evaluated yet fills
+its cells with "running". Two runs for the same cell are an error, and so is a ``--validation``
+run (it has no test error); a cell no run fills shows "—".
+
+Rows, in the paper's layout: BP (softmax); FF min ssq and FF max ssq, each with the two test
+procedures of :mod:`ff_kernels.paper.recipes.cifar_ff` ("compute goodness for every label" =
+``<set>_error``, "one-pass softmax" = ``<set>_error_softmax``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .recipes.cifar_backprop import CifarBackpropConfig
+from .recipes.cifar_ff import CifarFFConfig
+from .train import CONFIG, METRICS, config_mismatch
+
+DEPTHS = (2, 3)
+# (learning procedure, testing procedure, recipe, goodness or None, metric suffix)
+ROWS = (
+    ("BP", "softmax", "cifar-backprop", None, ""),
+    ("FF min ssq", "compute goodness for every label", "cifar", "neg_ssq", ""),
+    ("FF min ssq", "one-pass softmax", "cifar", "neg_ssq", "_softmax"),
+    ("FF max ssq", "compute goodness for every label", "cifar", "ssq", ""),
+    ("FF max ssq", "one-pass softmax", "cifar", "ssq", "_softmax"),
+)
+_CONFIGS = {"cifar": CifarFFConfig, "cifar-backprop": CifarBackpropConfig}
+
+
+@dataclass(frozen=True)
+class CifarRun:
+    """One run directory: its recipe ("cifar" or "cifar-backprop"), depth, goodness, the first
+    and last iteration with an FF loss and that loss's form ("threshold" or "pairwise"; FF only,
+    else None), planned epochs, the last finished
+    epoch and the last evaluated epoch's metrics (``epoch`` among them; empty before the first
+    evaluation)."""
+
+    path: Path
+    recipe: str
+    depth: int
+    goodness: str | None
+    trained_iterations: tuple[int, int] | None
+    ff_loss: str | None
+    epochs: int
+    last_epoch: int
+    metrics: dict
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics.get("epoch") == self.epochs
+
+    def describe(self) -> str:
+        """"cifar, depth 3, goodness ssq, 10 epochs, FF losses at iterations 1-3 (epoch 5 of 10)"."""
+        text = f"{self.recipe}, depth {self.depth}"
+        if self.goodness is not None:
+            text += f", goodness {self.goodness}"
+        text += f", {self.epochs} epochs"
+        if self.trained_iterations is not None:
+            text += ", FF losses at iterations {}-{}".format(*self.trained_iterations)
+        if self.ff_loss not in (None, "threshold"):
+            text += f", {self.ff_loss} loss"
+        if not self.metrics:
+            return text + f" (running: epoch {self.last_epoch} of {self.epochs}, not evaluated yet)"
+        return text + ("" if self.finished else f" (epoch {self.metrics['epoch']} of {self.epochs})")
+
+
+def _trained_iterations(config: dict) -> tuple[int, int] | None:
+    """(first, last) iteration of an FF run's losses (``train_from`` is absent from older runs: 1); None for BP."""
+    if "train_iterations" not in config:
+        return None
+    return config.get("train_from", 1), config["train_iterations"]
+
+
+def load_run(path: str | Path) -> CifarRun:
+    """Read ``config.json`` and the last evaluated epoch of ``metrics.jsonl`` in ``path``.
+
+    Raises ValueError naming the file when the config is not one of the two CIFAR recipes' or
+    is a ``--validation`` run's.
+    """
+    path = Path(path)
+    config = json.loads((path / CONFIG).read_text())
+    recipe = next((name for name, cls in _CONFIGS.items() if config_mismatch(cls, config) is None), None)
+    if recipe is None:
+        raise ValueError(f"{path / CONFIG} is not the config of an ff-train cifar or cifar-backprop run; "
+                         f"its keys are {sorted(config)}")
+    if config["validation"]:
+        raise ValueError(f"{path / CONFIG} is a --validation run: it has no test error for Table 1")
+    epochs = list(map(json.loads, (path / METRICS).read_text().splitlines()))
+    evaluated = [m for m in epochs if "test_error" in m]
+    ff_loss = config.get("loss", "threshold") if recipe == "cifar" else None  # runs before --loss: threshold
+    return CifarRun(path, recipe, config["depth"], config.get("goodness"), _trained_iterations(config), ff_loss,
+                    config["epochs"], epochs[-1]["epoch"] if epochs else 0, evaluated[-1] if evaluated else {})
+
+
+def _cell_runs(runs: list[CifarRun]) -> dict[tuple[str, str | None, int], CifarRun]:
+    cells: dict[tuple[str, str | None, int], CifarRun] = {}
+    for run in runs:
+        key = (run.recipe, run.goodness, run.depth)
+        if key in cells:
+            raise ValueError(f"two runs for the same cell of Table 1 ({run.recipe}, goodness {run.goodness}, "
+                             f"depth {run.depth}): {cells[key].path} and {run.path}")
+        cells[key] = run
+    return cells
+
+
+def _percent(metrics: dict, name: str) -> str:
+    return f"{100 * metrics[name]:.1f}" if name in metrics else "—"
+
+
+def table1(runs: list[CifarRun]) -> str:
+    """Table 1 in markdown (module docstring), followed by the list of the runs it uses."""
+    cells = _cell_runs(runs)
+    head = "| learning procedure | testing procedure |"
+    rule = "|---|---|"
+    for depth in DEPTHS:
+        head += f" {depth} hidden layers: train % | {depth} hidden layers: test % (JPEG / exact) |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for learning, testing, recipe, goodness, suffix in ROWS:
+        line = f"| {learning} | {testing} |"
+        for depth in DEPTHS:
+            run = cells.get((recipe, goodness, depth))
+            if run is None:
+                line += " — | — |"
+                continue
+            m = run.metrics
+            if not m:
+                line += " running | running |"
+                continue
+            test = _percent(m, f"test_error{suffix}")
+            if f"test_exact_error{suffix}" in m:
+                test += f" / {_percent(m, f'test_exact_error{suffix}')}"
+            line += f" {_percent(m, f'train_error{suffix}')} | {test} |"
+        lines.append(line)
+    lines.append("")
+    for run in sorted(cells.values(), key=lambda r: (r.recipe, r.goodness or "", r.depth)):
+        lines.append(f"- `{run.path}`: {run.describe()}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.table1", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories of ff-train cifar / cifar-backprop runs")
+    args = parser.parse_args(argv)
+    try:
+        print(table1([load_run(path) for path in args.run_dirs]))
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
