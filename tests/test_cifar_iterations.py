@@ -34,7 +34,7 @@ def goodness_of_run(recipe, images, iterations):
         code = recipe.model.code(torch.full((len(images),), label))
         for t, states in enumerate(net.run(x, code, iterations)[1:]):
             for k, state in enumerate(states):
-                good[t, :, label, k] = functional.goodness(state.flatten(1), net.goodness_fn).double()
+                good[t, :, label, k] = functional.goodness(state.flatten(1), net.goodness_kind).double()
     return good
 
 

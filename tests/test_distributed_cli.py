@@ -89,8 +89,8 @@ def test_a_resumed_data_parallel_run_ends_where_the_uninterrupted_one_does(singl
     "extra, message",
     [
         (["--parallel", "data"], "needs --nproc N"),
-        (["--nproc", "0"], "--nproc must be >= 1"),
-        (["--nproc", "2", "--sync-every", "0"], "--sync-every must be >= 1"),
+        (["--nproc", "0"], "nproc must be an int >= 1, got 0"),
+        (["--nproc", "2", "--sync-every", "0"], "sync_every must be an int >= 1, got 0"),
     ],
 )
 def test_bad_parallel_options_are_refused(extra, message, tmp_path, capsys, monkeypatch):

@@ -76,9 +76,9 @@ def _eq4_step64(x, w, b, target, kind, threshold, temperature, mask=None):
 def _eq4_ff_step(layer: FFLinear, x: torch.Tensor, target: float):
     """``layer.ff_step`` on the single row x at the learning rate that brings its goodness to target."""
     g = layer.goodness(x).double()
-    positive = _side(layer.goodness_fn, g, target)
+    positive = _side(layer.goodness_kind, g, target)
     lr = FF.target_goodness_lr(
-        g, target, x.double().square().sum(-1), layer.goodness_fn, layer.threshold, layer.temperature,
+        g, target, x.double().square().sum(-1), layer.goodness_kind, layer.threshold, layer.temperature,
         positive, layer.bias is not None,
     )
     x_pos, x_neg = (x, x[:0]) if positive else (x[:0], x)

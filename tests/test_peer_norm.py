@@ -77,8 +77,8 @@ class Case:
     def ff_loss(self, x_pos, x_neg, w, b):
         layer = self.layer
         if self.kind == "linear":
-            return FF.ff_linear_loss(x_pos, x_neg, w, b, layer.goodness_fn, layer.threshold, 0.5, self.mask)
-        return FFL.ff_local_loss(x_pos, x_neg, w, b, SPEC, layer.goodness_fn, layer.threshold, 0.5)
+            return FF.ff_linear_loss(x_pos, x_neg, w, b, layer.goodness_kind, layer.threshold, 0.5, self.mask)
+        return FFL.ff_local_loss(x_pos, x_neg, w, b, SPEC, layer.goodness_kind, layer.threshold, 0.5)
 
     def truth(self):
         """float64: (new running mean, total dW, total db, peer-only dW) of one ff_backward."""

@@ -89,12 +89,12 @@ def test_train_step_trains_on_hard_negatives_from_the_bottom_up_softmax(monkeypa
 
 @pytest.mark.parametrize("field,value,message", [
     ("score_to", 9, r"1 <= score_from <= score_to <= iterations, got score_from 3, score_to 9, iterations 8"),
-    ("score_from", 0, "score_from 0"),
-    ("damping", 1.0, r"damping must be in \[0, 1\), got 1.0"),
-    ("depth", 0, "depth must be >= 1, got 0"),
+    ("score_from", 0, "score_from must be an int >= 1, got 0"),
+    ("damping", 1.0, "damping must be a number >= 0 and < 1, got 1.0"),
+    ("depth", 0, "depth must be an int >= 1, got 0"),
     ("negatives", "easy", r"negatives must be one of \('hard', 'random'\), got 'easy'"),
     ("init", "uniform", r"init must be one of \('balanced', 'normal'\), got 'uniform'"),
-    ("temperature", 0.0, "temperature must be > 0, got 0.0"),
+    ("temperature", 0.0, "temperature must be a number > 0, got 0.0"),
     ("goodness", "max", "goodness must be one of"),
 ])
 def test_config_rejects_bad_values(field, value, message):

@@ -206,13 +206,13 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data, tmp_path, re
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 2, got 1"):
         UnsupervisedMNISTConfig(batch_size=1)
     with pytest.raises(ValueError, match="head_layers"):
         UnsupervisedMNISTConfig(head_layers=0)
     with pytest.raises(ValueError, match="blur_steps"):
         LocalMNISTConfig(blur_steps=-1)
-    with pytest.raises(ValueError, match="channels must be 3 ints"):
+    with pytest.raises(ValueError, match=r"channels must be 3 values, each an int >= 1, got \(8, 8\)"):
         LocalMNISTConfig(channels=(8, 8))
     assert LocalMNISTConfig(channels=[4, 5, 6]).channels == (4, 5, 6)  # as read back from config.json
 

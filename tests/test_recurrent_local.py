@@ -33,7 +33,7 @@ class Naive:
         self.label_weight = net.label_weight.detach().double()
 
     def normalize(self, h):
-        return FF.normalize(h.flatten(1), self.net.goodness_fn, self.net.rms_norm).view_as(h)
+        return FF.normalize(h.flatten(1), self.net.goodness_kind, self.net.rms_norm).view_as(h)
 
     def preactivation(self, l, below, above, labels, params=None, label_weight=None):
         """z of layer l: local(below; W_up) + local(above; W_down) + label @ V.T."""
@@ -89,12 +89,12 @@ class Naive:
             for l, h in enumerate(states):
                 z = self.preactivation(l, below[l], above[l], labels, params, label_weight)
                 state = d * h + (1 - d) * torch.relu(z)
-                g = FF.goodness(state.flatten(1), net.goodness_fn)
+                g = FF.goodness(state.flatten(1), net.goodness_kind)
                 if t >= first:
                     if net.loss == "pairwise":
-                        loss = FF.pairwise_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.temperature)
+                        loss = FF.pairwise_loss(g[:n_pos], g[n_pos:], net.goodness_kind, net.temperature)
                     else:
-                        loss = FF.ff_loss(g[:n_pos], g[n_pos:], net.goodness_fn, net.threshold, net.temperature)
+                        loss = FF.ff_loss(g[:n_pos], g[n_pos:], net.goodness_kind, net.threshold, net.temperature)
                     total = total + loss / (iterations - first + 1)
                 new.append(state.detach())
             states = new

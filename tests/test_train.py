@@ -195,7 +195,7 @@ def test_cli_errors(mnist_dir, tmp_path, capsys):
         main(["supervised", "--optimizer", "rmsprop"])
     with pytest.raises(SystemExit):
         main(["supervised", "--width", "0", "--run-dir", str(tmp_path)])
-    assert "width must be >= 1" in capsys.readouterr().err
+    assert "width must be an int >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["unsupervised", "--eval-every", "0", "--run-dir", str(tmp_path)])
     assert "eval_every must be an int >= 1, got 0" in capsys.readouterr().err

@@ -31,7 +31,7 @@ class FFLayer(nn.Module):
 
     def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
         """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
-        self.goodness_fn = FF.check_goodness(goodness)
+        self.goodness_kind = FF.check_goodness(goodness)
         self.threshold = float(num_units if threshold is None else threshold)
         if not float(temperature) > 0:
             raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
@@ -56,7 +56,7 @@ class FFLayer(nn.Module):
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """p(positive) (B,) of each row (image) of ``x``."""
-        return FF.positive_probability(self.goodness(x), self.goodness_fn, self.threshold, self.temperature)
+        return FF.positive_probability(self.goodness(x), self.goodness_kind, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
                     apply_peer_norm: bool = True):
@@ -130,7 +130,7 @@ class FFLayer(nn.Module):
         n_pos = x_pos.shape[0]
         if self.peer_norm is None or n_pos == 0:
             return None
-        activity = mean_activity(step.output[:n_pos], step.goodness[:n_pos], self.goodness_fn, self.rms_norm)
+        activity = mean_activity(step.output[:n_pos], step.goodness[:n_pos], self.goodness_kind, self.rms_norm)
         return activity, x_pos.float().mean(0, keepdim=True)
 
     @torch.no_grad()

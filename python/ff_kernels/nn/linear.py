@@ -98,7 +98,7 @@ class FFLinear(FFLayer):
 
     def _op_kwargs(self) -> dict:
         return {
-            "goodness": self.goodness_fn, "rms": self.rms_norm, "mask": self.mask, "backend": self.backend,
+            "goodness": self.goodness_kind, "rms": self.rms_norm, "mask": self.mask, "backend": self.backend,
             "compute_dtype": self.compute_dtype, "layer": self._name(),
         }
 
@@ -131,5 +131,5 @@ class FFLinear(FFLayer):
         masked = "" if self.mask is None else f", mask={int(self.mask.sum())}/{self.mask.numel()}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"goodness={self.goodness_fn!r}, threshold={self.threshold:g}, temperature={self.temperature:g}{masked}"
+            f"goodness={self.goodness_kind!r}, threshold={self.threshold:g}, temperature={self.temperature:g}{masked}"
         )

@@ -131,7 +131,7 @@ class FFLocal2d(FFLayer):
             )
 
     def _op_kwargs(self) -> dict:
-        return {"goodness": self.goodness_fn, "rms": self.rms_norm, "backend": self.backend, "layer": self._name()}
+        return {"goodness": self.goodness_kind, "rms": self.rms_norm, "backend": self.backend, "layer": self._name()}
 
     def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C_in, H_in, W_in) -> (normalized output (B, C_out, H_out, W_out), goodness (B,) float32)."""
@@ -175,7 +175,7 @@ class FFLocal2d(FFLayer):
                                      device=self.weight.device)
             peer.running_mean.copy_(self.peer_norm.running_mean)
         dense = FFLinear(
-            spec.in_features, spec.out_features, bias=self.bias is not None, goodness=self.goodness_fn,
+            spec.in_features, spec.out_features, bias=self.bias is not None, goodness=self.goodness_kind,
             threshold=self.threshold, temperature=self.temperature, mask=FFL.local_dense_mask(spec, self.weight.device),
             rms_norm=self.rms_norm, backend="reference" if self.backend == "reference" else "auto",
             device=self.weight.device, dtype=self.weight.dtype, peer_norm=peer,
@@ -194,5 +194,5 @@ class FFLocal2d(FFLayer):
         return (
             f"{s.in_channels}, {s.in_height}x{s.in_width} -> {s.out_channels}x{s.out_height}x{s.out_width}, "
             f"kernel={s.kernel}, stride={s.stride}, padding={s.padding}, bias={self.bias is not None}, "
-            f"goodness={self.goodness_fn!r}, threshold={self.threshold:g}, temperature={self.temperature:g}"
+            f"goodness={self.goodness_kind!r}, threshold={self.threshold:g}, temperature={self.temperature:g}"
         )

@@ -123,7 +123,7 @@ class FFRecurrent(nn.Module):
     def normalize(self, state: torch.Tensor) -> torch.Tensor:
         """n(h): what a hidden layer passes to its neighbours (all layers share goodness and rms_norm)."""
         layer = self.layers[0]
-        return FF.normalize(state, layer.goodness_fn, layer.rms_norm)
+        return FF.normalize(state, layer.goodness_kind, layer.rms_norm)
 
     @torch.no_grad()
     def initial_states(self, bottom: torch.Tensor) -> list[torch.Tensor]:
@@ -163,7 +163,7 @@ class FFRecurrent(nn.Module):
         per_iteration = []
         for _ in range(_check_iterations(iterations)):
             states = self.step(states, bottom, top)
-            per_iteration.append(torch.stack([FF.goodness(s, layer.goodness_fn).float()
+            per_iteration.append(torch.stack([FF.goodness(s, layer.goodness_kind).float()
                                               for layer, s in zip(self.layers, states)], dim=1))
         return torch.stack(per_iteration)
 
@@ -200,7 +200,7 @@ class FFRecurrent(nn.Module):
             inputs = self.layer_inputs(states, bottom, top)
             new_states = []
             for i, (layer, x, h) in enumerate(zip(self.layers, inputs, states)):
-                step = FFR.recurrent_layer_grads(x, h, layer.weight, layer.bias, n_pos, self.damping, layer.goodness_fn,
+                step = FFR.recurrent_layer_grads(x, h, layer.weight, layer.bias, n_pos, self.damping, layer.goodness_kind,
                                                 layer.threshold, layer.temperature)
                 parts = [step.loss, step.grad_weight, step.grad_bias,
                          step.state[:n_pos].float().mean(0), x[:n_pos].float().mean(0, keepdim=True)]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import functional
 from ..ops.validation import describe
+from .options import Option, add_options, check_options
 from .recipes.cifar_common import CifarData, standardize
 from .recipes.cifar_ff import LABEL_BATCH, CifarFF
 from .train import CheckpointError, load_trained
@@ -95,7 +97,7 @@ def logit_levels(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, it
     _check_labels(images, labels)
     net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
     logits = torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(standardize(x), iterations),
-                                                  net.goodness_fn, net.threshold, net.temperature).double()
+                                                  net.goodness_kind, net.threshold, net.temperature).double()
                         for x in images.split(LABEL_BATCH)], dim=2)  # (T, 10, N, K)
     true = torch.nn.functional.one_hot(labels, logits.shape[1]).t().bool()  # (10, N)
     pos, neg = logits[:, true], logits[:, ~true]  # (T, N, K), (T, 9N, K)
@@ -125,21 +127,29 @@ def format_table(table: dict[tuple[int, int], list[float]], softmax_error: float
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class IterationsCommand:
+    """The options of ``python -m ff_kernels.paper.cifar_iterations``."""
+
+    run_dir: str = Option("an ff-train cifar run directory (config.json, checkpoint.pt)", positional=True)()
+    images: int = Option("first N images of the set", min=1)(1000)
+    set: str = Option("the evaluation set", choices=("test", "test_exact", "train"))("test")
+    iterations: int = Option("iterations to run", min=1)(10)
+    ranges: str = Option("iteration ranges to score")(DEFAULT_RANGES)
+    data_dir: str | None = Option("CIFAR-10 folder", none="the one saved in the run's config")(None)
+    logits: bool = Option("also print each layer's mean logit of p(positive) at every iteration, for the true "
+                          "and the wrong labels: what its FF loss sees")(False)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.cifar_iterations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="an ff-train cifar run directory (config.json, checkpoint.pt)")
-    parser.add_argument("--images", type=int, default=1000, help="first N images of the set (default %(default)s)")
-    parser.add_argument("--set", default="test", choices=("test", "test_exact", "train"), help="default %(default)s")
-    parser.add_argument("--iterations", type=int, default=10, help="iterations to run (default %(default)s)")
-    parser.add_argument("--ranges", default=DEFAULT_RANGES, help="iteration ranges to score (default %(default)s)")
-    parser.add_argument("--data-dir", help="CIFAR-10 folder, if not the one saved in the run's config")
-    parser.add_argument("--logits", action="store_true",
-                        help="also print each layer's mean logit of p(positive) at every iteration, for the true "
-                             "and the wrong labels: what its FF loss sees")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.cifar_iterations",
+                                     description=__doc__.split("\n\n")[0])
+    add_options(parser, IterationsCommand, with_defaults=True)
     try:
-        if args.images < 1 or args.iterations < 1:
-            raise ValueError(f"--images and --iterations must be >= 1, got {args.images} and {args.iterations}")
+        args = IterationsCommand(**vars(parser.parse_args(argv)))
         ranges = parse_ranges(args.ranges, args.iterations)
         recipe = load_recipe(args.run_dir, args.images, args.data_dir)
         data: CifarData = recipe.data

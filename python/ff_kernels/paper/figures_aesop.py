@@ -30,11 +30,13 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .data.aesop import ALPHABET, decode
+from .options import Option, add_options, check_options
 from .train import CONFIG, METRICS, CheckpointError, load_trained
 
 SAMPLES = "samples.txt"
@@ -121,14 +123,25 @@ def write_samples(run_dir: str | os.PathLike, count: int = 5, seed: int = 0, dat
     return text
 
 
+@dataclass(frozen=True)
+class FiguresCommand:
+    """The options of ``python -m ff_kernels.paper.figures_aesop``."""
+
+    run_dirs: tuple[str, ...] = Option("finished `ff-train aesop` run directories", positional=True)()
+    out: str = Option("the PNG to write")("aesop_perplexity.png")
+    samples: int = Option("strings to continue per run, 0 = none", min=0)(5)
+    data_dir: str | None = Option("folder with aesop.txt", none="the one saved in the runs' config")(None)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.figures_aesop", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", help="finished `ff-train aesop` run directories")
-    parser.add_argument("--out", default="aesop_perplexity.png", help="the PNG to write (default %(default)s)")
-    parser.add_argument("--samples", type=int, default=5, help="strings to continue per run, 0 = none (default %(default)s)")
-    parser.add_argument("--data-dir", help="folder with aesop.txt, if not the one saved in the runs' config")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.figures_aesop",
+                                     description=__doc__.split("\n\n")[0])
+    add_options(parser, FiguresCommand, with_defaults=True)
     try:
+        args = FiguresCommand(**vars(parser.parse_args(argv)))
         print(f"wrote {plot_log2p_curves(args.out, args.run_dirs)}")
         for run_dir in args.run_dirs if args.samples > 0 else []:
             print(write_samples(run_dir, args.samples, data_dir=args.data_dir))

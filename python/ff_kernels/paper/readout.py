@@ -29,13 +29,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import DataError, MnistCorruptError, MnistMissingError
+from .options import Option, add_options, check_options
 from .recipes import RECIPES
 from .recipes.unsupervised_mnist import HybridFFNet, UnsupervisedMNIST
 from .train import CheckpointError, atomic_write, load_trained
@@ -52,22 +53,25 @@ class ReadoutSettings:
     ``epochs`` epochs, for each of ``weight_decays``; the last ``holdout`` training rows are held
     out to pick the weight decay and the epoch; shuffling from ``seed``."""
 
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
-    batch_size: int = 100
-    holdout: int = 10_000
-    seed: int = 0
+    epochs: int = Option("most epochs of Adam", min=1)(20)
+    lr: float = Option("Adam's learning rate", above=0)(1e-3)
+    weight_decays: tuple[float, ...] = Option("Adam weight decays to try", min=0, flag="--weight-decay")(
+        (0.0, 1e-4, 1e-3))
+    batch_size: int = Option("rows per step", min=1)(100)
+    holdout: int = Option("last training images held out to pick the epoch", min=1)(10_000)
+    seed: int = Option("seed of the shuffling")(0)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "holdout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.weight_decays or not all(wd >= 0 for wd in self.weight_decays):
-            raise ValueError(f"weight_decays must be one or more numbers >= 0, got {self.weight_decays!r}")
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class ReadoutRun:
+    """Which run ``ff-readout`` reads."""
+
+    recipe: str = Option("the run's recipe", choices=HYBRID_RECIPES, positional=True)()
+    run_dir: str = Option("the ff-train run directory (config.json and checkpoint.pt)", positional=True)()
+    data_dir: str | None = Option("MNIST folder", none="the one saved in the run's config")(None)
 
 
 @dataclass
@@ -186,33 +190,23 @@ def readout_run(recipe_name: str, run_dir: str | Path, settings: ReadoutSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = ReadoutSettings()
     parser = argparse.ArgumentParser(prog="ff-readout", description=__doc__.split("\n")[0])
-    parser.add_argument("recipe", help="the run's recipe: unsupervised or local")
-    parser.add_argument("run_dir", help="the ff-train run directory (config.json and checkpoint.pt)")
-    parser.add_argument("--data-dir", help="MNIST folder (default: the one saved in the run's config)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs of Adam (default {d.epochs})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam's learning rate (default {d.lr:g})")
-    parser.add_argument("--weight-decay", type=float, nargs="+", default=list(d.weight_decays),
-                        help=f"Adam weight decays to try (default {' '.join(f'{w:g}' for w in d.weight_decays)})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    parser.add_argument("--holdout", type=int, default=d.holdout,
-                        help=f"last training images held out to pick the epoch (default {d.holdout})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    add_options(parser, ReadoutRun, with_defaults=True)
+    add_options(parser, ReadoutSettings, with_defaults=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """``ff-readout RECIPE RUN_DIR [options]``: print the readout's result as one line."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
     try:
-        settings = ReadoutSettings(args.epochs, args.lr, tuple(args.weight_decay), args.batch_size, args.holdout,
-                                   args.seed)
+        run = ReadoutRun(**{f.name: args[f.name] for f in fields(ReadoutRun)})
+        settings = ReadoutSettings(**{f.name: args[f.name] for f in fields(ReadoutSettings)})
     except ValueError as err:
         parser.error(str(err))
     try:
-        record = readout_run(args.recipe, args.run_dir, settings, args.data_dir)
+        record = readout_run(run.recipe, run.run_dir, settings, run.data_dir)
     except (ValueError, CheckpointError, MnistMissingError, MnistCorruptError, DataError) as err:
         print(f"ff-readout: error: {err}", file=sys.stderr)
         return 1

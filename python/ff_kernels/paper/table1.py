@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import Option, add_options, check_options
 from .recipes.cifar_backprop import CifarBackpropConfig
 from .recipes.cifar_ff import CifarFFConfig
 from .train import CONFIG, METRICS, config_mismatch
@@ -153,10 +154,20 @@ def table1(runs: list[CifarRun]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Table1Command:
+    """The options of ``python -m ff_kernels.paper.table1``."""
+
+    run_dirs: tuple[str, ...] = Option("run directories of ff-train cifar / cifar-backprop runs", positional=True)()
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ff_kernels.paper.table1", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", help="run directories of ff-train cifar / cifar-backprop runs")
-    args = parser.parse_args(argv)
+    add_options(parser, Table1Command, with_defaults=True)
+    args = Table1Command(**vars(parser.parse_args(argv)))
     try:
         print(table1([load_run(path) for path in args.run_dirs]))
     except (OSError, ValueError) as error:

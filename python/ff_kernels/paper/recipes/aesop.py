@@ -40,7 +40,7 @@ The paper gives only the data, the architecture and the regimes. The FF layers' 
 follow the supervised MNIST recipe (:mod:`.supervised_mnist`, after Hinton's ffnew.m: SGD with
 momentum 0.9, weight decay, the half-linear schedule, threshold N at temperature 1, unit mean
 square activities, peer normalization, N(0, 1 / fan_in) weights) except the learning rate; the
-softmax learns with Adam at a constant rate (see :class:`AesopConfig` for the evidence).
+softmax learns with Adam at a constant rate (docs/defaults.md has the evidence).
 """
 
 from __future__ import annotations
@@ -53,92 +53,78 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ... import functional
 from ...nn import FFLinear, FFSequential
-from ..data.aesop import ALPHABET, NUM_STRINGS, STRING_LENGTH, aesop_strings
+from ..data.aesop import ALPHABET, aesop_strings
+from ..data.aesop import NUM_STRINGS as NUM_STRINGS_DEFAULT
+from ..data.aesop import STRING_LENGTH as STRING_LENGTH_DEFAULT
 from ..data.char_negatives import generate_strings, teacher_forcing_negatives
 from ..data.char_windows import one_hot_rows, prediction_windows, target_windows
-from .checks import check_choices, check_sgd_settings
-from .layers import normal_init_, peer_norm_for
-from .schedule import LR_SCHEDULES, SCHEDULE_HELP, EpochLR, lr_factor
-from .supervised_mnist import INITS, OPTIMIZERS, SupervisedMNISTConfig
+from ..options import Option
+from .config import (
+    DEPTH,
+    HEAD_LR,
+    HEAD_WEIGHT_DECAY,
+    INIT,
+    LINEAR_BACKEND,
+    LR,
+    OPTIMIZER,
+    PEER_NORM,
+    WIDTH,
+    FFConfig,
+    RecipeConfig,
+)
+from .layer_setup import normal_init_, peer_norm_for
+from .schedule import EpochLR, lr_factor
 
-SUPERVISED = SupervisedMNISTConfig
 REGIMES = ("teacher", "generated", "sleep", "random")
 NUM_SYMBOLS = len(ALPHABET)
 EVAL_BATCH = 2000
 
 
+REGIME = Option("negative data: teacher (teacher forcing), generated (strings the model generates), sleep "
+                "(generated offline, in wake and sleep phases) or random (fixed random hidden layers)", choices=REGIMES)
+WINDOW = Option("characters the net sees", min=1)
+CONTEXT = Option("leading characters of a string that are given, not predicted", min=1)
+NUM_STRINGS = Option("training strings", min=1)
+STRING_LENGTH = Option("characters per string", min=1)
+TEST_STRINGS = Option("held-out strings: the chunks of the text after the training strings", min=1)
+SLEEP_STRINGS = Option("sleep: strings per wake-sleep cycle", min=1)
+GENERATE_EVERY = Option("generated: batches between regenerations", min=1, none="once per epoch")
+AESOP_DIR = Option("folder with aesop.txt", none="$FF_KERNELS_DATA/aesop")
+TEXT_FILE = Option("a UTF-8 text file to use instead of aesop.txt", flag="--text")
+
+
 @dataclass
-class AesopConfig:
-    """Settings of the Aesop recipe.
+class AesopConfig(FFConfig, RecipeConfig):
+    """Settings of the Aesop recipe. Section 4.1 gives the data, the input, the architecture and
+    the regimes; the FF layers' other settings are the supervised recipe's, the learning rates
+    are chosen here (docs/defaults.md)."""
 
-    Section 4.1 gives the data (248 strings of 100 characters, the first 10 as context), the
-    input (the previous 10 characters), the architecture (3 hidden layers of 2000 ReLUs, a
-    softmax predicting the next character) and the regimes. Fields set from ``SUPERVISED``
-    take the supervised MNIST recipe's default (see :class:`SupervisedMNISTConfig`).
-
-    Evidence for the others (3 x 500 ReLUs, 10 epochs, seed 0, mean log2 p per predicted
-    character on the training / held-out strings after the last epoch; the 2-core CPU):
-    these defaults give teacher -2.21 / -2.98, random -2.33 / -3.22, generated -2.42 / -3.30.
-    A softmax that learns by SGD (momentum 0.9, lr 0.01 to 3, 5 epochs) or by Adam with a
-    learning rate that follows the FF layers' schedule keeps up with the FF features too
-    slowly: the random hidden layers then score as well as or better than the FF ones on the
-    training strings (Adam 0.1: random -2.31, teacher -2.61 after 5 epochs), although the FF
-    features are better once a softmax is fitted to them to convergence (-1.48 against -2.09
-    for the random ones, same runs). FF lr 5e-4 (ffnew.m's) gives teacher -2.51 / -3.12 with a
-    constant softmax rate; temperature 10 makes teacher forcing unstable (log2p falling to
-    -6.9 bits in epoch 5 before recovering).
-    """
-
-    regime: str = "teacher"  # one of REGIMES (module docstring)
-    epochs: int = 20
-    width: int = 2000  # section 4.1
-    depth: int = 3  # section 4.1
-    window: int = 10  # characters the net sees (section 4.1)
-    context: int = 10  # leading characters of a string that are given, not predicted (section 4.1)
-    num_strings: int = NUM_STRINGS  # training strings (section 4.1)
-    string_length: int = STRING_LENGTH  # section 4.1
-    test_strings: int = NUM_STRINGS  # held-out strings: the chunks of the text after the training strings
-    batch_size: int = SUPERVISED.batch_size  # windows per batch
-    sleep_strings: int = 10  # "sleep": strings per wake-sleep cycle (their 900 windows: 9 batches of 100)
-    generate_every: int | None = None  # "generated": batches between regenerations (None: once per epoch)
-    optimizer: str = SUPERVISED.optimizer  # "sgd" (momentum, fused into the FF layer ops) or "adam"
-    lr: float = 2e-3  # FF layers (5e-4: see above)
-    momentum: float = SUPERVISED.momentum  # SGD only
-    weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
-    head_lr: float = 0.03  # softmax (Adam), not scheduled
-    head_weight_decay: float = 0.0  # softmax
-    peer_norm: float = SUPERVISED.peer_norm  # peer-normalization strength (footnote 9); 0 = off
-    goodness: str = SUPERVISED.goodness
-    # p(positive) = sigmoid((G - N) / temperature), N the layer's number of units
-    temperature: float = SUPERVISED.temperature
-    init: str = SUPERVISED.init  # "normal": N(0, 1 / fan_in), biases 0; "uniform": nn.Linear's init
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    data_dir: str | None = None  # folder with aesop.txt (else $FF_KERNELS_DATA/aesop)
-    text_file: str | None = None  # a UTF-8 text file to use instead of aesop.txt
+    regime: str = REGIME("teacher")  # section 4.1's (a), (b) and (c)
+    width: int = WIDTH(2000)  # section 4.1
+    depth: int = DEPTH(3)  # section 4.1
+    window: int = WINDOW(10)  # section 4.1
+    context: int = CONTEXT(10)  # section 4.1
+    num_strings: int = NUM_STRINGS(NUM_STRINGS_DEFAULT)  # section 4.1
+    string_length: int = STRING_LENGTH(STRING_LENGTH_DEFAULT)  # section 4.1
+    test_strings: int = TEST_STRINGS(NUM_STRINGS_DEFAULT)
+    sleep_strings: int = SLEEP_STRINGS(10)  # their 900 windows: 9 batches of 100
+    generate_every: int | None = GENERATE_EVERY(None)
+    optimizer: str = OPTIMIZER("sgd")
+    lr: float = LR(2e-3)  # docs/defaults.md
+    head_lr: float = HEAD_LR(0.03)  # Adam, not scheduled
+    head_weight_decay: float = HEAD_WEIGHT_DECAY(0.0)
+    peer_norm: float = PEER_NORM(0.06)
+    init: str = INIT("normal")
+    backend: str = LINEAR_BACKEND("auto")
+    data_dir: str | None = AESOP_DIR(None)
+    text_file: str | None = TEXT_FILE(None)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "width", "depth", "window", "context", "num_strings", "string_length",
-                     "test_strings", "batch_size", "sleep_strings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.generate_every is not None and (isinstance(self.generate_every, bool)
-                                                or not isinstance(self.generate_every, int) or self.generate_every < 1):
-            raise ValueError(f"generate_every must be None (once per epoch) or an int >= 1, got {self.generate_every!r}")
+        super().__post_init__()
         if not self.window <= self.context < self.string_length:
             raise ValueError(f"need window <= context < string_length, got window {self.window}, "
                              f"context {self.context}, string_length {self.string_length}")
-        check_sgd_settings(self)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        check_choices(self, (("regime", REGIMES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                             ("init", INITS)))
-        functional.check_goodness(self.goodness)
 
 
 class CharFFNet(nn.Module):
@@ -155,7 +141,7 @@ class CharFFNet(nn.Module):
         super().__init__()
         sizes = [config.window * NUM_SYMBOLS] + [config.width] * config.depth
         self.net = FFSequential(*(
-            FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature, rms_norm=True,
+            FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature or float(d_out), rms_norm=True,
                      backend=config.backend, peer_norm=peer_norm_for(d_out, config.peer_norm))
             for d_in, d_out in itertools.pairwise(sizes)
         ))
@@ -355,44 +341,3 @@ class AesopFF:
         for split, strings in (("train", self.train_strings), ("test", self.test_strings)):
             metrics.update({f"{split}_{k}": v for k, v in self.scores(strings).items()})
         return metrics
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        """The ``ff-train aesop`` options (defaults from :class:`AesopConfig`)."""
-        d = AesopConfig()
-        parser.add_argument("--regime", choices=REGIMES,
-                            help=f"negative data: teacher forcing, generated by the model (online or in a sleep "
-                                 f"phase), or random fixed hidden layers (default {d.regime})")
-        parser.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
-        parser.add_argument("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
-        parser.add_argument("--depth", type=int, help=f"number of hidden layers (default {d.depth})")
-        parser.add_argument("--window", type=int, help=f"characters the net sees (default {d.window})")
-        parser.add_argument("--context", type=int, help=f"given characters at the start of a string (default {d.context})")
-        parser.add_argument("--num-strings", type=int, help=f"training strings (default {d.num_strings})")
-        parser.add_argument("--string-length", type=int, help=f"characters per string (default {d.string_length})")
-        parser.add_argument("--test-strings", type=int,
-                            help=f"held-out strings, the ones after the training strings (default {d.test_strings})")
-        parser.add_argument("--batch-size", type=int, help=f"predicted characters per batch (default {d.batch_size})")
-        parser.add_argument("--sleep-strings", type=int,
-                            help=f"sleep regime: strings per wake-sleep cycle (default {d.sleep_strings})")
-        parser.add_argument("--generate-every", type=int,
-                            help="generated regime: regenerate all strings every N batches (default: once per epoch)")
-        parser.add_argument("--optimizer", choices=OPTIMIZERS,
-                            help=f"of the FF layers; the softmax always uses Adam (default {d.optimizer})")
-        parser.add_argument("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
-        parser.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
-        parser.add_argument("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
-        parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
-        parser.add_argument("--head-lr", type=float, help=f"Adam learning rate of the softmax (default {d.head_lr:g})")
-        parser.add_argument("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
-        parser.add_argument("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")
-        parser.add_argument("--goodness", choices=functional.GOODNESS, help=f"default {d.goodness}")
-        parser.add_argument("--temperature", type=float,
-                            help=f"T in sigmoid((G - N) / T), N the layer's units (default {d.temperature:g})")
-        parser.add_argument("--init", choices=INITS, help=f"weight initialization (default {d.init})")
-        parser.add_argument("--seed", type=int, help=f"default {d.seed}")
-        parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
-        parser.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), help=f"default {d.backend}")
-        parser.add_argument("--data-dir", help="folder with aesop.txt (default: $FF_KERNELS_DATA/aesop)")
-        parser.add_argument("--text", dest="text_file", help="a UTF-8 text file to use instead of aesop.txt")

@@ -14,47 +14,25 @@ here, not tuned.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .cifar_backprop_net import BackpropLocal2d
-from .cifar_common import (
-    EVAL_BATCH,
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    CifarConfig,
-    CifarData,
-    add_common_arguments,
-    load_data,
-    standardize,
-)
-
-OPTIMIZERS = ("adam", "sgd")
+from .cifar_common import EVAL_BATCH, IMAGE_SHAPE, NUM_CLASSES, CifarConfig, CifarData, load_data, standardize
+from .config import LR, LR_DECAY, OPTIMIZER, WEIGHT_DECAY
 
 
 @dataclass
 class CifarBackpropConfig(CifarConfig):
-    """Settings of the CIFAR-10 backprop baseline (and :class:`~.cifar_common.CifarConfig`'s):
-    the architecture is the paper's, the optimizer's settings are chosen here."""
+    """Settings of the CIFAR-10 backprop baseline: the architecture is the paper's, the optimizer's
+    settings are chosen here (section 4 gives weight decay only)."""
 
-    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
-    lr: float = 1e-3
-    lr_decay: float = 0.9  # learning-rate factor per epoch; 1 = constant
-    weight_decay: float = 1e-4  # L2 coefficient (section 4 uses weight decay; the value is chosen here)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    optimizer: str = OPTIMIZER.but(help="adam, or sgd with momentum 0.9")("adam")
+    lr: float = LR.but(help="initial learning rate")(1e-3)
+    lr_decay: float = LR_DECAY(0.9)
+    weight_decay: float = WEIGHT_DECAY.but(help="L2 coefficient")(1e-4)
 
 
 def local_backprop_net(config: CifarBackpropConfig) -> nn.Sequential:
@@ -119,15 +97,3 @@ class CifarBackprop:
                          for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)))
             metrics[f"{name}_error"] = errors / len(labels)
         return metrics
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """The ``ff-train cifar-backprop`` options (defaults suppressed by the caller: the config's apply)."""
-        d = CifarBackpropConfig()
-        add_common_arguments(parser, d)
-        add = parser.add_argument
-        add("--optimizer", choices=OPTIMIZERS, help=f"sgd has momentum 0.9 (default {d.optimizer})")
-        add("--lr", type=float, help=f"initial learning rate (default {d.lr:g})")
-        add("--lr-decay", type=float, help=f"learning-rate factor per epoch; 1 = constant (default {d.lr_decay:g})")
-        add("--weight-decay", type=float, help=f"L2 coefficient (default {d.weight_decay:g})")
-        add("--backend", choices=("auto", "reference", "cpu", "cuda"), help=f"default {d.backend}")

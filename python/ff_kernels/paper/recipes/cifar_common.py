@@ -22,12 +22,13 @@ report training metrics only.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 
 from ..data.cifar10 import Cifar10, load_cifar10
+from ..options import Option
+from .config import DEPTH, LOCAL_BACKEND, VALIDATION, EvaluatedConfig
 
 MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean and standard deviation of the CIFAR-10 training
 STD = (0.2470, 0.2435, 0.2616)  # images scaled to [0, 1] (the commonly used constants)
@@ -44,50 +45,33 @@ def standardize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return (images.to(dtype) / 255.0 - mean) / std
 
 
-def check_positive_ints(config, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+RECEPTIVE_FIELD = Option("odd window size k of the local connections (the maps keep their 32x32 size)",
+                         min=1, max=2 * IMAGE_SHAPE[1] - 1)
+TRAIN_EVAL_SUBSET = Option("training error on the first N training images", min=1, none="all")
+CIFAR_DIR = Option("folder with cifar-10-batches-py/ or cifar10-jpeg.tar.gz (+ cifar10-test-exact.npz)",
+                   none="$FF_KERNELS_DATA/cifar10, or download the python batches")
 
 
 @dataclass
-class CifarConfig:
+class CifarConfig(EvaluatedConfig):
     """The settings every CIFAR-10 recipe has: the architecture of section 4 and the run's data,
     evaluation and device."""
 
-    epochs: int = 20  # not in the paper
-    depth: int = 2  # Table 1: 2 or 3 hidden layers
-    channels: int = 3  # section 4: 3 hidden units per location of a 32x32 map
-    receptive_field: int = 11  # section 4: 11x11 receptive fields
-    batch_size: int = 100  # ffnew.m's
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N images of every evaluation set
-    train_eval_subset: int | None = 10_000  # training error on the first N training images
-    eval_every: int = 1  # evaluate after every N-th epoch and the last
-    validation: bool = False  # True: hold out the last 5,000 training images and evaluate on them, not the test sets
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"  # the local ops': "auto", "reference", "cpu" or "cuda"
-    data_dir: str | None = None
+    depth: int = DEPTH(2)  # Table 1: 2 or 3 hidden layers
+    channels: int = Option("units per location of every 32x32 hidden map", min=1)(3)  # section 4
+    receptive_field: int = RECEPTIVE_FIELD(11)  # section 4: 11x11 receptive fields
+    train_eval_subset: int | None = TRAIN_EVAL_SUBSET(10_000)
+    validation: bool = VALIDATION.but(
+        help=f"hold out the last {VALIDATION_IMAGES:,} training images and evaluate on them instead of the test sets",
+    )(False)
+    backend: str = LOCAL_BACKEND("auto")
+    data_dir: str | None = CIFAR_DIR(None)
 
     def __post_init__(self) -> None:
-        check_common(self)
-
-
-def check_common(config: CifarConfig) -> None:
-    """Validate the :class:`CifarConfig` fields: sizes, subsets, the validation flag and the receptive field."""
-    check_positive_ints(config, ("epochs", "depth", "channels", "batch_size", "eval_every"))
-    rf = config.receptive_field
-    if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1 or rf % 2 == 0 or rf > 2 * IMAGE_SHAPE[1] - 1:
-        raise ValueError(f"receptive_field must be an odd int in 1..{2 * IMAGE_SHAPE[1] - 1} (the maps keep their "
-                         f"32x32 size), got {rf!r}")
-    if not isinstance(config.validation, bool):
-        raise TypeError(f"validation must be True or False, got {config.validation!r}")
-    for name in ("train_subset", "eval_subset", "train_eval_subset"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be None (all) or an int >= 1, got {value!r}")
+        super().__post_init__()
+        if self.receptive_field % 2 == 0:
+            raise ValueError(f"receptive_field must be an odd int in 1..{2 * IMAGE_SHAPE[1] - 1} (the maps keep "
+                             f"their 32x32 size), got {self.receptive_field!r}")
 
 
 class CifarData:
@@ -132,24 +116,3 @@ def _validation_split(data: Cifar10, train_subset: int | None, eval_subset: int 
     held_out = {"validation": (data.train_images[n:], data.train_labels[n:])}
     split = Cifar10(data.train_images[:n], data.train_labels[:n], held_out, f"{data.source}, validation split")
     return split.head(train_subset, eval_subset)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, d) -> None:
-    """Options of every CIFAR-10 recipe; ``d`` is its default config."""
-    add = parser.add_argument
-    add("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
-    add("--depth", type=int, help=f"hidden layers, the paper's Table 1 has 2 and 3 (default {d.depth})")
-    add("--channels", type=int, help=f"units per location of every 32x32 hidden map (default {d.channels})")
-    add("--receptive-field", type=int, help=f"odd window size k of the local connections (default {d.receptive_field})")
-    add("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
-    add("--train-subset", type=int, help="train on the first N training images (default all)")
-    add("--eval-subset", type=int, help="evaluate on the first N images of every evaluation set (default all)")
-    add("--train-eval-subset", type=int,
-        help=f"training error on the first N training images (default {d.train_eval_subset})")
-    add("--eval-every", type=int, help=f"evaluate after every N-th epoch and the last (default {d.eval_every})")
-    add("--validation", action="store_true",
-        help=f"hold out the last {VALIDATION_IMAGES:,} training images and evaluate on them instead of the test sets")
-    add("--seed", type=int, help=f"default {d.seed}")
-    add("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
-    add("--data-dir", help="folder with cifar-10-batches-py/ or cifar10-jpeg.tar.gz (+ cifar10-test-exact.npz) "
-                           "(default: $FF_KERNELS_DATA/cifar10, or download the python batches)")

@@ -34,7 +34,6 @@ channel; the label enters as a one-hot vector (neutral: 0.1 each).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -42,73 +41,54 @@ from torch import nn
 
 from ... import functional
 from ..data import hard_wrong_labels, neutral_label, random_wrong_labels
-from .cifar_common import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    CifarConfig,
-    CifarData,
-    add_common_arguments,
-    check_positive_ints,
-    load_data,
-    standardize,
-)
+from ..options import Option
+from .cifar_common import IMAGE_SHAPE, NUM_CLASSES, CifarConfig, CifarData, load_data, standardize
 from .cifar_ff_net import LOSSES, FFRecurrentLocal
-from .schedule import LR_SCHEDULES, SCHEDULE_HELP, epoch_schedule
+from .config import (
+    DAMPING,
+    GOODNESS,
+    HEAD_LAYERS,
+    NEGATIVES,
+    OPTIMIZER,
+    RMS_NORM,
+    SCORE_FROM,
+    SCORE_TO,
+    FFConfig,
+)
+from .schedule import epoch_schedule
 
-OPTIMIZERS = ("sgd", "adam")
-NEGATIVES = ("hard", "random")
 LABEL_BATCH = 100  # images per evaluation chunk: the net runs on 10 labelled copies of each
+TRAIN_ITERATIONS = Option("training: FF losses at iterations up to N after the bottom-up pass", min=1)
+TRAIN_FROM = Option("training: first iteration with an FF loss", min=1)
+LOSS = Option("threshold: each row's goodness against the threshold (the paper's); pairwise: softplus of the "
+              "goodness difference between an image's true- and wrong-label rows (not in the paper)", choices=LOSSES)
 
 
 @dataclass
-class CifarFFConfig(CifarConfig):
-    """Settings of the CIFAR-10 FF recipe (and :class:`~.cifar_common.CifarConfig`'s); the comments
-    say where each default comes from. The receptive field is also that of the top-down inputs."""
+class CifarFFConfig(FFConfig, CifarConfig):
+    """Settings of the CIFAR-10 FF recipe; the comments say where each default comes from. The
+    receptive field is also that of the top-down inputs."""
 
-    train_iterations: int = 6  # FF losses at iterations 1..6 (not in the paper; 6 = the last scored one)
-    train_from: int = 1  # first iteration with an FF loss (not in the paper)
-    score_from: int = 4  # section 4: goodness accumulated over iterations 4 to 6
-    score_to: int = 6
-    damping: float = 0.3  # section 3.4: new state = 0.3 x previous + 0.7 x computed
-    goodness: str = "ssq"  # "ssq" (max ssq) or "neg_ssq" (min ssq), Table 1's two FF rows
-    head_layers: int = 3  # the one-pass softmax reads the last min(head_layers, depth) layers
-    optimizer: str = "sgd"  # "sgd" (momentum) or "adam"
-    lr: float = 5e-4  # the supervised MNIST recipe's (ffnew.m's eps 0.01)
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 2e-3  # section 4 uses weight decay; the value is ffnew.m's (see supervised_mnist)
-    lr_schedule: str = "half_linear"  # see schedule.lr_factor
-    head_lr: float = 1e-2  # softmax, ffnew.m's
-    head_weight_decay: float = 3e-3  # softmax, ffnew.m's
-    negatives: str = "hard"  # wrong labels drawn from the softmax (section 3.3) or "random"
-    # p(positive) = sigmoid((G - N) / temperature), N = 3072 units per layer (ffnew.m's form).
-    temperature: float = 1.0
-    loss: str = "threshold"  # the paper's; "pairwise": true-label row against its wrong-label row (not in the paper)
-    rms_norm: bool = True  # states passed on with unit mean square (else unit length)
+    train_iterations: int = TRAIN_ITERATIONS(6)  # not in the paper; 6 = the last scored iteration
+    train_from: int = TRAIN_FROM(1)  # not in the paper
+    score_from: int = SCORE_FROM(4)  # section 4: goodness accumulated over iterations 4 to 6
+    score_to: int = SCORE_TO(6)
+    damping: float = DAMPING(0.3)  # section 3.4: new state = 0.3 x previous + 0.7 x computed
+    goodness: str = GOODNESS.but(help="ssq = the paper's max ssq, neg_ssq = min ssq (Table 1's two FF rows)")("ssq")
+    head_layers: int = HEAD_LAYERS(3)  # the one-pass softmax reads the last min(head_layers, depth) layers
+    optimizer: str = OPTIMIZER("sgd")  # the supervised recipe's (ffnew.m)
+    negatives: str = NEGATIVES("hard")  # section 3.3
+    loss: str = LOSS("threshold")  # the paper's
+    rms_norm: bool = RMS_NORM(True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_ints(self, ("train_iterations", "train_from", "score_from", "score_to", "head_layers"))
         if not self.train_from <= self.train_iterations:
             raise ValueError(f"the trained iterations must satisfy train_from <= train_iterations, got {self.train_from}, "
                              f"{self.train_iterations}")
         if not self.score_from <= self.score_to:
             raise ValueError(f"the scored iterations must satisfy score_from <= score_to, got {self.score_from}, "
                              f"{self.score_to}")
-        if not 0 <= self.damping < 1:
-            raise ValueError(f"damping must be in [0, 1), got {self.damping}")
-        for name in ("lr", "head_lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "head_weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
-                              ("loss", LOSSES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        functional.check_goodness(self.goodness)
 
 
 class CifarFFNet(nn.Module):
@@ -122,9 +102,10 @@ class CifarFFNet(nn.Module):
     def __init__(self, config: CifarFFConfig) -> None:
         super().__init__()
         self.config = config
+        units = config.channels * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
         self.net = FFRecurrentLocal(IMAGE_SHAPE, config.channels, config.depth, config.receptive_field, NUM_CLASSES,
-                                    config.damping, config.goodness, None, config.temperature, config.rms_norm,
-                                    config.backend, loss=config.loss)
+                                    config.damping, config.goodness, None, config.temperature or float(units),
+                                    config.rms_norm, config.backend, loss=config.loss)
         self.head_indices = tuple(range(max(config.depth - config.head_layers, 0), config.depth))
         self.head = nn.Linear(self.net.units * len(self.head_indices), NUM_CLASSES, bias=False)
         nn.init.zeros_(self.head.weight)
@@ -229,37 +210,3 @@ class CifarFF:
             metrics[f"{name}_error"] = goodness_errors / len(labels)
             metrics[f"{name}_error_softmax"] = softmax_errors / len(labels)
         return metrics
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """The ``ff-train cifar`` options (defaults suppressed by the caller: the config's apply)."""
-        d = CifarFFConfig()
-        add_common_arguments(parser, d)
-        add = parser.add_argument
-        add("--train-iterations", type=int,
-            help=f"training: FF losses at iterations 1..N after the bottom-up pass (default {d.train_iterations})")
-        add("--train-from", type=int,
-            help=f"training: first iteration with an FF loss (default {d.train_from}: all of 1..N)")
-        add("--score-from", type=int, help=f"first iteration of the test goodness sum (default {d.score_from})")
-        add("--score-to", type=int, help=f"last iteration of the test goodness sum (default {d.score_to})")
-        add("--damping", type=float, help=f"share of the previous state in each update (default {d.damping:g})")
-        add("--goodness", choices=functional.GOODNESS,
-            help=f"ssq = the paper's max ssq, neg_ssq = min ssq (default {d.goodness})")
-        add("--head-layers", type=int, help=f"the softmax reads the last N hidden layers (default {d.head_layers})")
-        add("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
-        add("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
-        add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
-        add("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
-        add("--lr-schedule", choices=LR_SCHEDULES,
-            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
-        add("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
-        add("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
-        add("--negatives", choices=NEGATIVES, help=f"wrong-label choice (default {d.negatives})")
-        add("--temperature", type=float,
-            help=f"T in sigmoid((G - N) / T), N = units per layer (default {d.temperature:g})")
-        add("--loss", choices=LOSSES,
-            help="threshold: each row's goodness against the threshold (the paper's); pairwise: "
-                 f"softplus of the goodness difference between an image's true- and wrong-label rows (default {d.loss})")
-        add("--length-norm", action="store_false", dest="rms_norm",
-            help="pass on states scaled to unit length (default: unit mean square)")
-        add("--backend", choices=("auto", "reference", "cpu", "cuda"), help=f"default {d.backend}")

@@ -132,7 +132,7 @@ class FFRecurrentLocal(nn.Module):
         self.map_shape = (channels, height, width)
         self.num_labels = num_labels
         self.damping = float(damping)
-        self.goodness_fn = FF.check_goodness(goodness)
+        self.goodness_kind = FF.check_goodness(goodness)
         self.units = channels * height * width
         self.threshold = float(self.units if threshold is None else threshold)
         self.temperature = float(temperature)
@@ -169,11 +169,11 @@ class FFRecurrentLocal(nn.Module):
 
     def normalize(self, state: torch.Tensor) -> torch.Tensor:
         """n(h): what a layer passes to its neighbours, over all C * H * W units of each map."""
-        return FF.normalize(state.flatten(1), self.goodness_fn, self.rms_norm).view_as(state)
+        return FF.normalize(state.flatten(1), self.goodness_kind, self.rms_norm).view_as(state)
 
     def goodness_of(self, state: torch.Tensor) -> torch.Tensor:
         """G (B,) of maps (B, C, H, W)."""
-        return FF.goodness(state.flatten(1), self.goodness_fn)
+        return FF.goodness(state.flatten(1), self.goodness_kind)
 
     def label_drive(self, labels: torch.Tensor) -> torch.Tensor:
         """The label's part of the last layer's pre-activation: (B, num_labels) -> (B, C, H, W)."""
@@ -286,7 +286,7 @@ class FFRecurrentLocal(nn.Module):
                 loss, coef = self._loss_and_grad(g, n_pos)
                 losses[l] = losses[l] + loss.float()
                 scale = (coef * ((1.0 - d) / trained)).view(-1, 1, 1, 1)
-                torch.mul(scale * FF.goodness_activity_grad(state, self.goodness_fn), active > 0, out=deltas[l][rows])
+                torch.mul(scale * FF.goodness_activity_grad(state, self.goodness_kind), active > 0, out=deltas[l][rows])
                 new_states.append(state)
             states = new_states
         for l, layer in enumerate(self.layers):
@@ -301,7 +301,7 @@ class FFRecurrentLocal(nn.Module):
 
     def _loss_and_grad(self, g: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's FF loss (0-dim) and dL/dG (B,) from its goodness ``g`` (B,) at one iteration."""
-        kind, temperature = self.goodness_fn, self.temperature
+        kind, temperature = self.goodness_kind, self.temperature
         if self.loss == "pairwise":
             return (FF.pairwise_loss(g[:n_pos], g[n_pos:], kind, temperature),
                     FF.pairwise_loss_goodness_grad(g, n_pos, kind, temperature))
@@ -310,7 +310,7 @@ class FFRecurrentLocal(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"image {self.image_shape}, maps {self.map_shape} x {len(self.layers)}, labels {self.num_labels}, "
-                f"damping={self.damping:g}, goodness={self.goodness_fn!r}, threshold={self.threshold:g}, "
+                f"damping={self.damping:g}, goodness={self.goodness_kind!r}, threshold={self.threshold:g}, "
                 f"temperature={self.temperature:g}, loss={self.loss!r}")
 
 

@@ -19,22 +19,19 @@ import torch
 
 from ..data import MnistSplits
 from ..data.jitter import random_shifts
+from ..options import Option
+from .config import EPOCHS
 from .supervised_mnist import SupervisedMNIST, SupervisedMNISTConfig
+
+MAX_SHIFT = Option("largest shift in pixels in each direction, zero-filled", min=0, below=28)
 
 
 @dataclass
 class JitterMNISTConfig(SupervisedMNISTConfig):
     """The supervised recipe's settings plus the jitter; see :class:`SupervisedMNISTConfig`."""
 
-    # Section 3.3: 500 epochs for 0.64% test error. That is about 8x the 60 epochs of the
-    # unjittered run, so pass a smaller --epochs for anything but the full reproduction.
-    epochs: int = 500
-    max_shift: int = 2  # pixels in each direction: (2 * 2 + 1) ** 2 = 25 shifts (section 3.3)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) or not 0 <= self.max_shift < 28:
-            raise ValueError(f"max_shift must be an int in 0..27, got {self.max_shift!r}")
+    epochs: int = EPOCHS(500)  # section 3.3: 0.64% after 500 epochs, 8x the unjittered run's 60
+    max_shift: int = MAX_SHIFT(2)  # section 3.3: up to two pixels in each direction, 25 shifts
 
 
 class JitterMNIST(SupervisedMNIST):

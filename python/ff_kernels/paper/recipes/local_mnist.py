@@ -17,10 +17,7 @@ hidden layers, so the softmax reads all of them (``head_layers`` = 3).
 The FF goodness and normalization of a layer cover all its C * H * W units. The layers have no
 bf16 mode (``compute_dtype``), unlike FFLinear.
 
-Observed on the CPU: one epoch of the full-size net on the first 10,000 training images gives
-10.1% test error (official test set) and 28% real-vs-hybrid error; with untrained FF layers the
-softmax alone reaches 9.9% in that time, i.e. one short epoch says little about the features.
-About 0.5-0.85 s per batch of 100 on two shared cores (5-9 minutes per full epoch).
+Observations on the CPU are in docs/defaults.md.
 """
 
 from __future__ import annotations
@@ -29,68 +26,26 @@ from dataclasses import dataclass
 
 from ...functional.local import LocalSpec
 from ...nn import FFLocal2d, FFSequential
-from ..data.hybrid import BLUR_STEPS
-from .layers import normal_init_, peer_norm_for
-from .unsupervised_mnist import (
-    IMAGE_SHAPE,
-    SUPERVISED,
-    HybridFFNet,
-    UnsupervisedMNIST,
-    check_common_settings,
-)
+from ..options import Option
+from .config import EPOCHS, LOCAL_BACKEND
+from .layer_setup import normal_init_, peer_norm_for
+from .unsupervised_mnist import IMAGE_SHAPE, HybridConfig, HybridFFNet, UnsupervisedMNIST
 
 # (kernel, stride) of the three layers (footnote 8); channels come from the config.
 GEOMETRY = ((10, 6), (2, 1), (2, 1))
 
 
+CHANNELS = Option("units per location of the three layers", min=1, metavar=("C1", "C2", "C3"))
+
+
 @dataclass
-class LocalMNISTConfig:
-    """Settings of the local-receptive-field recipe.
+class LocalMNISTConfig(HybridConfig):
+    """Settings of the local-receptive-field recipe: the footnote-8 net, peer normalization on
+    every layer (footnote 9) and 60 epochs (section 3.2)."""
 
-    The architecture (``channels`` at the footnote-8 geometry), peer normalization on every
-    layer and 60 epochs are the paper's; the fields set from ``SUPERVISED`` take the supervised
-    recipe's defaults, as in the unsupervised recipe.
-    """
-
-    epochs: int = 60  # section 3.2
-    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.paper.train.evaluation_due)
-    channels: tuple[int, int, int] = (128, 220, 512)  # units per location of the three layers (footnote 8)
-    head_layers: int = 3  # the softmax reads the last min(head_layers, 3) hidden layers
-    blur_steps: int = BLUR_STEPS  # blurring passes of the hybrid masks (data/hybrid.py)
-    batch_size: int = SUPERVISED.batch_size
-    optimizer: str = SUPERVISED.optimizer  # "sgd" (momentum, fused into the FF layer ops) or "adam"
-    lr: float = SUPERVISED.lr  # FF layers
-    momentum: float = SUPERVISED.momentum  # SGD only
-    weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
-    head_lr: float = SUPERVISED.head_lr  # softmax
-    head_weight_decay: float = SUPERVISED.head_weight_decay  # softmax
-    # Peer-normalization strength on every layer (footnote 9), set here rather than taken from the
-    # supervised recipe because this net needs it: ffnew.m's 0.03 beside the halved FF
-    # derivative, as in the supervised recipe. 0 = off.
-    peer_norm: float = 0.06
-    goodness: str = SUPERVISED.goodness
-    # p(positive) = sigmoid((G - N) / temperature), N the layer's number of units; None: N.
-    temperature: float | None = SUPERVISED.temperature
-    rms_norm: bool = SUPERVISED.rms_norm  # hidden activities passed on with unit mean square (else unit length)
-    input_norm: bool = SUPERVISED.input_norm  # input images scaled to unit mean square
-    init: str = SUPERVISED.init  # "normal": N(0, 1 / fan_in) per location, biases 0; "uniform": FFLocal2d's
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N evaluation images
-    validation: bool = False  # True: 50k train + 10k validation; False: 60k train + official test
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"  # FFLocal2d's: "auto", "reference", "cpu" or "cuda"
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        check_common_settings(self, ("epochs", "eval_every", "head_layers", "batch_size"))
-        channels = tuple(self.channels)
-        if len(channels) != len(GEOMETRY) or any(
-            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels
-        ):
-            raise ValueError(f"channels must be {len(GEOMETRY)} ints >= 1, got {self.channels!r}")
-        self.channels = channels  # a tuple, also when read back from config.json (a list)
+    epochs: int = EPOCHS(60)  # section 3.2
+    channels: tuple[int, int, int] = CHANNELS((128, 220, 512))  # footnote 8
+    backend: str = LOCAL_BACKEND("auto")
 
 
 def build_local_net(config: LocalMNISTConfig) -> HybridFFNet:

@@ -33,7 +33,6 @@ times slower (see ``RecurrentMNISTConfig.init``).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -42,75 +41,57 @@ from torch import nn
 from ... import functional
 from ...nn.recurrent import INITS, FFRecurrent
 from ..data import MnistSplits, hard_wrong_labels, random_wrong_labels
-from .checks import add_mnist_subset_arguments, check_choices, check_sgd_settings
-from .mnist_setup import attach_mnist
-from .schedule import LR_SCHEDULES, SCHEDULE_HELP, epoch_schedule
+from ..options import Option
+from .config import (
+    DAMPING,
+    DEPTH,
+    EPOCHS,
+    INIT,
+    INPUT_NORM,
+    NEGATIVES,
+    PEER_NORM,
+    RMS_NORM,
+    SCORE_FROM,
+    SCORE_TO,
+    WIDTH,
+    EvaluatedConfig,
+    FFConfig,
+)
+from .mnist_recipe import attach_mnist
+from .schedule import epoch_schedule
 from .supervised_mnist import EVAL_BATCH, INPUT_NORM_EPS, NUM_CLASSES, NUM_PIXELS
 
-NEGATIVES = ("hard", "random")
+ITERATIONS = Option("synchronous iterations after the bottom-up pass", min=1)
+RECURRENT_INIT = INIT.but(help="weight initialization: balanced = each neighbour's weight block N(0, 1 / (2 its "
+                                "width)), normal = N(0, 1 / fan_in) over the concatenated input", choices=INITS)
 
 
 @dataclass
-class RecurrentMNISTConfig:
-    """Settings of the recurrent MNIST recipe.
+class RecurrentMNISTConfig(FFConfig, EvaluatedConfig):
+    """Settings of the recurrent MNIST recipe (section 3.4); the rest is the supervised recipe's
+    (see the module docstring). The paper does not say which depth gave 1.31%, so the default is
+    the smaller net."""
 
-    Section 3.4 gives "two or three intermediate layers each of which has 2000 neurons", 60
-    epochs, damping 0.3, 8 synchronous iterations after a bottom-up pass, test goodness averaged
-    over iterations 3 to 5, hard negatives and 1.31% test error; it does not say which depth
-    gave 1.31%, so the default is the smaller net, 2 hidden layers. The rest is the supervised
-    recipe's (see the module docstring).
-    """
-
-    epochs: int = 60  # section 3.4
-    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.paper.train.evaluation_due)
-    width: int = 2000  # section 3.4
-    depth: int = 2  # section 3.4: "two or three"
-    iterations: int = 8  # synchronous iterations after the bottom-up pass (section 3.4)
-    damping: float = 0.3  # share of the previous pre-normalized state (section 3.4)
-    score_from: int = 3  # test: goodness averaged over iterations score_from..score_to (section 3.4)
-    score_to: int = 5
-    batch_size: int = 100  # ffnew.m
-    lr: float = 5e-4  # FF layers, ffnew.m's (see SupervisedMNISTConfig)
-    momentum: float = 0.9
-    weight_decay: float = 2e-3
-    lr_schedule: str = "half_linear"  # or "constant"
-    head_lr: float = 1e-2  # bottom-up-pass softmax for hard negatives
-    head_weight_decay: float = 3e-3
-    peer_norm: float = 0.06  # strength, 0 = off
-    negatives: str = "hard"  # "hard" (section 3.4) or "random"
-    goodness: str = "ssq"
-    temperature: float = 1.0  # p(positive) = sigmoid((G - width) / temperature)
-    rms_norm: bool = True  # hidden states passed on scaled to unit mean square (else unit length)
-    input_norm: bool = True  # image and label scaled to unit mean square (else raw pixels and one-hot)
-    # "balanced": each neighbour's weight block N(0, 1 / (2 * its width)), so the label starts with as
-    # much say in the top layer as the layer below; "normal": N(0, 1 / fan_in) over [below, above]
-    # (the supervised recipe's), where the label's share is 10 / 2010. Test error, balanced vs
-    # normal: 2 x 500, 2 epochs on all 60k images 4.43% vs 8.72%; 2 x 500, 2 epochs on 5k images
-    # (first 1k test images) 16.6% vs 74.3%; 2 x 100, 3 epochs on 5k 18.7% vs 52.7%.
-    init: str = "balanced"
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N evaluation images
-    validation: bool = False  # True: 50k train + 10k validation; False: 60k train + official test
-    seed: int = 0
-    device: str = "cpu"
-    data_dir: str | None = None
+    epochs: int = EPOCHS(60)  # section 3.4
+    width: int = WIDTH(2000)  # section 3.4
+    depth: int = DEPTH(2)  # section 3.4: "two or three"
+    iterations: int = ITERATIONS(8)  # section 3.4
+    damping: float = DAMPING(0.3)  # section 3.4: 0.3 x previous + 0.7 x computed
+    score_from: int = SCORE_FROM(3)  # section 3.4: goodness averaged over iterations 3 to 5
+    score_to: int = SCORE_TO(5)
+    peer_norm: float = PEER_NORM(0.06)
+    negatives: str = NEGATIVES("hard")  # section 3.4
+    rms_norm: bool = RMS_NORM(True)
+    input_norm: bool = INPUT_NORM(True)
+    init: str = RECURRENT_INIT("balanced")  # docs/defaults.md: learns several times faster than normal
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "eval_every", "width", "depth", "iterations", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.score_from <= self.score_to <= self.iterations:
+        super().__post_init__()
+        if not self.score_from <= self.score_to <= self.iterations:
             raise ValueError(
                 f"the scored iterations must satisfy 1 <= score_from <= score_to <= iterations, got "
                 f"score_from {self.score_from}, score_to {self.score_to}, iterations {self.iterations}"
             )
-        if not 0 <= self.damping < 1:
-            raise ValueError(f"damping must be in [0, 1), got {self.damping}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        check_sgd_settings(self)
-        check_choices(self, (("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES), ("init", INITS)))
-        functional.check_goodness(self.goodness)
 
 
 def _unit_mean_square(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +110,8 @@ class RecurrentLabelNet(nn.Module):
         super().__init__()
         self.config = config
         self.net = FFRecurrent(NUM_PIXELS, [config.width] * config.depth, NUM_CLASSES, damping=config.damping,
-                               goodness=config.goodness, temperature=config.temperature, rms_norm=config.rms_norm,
+                               goodness=config.goodness, temperature=config.temperature or float(config.width),
+                               rms_norm=config.rms_norm,
                                peer_norm=config.peer_norm, init=config.init)
         self.head = nn.Linear(config.width * config.depth, NUM_CLASSES, bias=False)
         nn.init.zeros_(self.head.weight)
@@ -241,40 +223,3 @@ class RecurrentMNIST:
             softmax_errors += int((logits.argmax(1) != labels).sum())
         n = self.eval_labels.shape[0]
         return {f"{self.eval_name}_error": goodness_errors / n, f"{self.eval_name}_error_softmax": softmax_errors / n}
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """The ``ff-train recurrent`` options (defaults suppressed by the caller: the config's apply)."""
-        d = RecurrentMNISTConfig()
-        add = parser.add_argument
-        add("--epochs", type=int, help=f"number of epochs (default {d.epochs}, the paper's)")
-        add("--width", type=int, help=f"ReLUs per hidden layer (default {d.width})")
-        add("--depth", type=int, help=f"number of hidden layers between image and label (default {d.depth})")
-        add("--iterations", type=int, help=f"synchronous iterations after the bottom-up pass (default {d.iterations})")
-        add("--damping", type=float, help=f"share of the previous state in each update (default {d.damping:g})")
-        add("--score-from", type=int, help=f"first iteration of the test goodness average (default {d.score_from})")
-        add("--score-to", type=int, help=f"last iteration of the test goodness average (default {d.score_to})")
-        add_mnist_subset_arguments(parser)
-        add("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
-        add("--lr", type=float, help=f"learning rate of the FF layers (default {d.lr:g})")
-        add("--momentum", type=float, help=f"SGD momentum (default {d.momentum:g})")
-        add("--weight-decay", type=float, help=f"FF layers' weight decay (default {d.weight_decay:g})")
-        add("--lr-schedule", choices=LR_SCHEDULES,
-            help=f"{SCHEDULE_HELP} (default {d.lr_schedule})")
-        add("--head-lr", type=float, help=f"learning rate of the softmax (default {d.head_lr:g})")
-        add("--head-weight-decay", type=float, help=f"default {d.head_weight_decay:g}")
-        add("--peer-norm", type=float, help=f"peer-normalization strength, 0 = off (default {d.peer_norm:g})")
-        add("--negatives", choices=NEGATIVES, help=f"wrong-label choice (default {d.negatives})")
-        add("--goodness", choices=functional.GOODNESS, help=f"default {d.goodness}")
-        add("--temperature", type=float,
-            help=f"T in sigmoid((G - threshold) / T), threshold = width (default {d.temperature:g})")
-        add("--length-norm", action="store_false", dest="rms_norm",
-            help="pass on states scaled to unit length (default: unit mean square)")
-        add("--no-input-norm", action="store_false", dest="input_norm",
-            help="clamp raw pixels and a plain one-hot label (default: both scaled to unit mean square)")
-        add("--init", choices=INITS,
-            help=f"balanced: each neighbour's weight block N(0, 1/(2 its width)); normal: N(0, 1/fan_in) "
-                 f"(default {d.init})")
-        add("--seed", type=int, help=f"default {d.seed}")
-        add("--device", help=f"cpu, cuda, cuda:1, ... (default {d.device})")
-        add("--data-dir", help="folder with the four MNIST IDX files (default: $FF_KERNELS_DATA/mnist or download)")

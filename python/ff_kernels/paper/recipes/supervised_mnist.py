@@ -16,13 +16,8 @@ derivative enters the FF layers. Its error on the training batches is the runnin
 error (``train_error_softmax``), and on the evaluation set it is the paper's fast classifier
 (ii).
 
-The defaults follow the Matlab code Hinton released with the paper (ffnew.m) where the paper
-is silent: input rows (image + label) and hidden activities scaled to unit mean square
-(``rms_norm``), p(positive) = sigmoid(sum_j h_j**2 - N) (threshold N = width, temperature 1),
-peer normalization on every layer, SGD with momentum 0.9 and weight decay, a learning rate
-constant for the first half of training that then decays linearly to ~0, and a bias-free,
-zero-initialized softmax with its own learning rate and weight decay. See
-:class:`SupervisedMNISTConfig` for each value and the evidence behind it.
+The defaults follow Hinton's released Matlab code (ffnew.m) where the paper is silent: see
+docs/defaults.md for each value and RESULTS.md for the runs behind them.
 """
 
 from __future__ import annotations
@@ -37,106 +32,48 @@ from ... import functional
 from ...nn import FFLinear, FFSequential
 from ..data import MnistSplits, hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from . import supervised_parallel
-from .checks import check_choices, check_sgd_settings
-from .layers import normal_init_, peer_norm_for
-from .mnist_setup import attach_mnist
-from .schedule import LR_SCHEDULES, epoch_schedule
+from .config import (
+    COMPUTE_DTYPE,
+    DEPTH,
+    EPOCHS,
+    INIT,
+    INPUT_NORM,
+    LINEAR_BACKEND,
+    NEGATIVES,
+    OPTIMIZER,
+    PEER_NORM,
+    RMS_NORM,
+    WIDTH,
+    EvaluatedConfig,
+    FFConfig,
+)
+from .layer_setup import normal_init_, peer_norm_for
+from .mnist_recipe import attach_mnist
+from .schedule import epoch_schedule
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
-OPTIMIZERS = ("sgd", "adam")
-NEGATIVES = ("hard", "random")
-INITS = ("normal", "uniform")
 COMPUTE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 EVAL_BATCH = 1000
 INPUT_NORM_EPS = 1e-6
 
 
 @dataclass
-class SupervisedMNISTConfig:
-    """Settings of the supervised MNIST recipe.
+class SupervisedMNISTConfig(FFConfig, EvaluatedConfig):
+    """Settings of the supervised MNIST recipe (section 3.3: 4 x 2000 ReLUs, 60 epochs, hard
+    negative labels from a neutral-label pass); the rest is ffnew.m's (docs/defaults.md)."""
 
-    Section 3.3 gives the architecture, "4 hidden layers each containing 2000 ReLUs and full
-    connectivity between layers", 60 epochs (1.36% test error) and hard negative labels from a
-    neutral-label pass. Everything else follows Hinton's released Matlab code (ffnew.m), with
-    its update rule rewritten as ``torch.optim.SGD``: ffnew.m smooths the gradient as
-    ``v = 0.9 v + 0.1 g`` and steps ``eps * v``, and its FF derivative ``(1 - p) h`` is half of
-    the true gradient of the log-likelihood, so its eps = 0.01 is lr = 0.01 * 0.1 / 2 = 5e-4
-    here; its weight cost 0.001 (not smoothed, per step eps * wc = 1e-5) is weight_decay =
-    1e-5 / (lr / (1 - 0.9)) = 2e-3 here; its peer-normalization strength 0.03 enters beside
-    the halved FF derivative, so it is 0.06 here; its softmax (eps 0.1, weight cost 0.003) is
-    head_lr = 0.01, head_weight_decay = 3e-3.
-
-    Evidence (short runs on the 50k/10k validation split, seed 0, validation error by
-    procedure (i) / (ii) after 10 epochs of 2 x 500 unless noted; one seed's spread is about
-    0.15 points): these defaults 2.50 / 2.33% (seed 1: 2.38 / 2.53%; 4 x 1000: 2.01 / 2.07%);
-    the previous defaults (Adam 1e-2, temperature = width, unit length, no input scaling, no
-    peer normalization, constant lr) 6.06 / 42.27%. Each field's comment gives the run that
-    changes only that field.
-    """
-
-    epochs: int = 60  # section 3.3
-    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.paper.train.evaluation_due)
-    width: int = 2000  # section 3.3
-    depth: int = 4  # section 3.3
-    batch_size: int = 100  # ffnew.m (100 cases per mini-batch)
-    # "sgd" (momentum, fused into the FF layer ops) or "adam" (Adam lr 1e-4, head 1e-3: 13.61 / 5.56%)
-    optimizer: str = "sgd"
-    # FF layers; ffnew.m's eps = 0.01 (see above). 2.5e-4: 3.74 / 3.38%; 1e-3: 2.31 / 2.09%, and on
-    # 4 x 1000 2.02 / 1.96% (vs 2.01 / 2.07%): no better, so ffnew.m's value, tuned for the long run.
-    lr: float = 5e-4
-    momentum: float = 0.9  # ffnew.m (delay = 0.9); SGD only
-    # FF layers; ffnew.m's weight cost 0.001 (see above). The fused SGD step decays the biases
-    # too, which ffnew.m does not (about e^-0.36 over the 36,000 steps of the full run).
-    weight_decay: float = 2e-3
-    # "half_linear": lr constant for the first half of the epochs, then falling linearly to
-    # lr / epochs in the last one (ffnew.m's epsgain), stepped once per epoch; "constant"
-    # (3.12 / 2.62%).
-    lr_schedule: str = "half_linear"
-    head_lr: float = 1e-2  # neutral-label softmax; ffnew.m's epsilonsup = 0.1 (see above)
-    head_weight_decay: float = 3e-3  # ffnew.m's supwc = 0.003 (see above)
-    # Peer-normalization strength (footnote 9; ffnew.m's 0.03, see above); 0 = off (2.62 / 2.31%:
-    # no measurable effect in 10 epochs; kept as in the paper against dead or hysterical units).
-    peer_norm: float = 0.06
-    # "hard" (from the net's own predictions, section 3.3) or "random" (3.35 / 2.79%)
-    negatives: str = "hard"
-    goodness: str = "ssq"
-    # p(positive) = sigmoid((G - threshold) / temperature) with the layers' threshold N = width,
-    # i.e. sigmoid(sum_j h_j**2 - N) at temperature 1 (section 2 and ffnew.m). None: the width
-    # (sigmoid(mean_j h_j**2 - 1): its gradient is N times smaller and at this lr the FF layers
-    # do not learn, 85.34 / 6.76%).
-    temperature: float | None = 1.0
-    # Hidden activities passed on scaled to unit mean square (ffnormrows.m), so the next layer
-    # sees inputs of the scale its N(0, 1 / fan_in) weights expect; unit length instead (False)
-    # fails with these settings (50.36 / 89.36%).
-    rms_norm: bool = True
-    # The input row (image with label) scaled to unit mean square too (ffnew.m); raw pixels
-    # (mean square ~0.1): 7.84 / 4.57%.
-    input_norm: bool = True
-    # "normal": weights N(0, 1 / fan_in), biases 0 (ffnew.m); "uniform": nn.Linear's init
-    # (2.46 / 2.48%, no difference).
-    init: str = "normal"
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N evaluation images
-    validation: bool = False  # True: 50k train + 10k validation; False: 60k train + official test
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    compute_dtype: str | None = None  # None, "float32" or "bfloat16" (the CPU backend's GEMMs)
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "eval_every", "width", "depth", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_sgd_settings(self)
-        check_choices(self, (("optimizer", OPTIMIZERS), ("negatives", NEGATIVES), ("lr_schedule", LR_SCHEDULES),
-                             ("init", INITS)))
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 or None (the width), got {self.temperature}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        functional.check_goodness(self.goodness)
+    epochs: int = EPOCHS(60)  # section 3.3
+    width: int = WIDTH(2000)  # section 3.3
+    depth: int = DEPTH(4)  # section 3.3
+    optimizer: str = OPTIMIZER("sgd")  # ffnew.m
+    peer_norm: float = PEER_NORM(0.06)  # footnote 9; ffnew.m's 0.03 beside the halved FF derivative
+    negatives: str = NEGATIVES("hard")  # section 3.3
+    rms_norm: bool = RMS_NORM(True)  # ffnormrows.m: unit mean square
+    input_norm: bool = INPUT_NORM(True)  # ffnew.m
+    init: str = INIT("normal")  # ffnew.m
+    backend: str = LINEAR_BACKEND("auto")
+    compute_dtype: str | None = COMPUTE_DTYPE(None)
 
 
 class LabelInInputNet(nn.Module):

@@ -22,10 +22,7 @@ learning rates, weight decay, schedule, normalization, initialization, peer norm
 softmax) are those of the supervised recipe (:mod:`.supervised_mnist`, after Hinton's
 released Matlab code), whose helpers build the optimizer and the learning-rate schedule.
 
-Observed on the CPU (all 60,000 training images, official test set): 2 x 500 ReLUs, 2 epochs:
-5.31% test error, 17.8% real-vs-hybrid error; the same run with untrained FF layers (lr 1e-9,
-no peer normalization) gives 6.74% and 50%. An epoch of the full 4 x 2000 net takes about
-70 s of training and 4 s of evaluation on two otherwise idle Cascade Lake cores.
+Observations on the CPU are in docs/defaults.md.
 """
 
 from __future__ import annotations
@@ -40,92 +37,59 @@ from ... import functional
 from ...nn import FFLinear, FFSequential
 from ..data import MnistSplits, hybrid_negatives
 from ..data.hybrid import BLUR_STEPS
+from ..options import Option
 from . import hybrid_parallel
-from .checks import check_choices, check_sgd_settings
-from .layers import normal_init_, peer_norm_for
-from .mnist_setup import attach_mnist
-from .schedule import LR_SCHEDULES, epoch_schedule
-from .supervised_mnist import (
-    COMPUTE_DTYPES,
-    EVAL_BATCH,
-    INITS,
-    INPUT_NORM_EPS,
-    NUM_CLASSES,
-    NUM_PIXELS,
-    OPTIMIZERS,
-    SupervisedMNISTConfig,
-    make_optimizer,
+from .config import (
+    BATCH_SIZE,
+    COMPUTE_DTYPE,
+    DEPTH,
+    EPOCHS,
+    HEAD_LAYERS,
+    INIT,
+    INPUT_NORM,
+    LINEAR_BACKEND,
+    OPTIMIZER,
+    PEER_NORM,
+    RMS_NORM,
+    WIDTH,
+    EvaluatedConfig,
+    FFConfig,
 )
-
-# The settings the paper leaves open default to the supervised recipe's, read from its config
-# class, so that retuning them there carries over (the learning test here guards the result).
-SUPERVISED = SupervisedMNISTConfig
+from .layer_setup import normal_init_, peer_norm_for
+from .mnist_recipe import attach_mnist
+from .schedule import epoch_schedule
+from .supervised_mnist import COMPUTE_DTYPES, EVAL_BATCH, INPUT_NORM_EPS, NUM_CLASSES, NUM_PIXELS, make_optimizer
 
 IMAGE_SHAPE = (1, 28, 28)
 FF_ERROR_SEED = 12345  # hybrids of the evaluation images: the same every epoch and every run
-
-
-def check_common_settings(config, positive_ints: tuple[str, ...]) -> None:
-    """Validate the settings the unsupervised recipes share with the supervised one."""
-    for name in positive_ints:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if config.batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (hybrids mix two images of a batch), got {config.batch_size}")
-    if isinstance(config.blur_steps, bool) or not isinstance(config.blur_steps, int) or config.blur_steps < 0:
-        raise ValueError(f"blur_steps must be an int >= 0, got {config.blur_steps!r}")
-    check_sgd_settings(config)
-    check_choices(config, (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("init", INITS)))
-    if config.temperature is not None and not config.temperature > 0:
-        raise ValueError(f"temperature must be > 0 or None (the number of units), got {config.temperature}")
-    functional.check_goodness(config.goodness)
+BLUR = Option("blurring passes of the hybrid masks", min=0)
 
 
 @dataclass
-class UnsupervisedMNISTConfig:
-    """Settings of the unsupervised MNIST recipe.
+class HybridConfig(FFConfig, EvaluatedConfig):
+    """What the recipes with hybrid negatives share (unsupervised and local, section 3.2); the
+    settings the paper leaves open are the supervised recipe's (docs/defaults.md)."""
 
-    Section 3.2: "a network with four hidden layers of 2000 ReLUs each" trained "for 100
-    epochs", a softmax on the last three hidden layers. Every field set from ``SUPERVISED``
-    takes the supervised recipe's default (see :class:`SupervisedMNISTConfig` for where each
-    comes from); ``blur_steps`` is :data:`~ff_kernels.paper.data.hybrid.BLUR_STEPS`.
-    """
+    batch_size: int = BATCH_SIZE.but(min=2, help="images per batch (hybrids mix two images of a batch)")(100)
+    head_layers: int = HEAD_LAYERS(3)  # section 3.2: "the last three hidden layers"
+    blur_steps: int = BLUR(BLUR_STEPS)  # data/hybrid.py
+    optimizer: str = OPTIMIZER("sgd")
+    peer_norm: float = PEER_NORM(0.06)  # footnote 9
+    rms_norm: bool = RMS_NORM(True)
+    input_norm: bool = INPUT_NORM(True)
+    init: str = INIT("normal")
 
-    epochs: int = 100  # section 3.2
-    eval_every: int = 1  # evaluate after every N-th epoch and the last (ff_kernels.paper.train.evaluation_due)
-    width: int = 2000  # section 3.2
-    depth: int = 4  # section 3.2
-    head_layers: int = 3  # the softmax reads the last min(head_layers, depth) hidden layers (section 3.2)
-    blur_steps: int = BLUR_STEPS  # blurring passes of the hybrid masks (data/hybrid.py)
-    batch_size: int = SUPERVISED.batch_size
-    optimizer: str = SUPERVISED.optimizer  # "sgd" (momentum, fused into the FF layer ops) or "adam"
-    lr: float = SUPERVISED.lr  # FF layers
-    momentum: float = SUPERVISED.momentum  # SGD only
-    weight_decay: float = SUPERVISED.weight_decay  # FF layers
-    lr_schedule: str = SUPERVISED.lr_schedule  # see schedule.lr_factor
-    head_lr: float = SUPERVISED.head_lr  # softmax
-    head_weight_decay: float = SUPERVISED.head_weight_decay  # softmax
-    peer_norm: float = SUPERVISED.peer_norm  # peer-normalization strength (footnote 9); 0 = off
-    goodness: str = SUPERVISED.goodness
-    # p(positive) = sigmoid((G - N) / temperature), N the layer's number of units; None: N.
-    temperature: float | None = SUPERVISED.temperature
-    rms_norm: bool = SUPERVISED.rms_norm  # hidden activities passed on with unit mean square (else unit length)
-    input_norm: bool = SUPERVISED.input_norm  # input images scaled to unit mean square
-    init: str = SUPERVISED.init  # "normal": N(0, 1 / fan_in), biases 0; "uniform": nn.Linear's init
-    train_subset: int | None = None  # first N training images
-    eval_subset: int | None = None  # first N evaluation images
-    validation: bool = False  # True: 50k train + 10k validation; False: 60k train + official test
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    compute_dtype: str | None = None  # None, "float32" or "bfloat16" (the CPU backend's GEMMs)
-    data_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        check_common_settings(self, ("epochs", "eval_every", "width", "depth", "head_layers", "batch_size"))
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+@dataclass
+class UnsupervisedMNISTConfig(HybridConfig):
+    """Settings of the unsupervised MNIST recipe (section 3.2: four hidden layers of 2000 ReLUs,
+    100 epochs, a softmax on the last three hidden layers)."""
+
+    epochs: int = EPOCHS(100)  # section 3.2
+    width: int = WIDTH(2000)  # section 3.2
+    depth: int = DEPTH(4)  # section 3.2
+    backend: str = LINEAR_BACKEND("auto")
+    compute_dtype: str | None = COMPUTE_DTYPE(None)
 
 
 class HybridFFNet(nn.Module):
@@ -173,7 +137,7 @@ class HybridFFNet(nn.Module):
     def positive_probability(self, goodness: torch.Tensor) -> torch.Tensor:
         """p(positive) (B, L) of every layer from the goodness (B, L)."""
         return torch.stack([
-            functional.positive_probability(goodness[:, i], layer.goodness_fn, layer.threshold, layer.temperature)
+            functional.positive_probability(goodness[:, i], layer.goodness_kind, layer.threshold, layer.temperature)
             for i, layer in enumerate(self.net)
         ], dim=1)
 
@@ -222,6 +186,12 @@ class UnsupervisedMNIST:
     def enable_parallel(self, context) -> None:
         """Train as one rank of a data-parallel run (``context``: a ParallelContext); see ``hybrid_parallel``."""
         hybrid_parallel.enable(self, context)
+
+    def write_figures(self, run_dir) -> list:
+        """The run's figures (``ff-train RECIPE --figures``): see :func:`~ff_kernels.paper.figures.write_run_figures`."""
+        from ..figures import write_run_figures
+
+        return write_run_figures(self, run_dir)
 
     def sgd_hyper(self) -> dict[str, float]:
         """The FF layers' fused SGD arguments now: lr (scheduled), momentum, weight_decay."""
