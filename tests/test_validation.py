@@ -87,4 +87,7 @@ def test_cpu_backend_refuses_bf16_compute_on_other_backends():
 
 def test_huge_finite_values_are_not_mistaken_for_inf(layer):
     x = torch.full((2, 8), 3e38)  # the float32 sum overflows, the values do not
-    assert layer(x).shape == (2, 4)
+    output, _ = ops.ff_linear_forward(x, layer.weight, layer.bias)
+    assert output.shape == (2, 4)  # the op's NaN/Inf check lets them through
+    with pytest.raises(ValueError, match=r"goodness .* overflows float32"):
+        layer(x)  # the layer then says why every output row would be zeros

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .. import functional as FF
+from ..ops import validation
 from ..ops.layer_step import FFLayerStep
+from ..ops.validation import describe
 from .peer_norm import PeerNormalization, check_peer_norm, gradient_targets, mean_activity
+
+# The largest goodness (sum of squared activities) a float32 or bfloat16 layer can hold: beyond
+# it the goodness is inf and every output row normalizes to zeros.
+GOODNESS_LIMIT = float(torch.finfo(torch.float32).max)
 
 
 class FFLayer(nn.Module):
@@ -25,34 +33,48 @@ class FFLayer(nn.Module):
 
     Buffers listed in ``_lazy_buffers`` are None until first used and are created when a
     state_dict that holds them is loaded.
+
+    Frozen parameters: a parameter whose ``requires_grad`` is False gets no ``.grad`` from
+    :meth:`ff_backward` and no update (nor weight decay, nor momentum) from :meth:`ff_step`, on
+    every backend; a layer with all its parameters frozen only runs forward and still returns
+    its loss.
     """
 
     _lazy_buffers: tuple[str, ...] = ("weight_momentum", "bias_momentum")
+    _backends: tuple[str, ...] = ()  # the op family's backend names, checked at construction
 
     def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
         """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
         self.goodness_kind = FF.check_goodness(goodness)
-        self.threshold = float(num_units if threshold is None else threshold)
-        if not float(temperature) > 0:
+        self.threshold = _finite(self._name(), "threshold", num_units if threshold is None else threshold)
+        self.temperature = _finite(self._name(), "temperature", temperature)
+        if not self.temperature > 0:
             raise ValueError(f"{self._name()}: temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
         self.rms_norm = bool(rms_norm)
+        if self._backends and backend not in self._backends:
+            raise ValueError(f"{self._name()}: backend must be one of {self._backends}, got {backend!r}")
         self.backend = backend
         self.register_buffer("weight_momentum", None)
         self.register_buffer("bias_momentum", None)
         self.peer_norm: PeerNormalization | None = check_peer_norm(self._name(), peer_norm, num_units, self.weight.device)
 
+    def _checked_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_forward_op`` whose goodness is checked for overflow (see :meth:`_check_goodness`)."""
+        output, g = self._forward_op(x)
+        self._check_goodness(g, x)
+        return output, g
+
     def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalized output, goodness (B,) float32) of a batch ``x``."""
-        return self._forward_op(x)
+        return self._checked_forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized ReLU activities of a batch ``x``: what the next layer receives."""
-        return self._forward_op(x)[0]
+        return self._checked_forward(x)[0]
 
     def goodness(self, x: torch.Tensor) -> torch.Tensor:
         """Goodness (B,) float32 of each row (image) of ``x``."""
-        return self._forward_op(x)[1]
+        return self._checked_forward(x)[1]
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """p(positive) (B,) of each row (image) of ``x``."""
@@ -71,9 +93,15 @@ class FFLayer(nn.Module):
         :meth:`peer_norm_statistics` (possibly averaged over data-parallel ranks) to
         :meth:`apply_peer_norm_`.
         """
-        step = self._step_op(x_pos, x_neg, mode="grad")
-        if apply_peer_norm:
-            self._peer_norm_step(step, x_pos, "grad")
+        self._check_step_inputs(x_pos, x_neg)
+        frozen = self._frozen_parameters()
+        if len(frozen) == len(self._parameters_to_train()):
+            step = self._forward_step(x_pos, x_neg)
+        else:
+            with _KeepFrozen(frozen, "grad"):
+                step = self._step_op(x_pos, x_neg, mode="grad")
+                if apply_peer_norm:
+                    self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
 
     def ff_step(
@@ -90,13 +118,84 @@ class FFLayer(nn.Module):
         The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
         state_dict). With ``peer_norm`` its extra gradient is part of the SGD step.
         """
+        self._check_step_inputs(x_pos, x_neg)
+        frozen = self._frozen_parameters()
+        if len(frozen) == len(self._parameters_to_train()):
+            step = self._forward_step(x_pos, x_neg)
+            return step if return_step else step.loss
         weight_buf, bias_buf = self.momentum_buffers(momentum)
-        step = self._step_op(
-            x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-            weight_buf=weight_buf, bias_buf=bias_buf,
-        )
-        self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
+        buffers = {"weight": weight_buf, "bias": bias_buf}
+        with _KeepFrozen(frozen, "sgd", {name: buffers[name] for name in frozen}):
+            step = self._step_op(
+                x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
+                weight_buf=weight_buf, bias_buf=bias_buf,
+            )
+            self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
         return step if return_step else step.loss
+
+    def _parameters_to_train(self) -> dict[str, nn.Parameter]:
+        """The layer's own FF parameters by name: weight, and bias when there is one."""
+        return {name: p for name, p in (("weight", self.weight), ("bias", self.bias)) if p is not None}
+
+    def _frozen_parameters(self) -> dict[str, nn.Parameter]:
+        """The FF parameters whose ``requires_grad`` is False: they get no gradient and no update."""
+        return {name: p for name, p in self._parameters_to_train().items() if not p.requires_grad}
+
+    def _forward_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> FFLayerStep:
+        """What a step of a layer whose parameters are all frozen returns: its loss, goodness and
+        output from one forward pass, with nothing updated (peer normalization's running mean
+        included)."""
+        for name, x in (("x_pos", x_pos), ("x_neg", x_neg)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{self._name()}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x_pos.dtype != x_neg.dtype or x_pos.device != x_neg.device or x_pos.shape[1:] != x_neg.shape[1:]:
+            raise ValueError(f"{self._name()}: x_pos and x_neg must have the same row shape, dtype and device, "
+                             f"got x_pos {describe(x_pos)} and x_neg {describe(x_neg)}")
+        n_pos = x_pos.shape[0]
+        output, g = self._checked_forward(torch.cat([x_pos, x_neg]))
+        loss = FF.ff_loss(g[:n_pos], g[n_pos:], self.goodness_kind, self.threshold, self.temperature)
+        return FFLayerStep(loss.detach(), g, output)
+
+    def _check_step_inputs(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> None:
+        """The hyper-parameters are finite, and the goodness of no row can overflow (CPU only: a
+        step would write inf or NaN into the weights before its goodness could be looked at).
+
+        The overflow test is a bound: ``|h| <= |W| |x| + |b|`` for every row (Frobenius norm of
+        the weight), so the goodness ``|h|^2`` stays finite when the bound's square does; the
+        weight's norm is only computed for inputs of norm above 1e13.
+        """
+        _finite(self._name(), "threshold", self.threshold)
+        _finite(self._name(), "temperature", self.temperature)
+        if not validation.check_finite_inputs:
+            return
+        x_norm = 0.0
+        for x in (x_pos, x_neg):
+            if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not x.is_floating_point() or x.numel() == 0:
+                continue  # the op checks what it must be; off the CPU this would wait for the device
+            x_norm = max(x_norm, float(torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).max()))
+        if not math.isfinite(x_norm) or x_norm < 1e13:
+            return  # NaN/Inf inputs: the op's own check names them; smaller inputs cannot overflow a sane layer
+        bound = x_norm * float(torch.linalg.vector_norm(self.weight.detach(), dtype=torch.float64))
+        if self.bias is not None:
+            bound += float(torch.linalg.vector_norm(self.bias.detach(), dtype=torch.float64))
+        if bound * bound >= GOODNESS_LIMIT:
+            raise ValueError(self._overflow_message(torch.cat([x_pos.flatten(1), x_neg.flatten(1)])))
+
+    def _check_goodness(self, g: torch.Tensor, x: torch.Tensor) -> None:
+        """Raise a clear error when a goodness overflowed float32 to inf (which would make the
+        row's normalized output all zeros). On the CPU only: elsewhere reading it would wait
+        for the device."""
+        if not validation.check_finite_inputs or g.device.type != "cpu" or g.numel() == 0:
+            return
+        if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(x).all()):
+            raise ValueError(self._overflow_message(x.flatten(1)))
+
+    def _overflow_message(self, rows: torch.Tensor) -> str:
+        largest = float(rows.detach().abs().max()) if rows.numel() else 0.0
+        weight = float(self.weight.detach().abs().max()) if self.weight.numel() else 0.0
+        return (f"{self._name()}: the goodness (sum of squared activities) overflows float32 (max {GOODNESS_LIMIT:.3g}): "
+                f"inputs up to |x| = {largest:.3g}, weights up to |w| = {weight:.3g}; scale the inputs down "
+                f"(e.g. to unit mean square)")
 
     def momentum_buffers(self, momentum: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The SGD momentum buffers (weight's, bias's) of a step with ``momentum``.
@@ -106,10 +205,17 @@ class FFLayer(nn.Module):
         """
         if not momentum > 0:
             return None, None
-        if self.weight_momentum is None:
-            self.weight_momentum = torch.zeros_like(self.weight)
-            if self.bias is not None:
-                self.bias_momentum = torch.zeros_like(self.bias)
+        with torch.inference_mode(False):  # normal tensors even under inference mode: usable after it
+            if self.weight_momentum is None:
+                self.weight_momentum = torch.zeros_like(self.weight)
+                if self.bias is not None:
+                    self.bias_momentum = torch.zeros_like(self.bias)
+        if not torch.is_inference_mode_enabled():
+            # a buffer made or loaded under inference mode cannot be updated outside it: copy it
+            for name in ("weight_momentum", "bias_momentum"):
+                buf = getattr(self, name)
+                if buf is not None and buf.is_inference():
+                    setattr(self, name, buf.clone())
         return self.weight_momentum, self.bias_momentum
 
     def _peer_norm_step(self, step: FFLayerStep, x_pos: torch.Tensor, mode: str, lr: float = 0.0,
@@ -144,12 +250,16 @@ class FFLayer(nn.Module):
         place, never materialized.
         """
         activity, x_mean = statistics
+        train_weight = self.weight.requires_grad
+        train_bias = self.bias is not None and self.bias.requires_grad
+        if not (train_weight or train_bias):
+            return  # a frozen layer: no gradient, no update
         p = self.peer_norm.update_(activity)
-        weight_targets = gradient_targets(self.weight, mode, lr, weight_buf)
+        weight_targets = _targets(self.weight, mode, lr, weight_buf)
         # the bias's targets pair with the weight's: (.grad) or (buffer if any, parameter)
         bias_targets = [None] * len(weight_targets)
         if self.bias is not None:
-            bias_targets = [target for target, _ in gradient_targets(self.bias, mode, lr, bias_buf)]
+            bias_targets = [target for target, _ in _targets(self.bias, mode, lr, bias_buf)]
         for (weight_target, alpha), bias_target in zip(weight_targets, bias_targets, strict=True):
             self._add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)
 
@@ -158,5 +268,50 @@ class FFLayer(nn.Module):
         for name in self._lazy_buffers:
             key = prefix + name
             if key in state_dict and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
+                with torch.inference_mode(False):
+                    setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _finite(layer: str, name: str, value) -> float:
+    """``value`` as a float; ValueError unless it is a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{layer}: {name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{layer}: {name} must be a finite number, got {value!r}")
+    return number
+
+
+def _targets(param: torch.Tensor, mode: str, lr: float, buf: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
+    """:func:`gradient_targets` of ``param``; for a frozen one (``requires_grad`` False) the same
+    number of scratch tensors, whose contents are dropped."""
+    targets = gradient_targets(param, mode, lr, buf) if param.requires_grad else \
+        [(None, 1.0)] * (mode == "grad" or buf is not None) + [(None, -lr)] * (mode != "grad")
+    return [(torch.zeros_like(param) if target is None else target, alpha) for target, alpha in targets]
+
+
+class _KeepFrozen:
+    """Around a step of a partly frozen layer: the frozen parameters, their ``.grad`` (mode
+    "grad") and their momentum buffers (mode "sgd") are put back as they were afterwards, so
+    that every backend honours ``requires_grad`` whatever it fuses."""
+
+    def __init__(self, frozen: dict[str, nn.Parameter], mode: str, buffers: dict | None = None) -> None:
+        self.frozen, self.mode, self.buffers = frozen, mode, buffers or {}
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            self.saved = {name: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+                          for name, p in self.frozen.items()}
+            self.saved_buffers = {name: None if b is None else b.detach().clone() for name, b in self.buffers.items()}
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for name, p in self.frozen.items():
+                value, grad = self.saved[name]
+                p.copy_(value)
+                p.grad = grad
+            for name, b in self.buffers.items():
+                if b is not None and self.saved_buffers[name] is not None:
+                    b.copy_(self.saved_buffers[name])

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import ff_linear_forward, ff_linear_step
+from ..ops import BACKENDS, ff_linear_forward, ff_linear_step
 from ..ops.layer_step import FFLayerStep
 from ..ops.validation import check_mask
 from .layer import FFLayer
@@ -40,6 +40,7 @@ class FFLinear(FFLayer):
     """
 
     _lazy_buffers = ("mask", "weight_momentum", "bias_momentum")
+    _backends = BACKENDS
 
     def __init__(
         self,
@@ -126,6 +127,22 @@ class FFLinear(FFLayer):
             weight_target.add_(torch.outer(p_w, x_mean).mul_(self.mask), alpha=alpha)
         if bias_target is not None:
             bias_target.add_(p.to(bias_target.dtype), alpha=alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A loaded mask must be one this layer accepts at construction: 0/1 values of its shape.
+        key = prefix + "mask"
+        if key in state_dict and state_dict[key] is not None:
+            try:
+                check_mask(self._name(), state_dict[key], (self.out_features, self.in_features))
+            except (TypeError, ValueError) as err:
+                error_msgs.append(f"{key}: {err}")
+                return
+            if self.mask is None:
+                with torch.inference_mode(False):
+                    self.mask = torch.empty(self.weight.shape, dtype=torch.bool, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         masked = "" if self.mask is None else f", mask={int(self.mask.sum())}/{self.mask.numel()}"

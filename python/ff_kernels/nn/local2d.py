@@ -8,7 +8,7 @@ from torch import nn
 from ..functional import local as FFL
 from ..functional.local import LocalSpec
 from ..ops.layer_step import FFLayerStep
-from ..ops.local2d import ff_local2d_forward, ff_local2d_step
+from ..ops.local2d import BACKENDS, ff_local2d_forward, ff_local2d_step
 from ..ops.validation import describe
 from .layer import FFLayer
 from .linear import FFLinear
@@ -54,6 +54,8 @@ class FFLocal2d(FFLayer):
     stacks FFLocal2d layers whose maps chain; it does not flatten, so it cannot put an FFLinear
     after them (use :meth:`to_dense` for an all-dense equivalent).
     """
+
+    _backends = BACKENDS
 
     def __init__(
         self,

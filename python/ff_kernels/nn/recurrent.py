@@ -188,7 +188,8 @@ class FFRecurrent(nn.Module):
         all computed with the weights before the update. The step is ``torch.optim.SGD(lr,
         momentum, weight_decay)`` with the momentum buffers kept in each FFLinear, plus peer
         normalization measured on the positive rows' damped states and inputs averaged over the
-        iterations. Returns the K layer losses (0-dim each).
+        iterations. A parameter whose ``requires_grad`` is False is not updated. Returns the K
+        layer losses (0-dim each).
         """
         self._check(bottom, top, states)
         if not 0 <= n_pos <= bottom.shape[0]:
@@ -211,6 +212,8 @@ class FFRecurrent(nn.Module):
         for layer, (loss, grad_w, grad_b, activity, x_mean) in zip(self.layers, totals):
             weight_buf, bias_buf = layer.momentum_buffers(momentum)
             for param, grad, buf in ((layer.weight, grad_w, weight_buf), (layer.bias, grad_b, bias_buf)):
+                if not param.requires_grad:
+                    continue  # a frozen parameter: no update, no weight decay, no momentum
                 FF.sgd_momentum_(param, grad / iterations, buf if buf is not None else torch.zeros_like(param), lr,
                                 momentum, weight_decay)
             if layer.peer_norm is not None and n_pos > 0:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Self
 
 import torch
 from torch import nn
 
 from ..ops.layer_step import FFLayerStep
+
+FF_METHODS = ("forward_with_goodness", "ff_backward", "ff_step")  # what FFSequential calls on a layer
 
 
 class FFSequential(nn.Sequential):
@@ -18,7 +22,54 @@ class FFSequential(nn.Sequential):
     ``layers=None``; greedy layer-by-layer training passes the indices to train (for example
     ``layers=[k]`` during the k-th stage): layers below them only run forward and layers
     above the highest trained one are not run at all.
+
+    Built as ``FFSequential(layer, layer, ...)``, from one list of layers or from an
+    ``OrderedDict``. The layers are checked when the stack is built and whenever it changes
+    (``append``, ``insert``, ``extend``, ``del``, item assignment): there must be at least one,
+    each must have the FF interface (:data:`FF_METHODS`, as FFLinear and FFLocal2d do), and
+    each layer's input must be the output of the one below (``in_features`` = the previous
+    ``out_features``; ``in_shape`` = the previous ``out_shape``; a flat layer cannot follow a
+    2-D map nor the reverse). A frozen layer (``requires_grad_(False)``) is run but not trained.
     """
+
+    def __init__(self, *args) -> None:
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = tuple(args[0])
+        super().__init__(*args)
+        _check_stack(list(self._modules.items()))
+
+    def _changed(self, change: Callable[[], object]):
+        """Apply ``change`` to the stack, then check it; a stack that fails is put back as it was."""
+        saved = OrderedDict(self._modules)
+        result = change()
+        try:
+            _check_stack(list(self._modules.items()))
+        except (TypeError, ValueError):
+            self._modules.clear()
+            self._modules.update(saved)
+            raise
+        return result
+
+    def append(self, module: nn.Module) -> FFSequential:
+        return self._changed(lambda: super(FFSequential, self).append(module))
+
+    def insert(self, index: int, module: nn.Module) -> FFSequential:
+        return self._changed(lambda: super(FFSequential, self).insert(index, module))
+
+    def extend(self, sequential) -> FFSequential:
+        return self._changed(lambda: super(FFSequential, self).extend(sequential))
+
+    def __setitem__(self, idx, module: nn.Module) -> None:
+        self._changed(lambda: super(FFSequential, self).__setitem__(idx, module))
+
+    def __delitem__(self, idx) -> None:
+        self._changed(lambda: super(FFSequential, self).__delitem__(idx))
+
+    def pop(self, key):
+        return self._changed(lambda: super(FFSequential, self).pop(key))
+
+    def __iadd__(self, other) -> Self:
+        return self._changed(lambda: super(FFSequential, self).__iadd__(other))
 
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer normalized outputs for ``x: (B, D_in)``: a list of (B, D_l)."""
@@ -97,3 +148,30 @@ class FFSequential(nn.Sequential):
             layers,
         )
         return [step.loss for step in steps]
+
+
+def _io_shapes(layer: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(input row shape, output row shape) of a layer that declares them (FFLinear: (in_features,)
+    and (out_features,); FFLocal2d: in_shape and out_shape), else None."""
+    if hasattr(layer, "in_shape") and hasattr(layer, "out_shape"):
+        return tuple(layer.in_shape), tuple(layer.out_shape)
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return (int(layer.in_features),), (int(layer.out_features),)
+    return None
+
+
+def _check_stack(layers: list[tuple[str, nn.Module]]) -> None:
+    """Raise unless ``layers`` (name, module) is a non-empty chain of FF layers (see FFSequential)."""
+    if not layers:
+        raise ValueError("FFSequential: needs at least one FF layer, got none")
+    below = None
+    for name, layer in layers:
+        missing = [m for m in FF_METHODS if not callable(getattr(layer, m, None))]
+        if missing:
+            raise TypeError(f"FFSequential: layer {name} must be an FF layer (FFLinear, FFLocal2d or a module with "
+                            f"{', '.join(FF_METHODS)}), got {type(layer).__name__} without {', '.join(missing)}")
+        shapes = _io_shapes(layer)
+        if below is not None and shapes is not None and below[1][1] != shapes[0]:
+            raise ValueError(f"FFSequential: layer {name} ({type(layer).__name__}) takes rows of shape {shapes[0]}, but "
+                             f"layer {below[0]} below it puts out {below[1][1]}")
+        below = None if shapes is None else (name, shapes)

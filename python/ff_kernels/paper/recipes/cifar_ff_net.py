@@ -253,7 +253,7 @@ class FFRecurrentLocal(nn.Module):
         rest negative (for the "pairwise" loss B = 2 * n_pos and row i pairs with row n_pos + i).
         The net runs ``iterations`` iterations; each layer's loss is the mean of its FF losses at
         t = ``first``..``iterations`` and its gradient that mean's (see the module docstring), all
-        with the current weights.
+        with the current weights. A parameter whose ``requires_grad`` is False gets no gradient.
         """
         self._check(images, labels)
         if not 0 <= n_pos <= images.shape[0]:
@@ -290,13 +290,18 @@ class FFRecurrentLocal(nn.Module):
                 new_states.append(state)
             states = new_states
         for l, layer in enumerate(self.layers):
+            if not (layer.weight.requires_grad or layer.bias.requires_grad):
+                continue  # a frozen layer gets no gradient
+            targets = []
             for param in (layer.weight, layer.bias):
-                if param.grad is None:
+                if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
-            local_delta_grad_(inputs_seen[l], deltas[l], layer.spec, layer.weight.grad, layer.bias.grad, self.backend)
-        if self.label_weight.grad is None:
-            self.label_weight.grad = torch.zeros_like(self.label_weight)
-        self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(trained, 1))
+                targets.append(param.grad if param.requires_grad else torch.zeros_like(param))  # frozen: dropped
+            local_delta_grad_(inputs_seen[l], deltas[l], layer.spec, *targets, self.backend)
+        if self.label_weight.requires_grad:
+            if self.label_weight.grad is None:
+                self.label_weight.grad = torch.zeros_like(self.label_weight)
+            self.label_weight.grad.addmm_(deltas[-1].flatten(1).t(), labels.repeat(trained, 1))
         return [loss / trained for loss in losses]
 
     def _loss_and_grad(self, g: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
