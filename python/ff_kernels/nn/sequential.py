@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Self
 
 import torch
 from torch import nn
@@ -68,7 +67,7 @@ class FFSequential(nn.Sequential):
     def pop(self, key):
         return self._changed(lambda: super(FFSequential, self).pop(key))
 
-    def __iadd__(self, other) -> Self:
+    def __iadd__(self, other):
         return self._changed(lambda: super(FFSequential, self).__iadd__(other))
 
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
