@@ -23,7 +23,11 @@ from ff_kernels.paper.recipes import RECIPES
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "ff_train_options.json").read_text())
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
            argparse._StoreFalseAction: "store_false", argparse._StoreConstAction: "store_const"}
-ADDED: dict[str, set[str]] = {}  # recipe -> flags added since the snapshot
+ADDED: dict[str, set[str]] = {  # recipe -> flags added since the snapshot
+    # RunOptions, every recipe: --overwrite (a fresh run in a directory that holds files) and
+    # --debug (tracebacks instead of one-line errors), added with the run-directory lock.
+    name: {"--overwrite", "--debug"} for name in SNAPSHOT
+}
 CHANGED: dict[str, dict[str, object]] = {}  # recipe -> {field: new default}
 
 

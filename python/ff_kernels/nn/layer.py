@@ -18,6 +18,17 @@ from .peer_norm import PeerNormalization, check_peer_norm, gradient_targets, mea
 GOODNESS_LIMIT = float(torch.finfo(torch.float32).max)
 
 
+class GoodnessOverflowError(ValueError):
+    """A layer's goodness would overflow float32 (inputs or weights far too large).
+
+    ``layer``: the layer's name; ``largest_input``, ``largest_weight``: the largest magnitudes.
+    """
+
+    def __init__(self, message: str, layer: str = "", largest_input: float = 0.0, largest_weight: float = 0.0) -> None:
+        super().__init__(message)
+        self.layer, self.largest_input, self.largest_weight = layer, largest_input, largest_weight
+
+
 class FFLayer(nn.Module):
     """Base class of FF layers (FFLinear, FFLocal2d).
 
@@ -179,7 +190,7 @@ class FFLayer(nn.Module):
         if self.bias is not None:
             bound += float(torch.linalg.vector_norm(self.bias.detach(), dtype=torch.float64))
         if bound * bound >= GOODNESS_LIMIT:
-            raise ValueError(self._overflow_message(torch.cat([x_pos.flatten(1), x_neg.flatten(1)])))
+            raise self._overflow_error(torch.cat([x_pos.flatten(1), x_neg.flatten(1)]))
 
     def _check_goodness(self, g: torch.Tensor, x: torch.Tensor) -> None:
         """Raise a clear error when a goodness overflowed float32 to inf (which would make the
@@ -188,14 +199,16 @@ class FFLayer(nn.Module):
         if not validation.check_finite_inputs or g.device.type != "cpu" or g.numel() == 0:
             return
         if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(x).all()):
-            raise ValueError(self._overflow_message(x.flatten(1)))
+            raise self._overflow_error(x.flatten(1))
 
-    def _overflow_message(self, rows: torch.Tensor) -> str:
+    def _overflow_error(self, rows: torch.Tensor) -> GoodnessOverflowError:
         largest = float(rows.detach().abs().max()) if rows.numel() else 0.0
         weight = float(self.weight.detach().abs().max()) if self.weight.numel() else 0.0
-        return (f"{self._name()}: the goodness (sum of squared activities) overflows float32 (max {GOODNESS_LIMIT:.3g}): "
-                f"inputs up to |x| = {largest:.3g}, weights up to |w| = {weight:.3g}; scale the inputs down "
-                f"(e.g. to unit mean square)")
+        return GoodnessOverflowError(
+            f"{self._name()}: the goodness (sum of squared activities) overflows float32 (max {GOODNESS_LIMIT:.3g}) "
+            f"with inputs up to |x| = {largest:.3g} and weights up to |w| = {weight:.3g}: scale the inputs down "
+            f"(e.g. to unit mean square), or if the weights grew that large in training, lower the learning rate",
+            self._name(), largest, weight)
 
     def momentum_buffers(self, momentum: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The SGD momentum buffers (weight's, bias's) of a step with ``momentum``.

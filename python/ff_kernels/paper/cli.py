@@ -8,24 +8,31 @@
     torchrun --nproc-per-node 4 -m ff_kernels supervised --parallel pipeline ...   # a layer group per GPU
 
 Options left out take the recipe's defaults, or when resuming the saved run's values.
+
+Errors are one line, ``ff-train: error: ...``, with exit status 2 for a bad command line, 3 for
+a run stopped because training diverged (NaN or Inf, see :mod:`ff_kernels.paper.guard`), 130
+for an interrupt and 1 for everything else (a run directory in use or already holding files, a
+damaged file, missing data, a full disk, ...); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..distributed.context import MODES
-from .data import DataError, MnistCorruptError, MnistMissingError
+from . import run_dir as run_dirs
 from .options import Option, add_options, check_options
 from .recipes import RECIPES
-from .train import CHECKPOINT, CONFIG, CheckpointError, train
+from .train import CONFIG, read_run_config, train
+from .user_errors import EXIT_INTERRUPTED, EXIT_USAGE, check_device, error_line, exit_status
 
 
 @dataclass
@@ -46,6 +53,10 @@ class RunOptions:
     sync_every: int = Option("pipeline: batches between refreshes of rank 0's copy of the whole net", min=1)(10)
     figures: bool = Option("after training, write the run's figures (receptive_fields.png like the paper's "
                            "Figure 2, hybrid_example.png like Figure 1) into the run directory")(False)
+    overwrite: bool = Option("start afresh in a --run-dir that already holds files: the previous run's files there "
+                             "(config.json, metrics.jsonl, checkpoint.pt, summary.json, readout.json, figures) are "
+                             "deleted, any other file stays")(False)
+    debug: bool = Option("on an error, show the full traceback instead of one line")(False)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -55,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one sub-command per recipe in ``RECIPES``, whose options are the fields
     of its config and of :class:`RunOptions` (defaults suppressed: options left out take the
     recipe's defaults, or when resuming the saved run's values)."""
-    parser = argparse.ArgumentParser(prog="ff-train", description="Train a Forward-Forward recipe.")
+    parser = _Parser(prog="ff-train", description="Train a Forward-Forward recipe.")
     commands = parser.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     for name, recipe in RECIPES.items():
         sub = commands.add_parser(name, help=(recipe.__doc__ or "").split("\n")[0],
@@ -63,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(sub, recipe.Config)
         add_options(sub, RunOptions, skip=() if hasattr(recipe, "write_figures") else ("figures",))
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ff-train: error: ...`` (exit status 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"ff-train: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _split_options(options: dict) -> tuple[dict, RunOptions]:
@@ -73,42 +91,82 @@ def _split_options(options: dict) -> tuple[dict, RunOptions]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), train, return the exit status."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, return the exit status.
+
+    Every error becomes one line on stderr and a non-zero status (module docstring); with
+    ``--debug`` it is raised with its traceback instead.
+    """
     parser = build_parser()
     options = vars(parser.parse_args(argv))
+    debug = bool(options.get("debug", False))
+    try:
+        return _main(parser, options)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("ff-train: interrupted; the checkpoint of the last finished epoch is kept (continue with --resume)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        if _under_torchrun() and os.environ.get("RANK") != "0" and not getattr(err, "local", True):
+            return exit_status(err)  # another rank reports it
+        print(f"ff-train: error: {error_line(err)}", file=sys.stderr)
+        return exit_status(err)
+
+
+def _main(parser: argparse.ArgumentParser, options: dict) -> int:
     recipe_cls = RECIPES[options.pop("recipe")]
     try:
         options, run = _split_options(options)
     except ValueError as err:
         parser.error(str(err))
     _check_parallel(parser, run, recipe_cls)
+    writer = not _under_torchrun() or os.environ.get("RANK") == "0"
     if run.resume:
         if run.run_dir is None:
             parser.error("--resume needs --run-dir")
+        if run.overwrite:
+            parser.error("--resume continues the run in --run-dir, --overwrite starts one afresh there: give one of them")
+        run_dirs.check_path(run.run_dir)
         saved = Path(run.run_dir) / CONFIG
         if not saved.is_file():
-            parser.error(f"--resume: {saved} does not exist")
-        options = {**json.loads(saved.read_text()), **options}
-    if run.run_dir is None:
-        run.run_dir = f"runs/{recipe_cls.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    elif not run.resume and (Path(run.run_dir) / CHECKPOINT).exists():
-        parser.error(f"{run.run_dir} already holds a checkpoint: pass --resume to continue it, or another --run-dir")
+            parser.error(f"--resume: {saved} does not exist" + (
+                f" ({run.run_dir} is not an ff-train run directory)" if Path(run.run_dir).is_dir() else ""))
+        options = {**read_run_config(recipe_cls, run.run_dir), **options}
+    elif run.run_dir is not None and writer:
+        run_dirs.check_fresh(run.run_dir, run.overwrite)  # refuse before loading anything
     try:
         config = recipe_cls.Config(**options)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
+    check_device(config.device)
+    _check_world_size(parser, run, config)
+    created: tuple[Path, ...] = ()
+    if run.run_dir is None:
+        base = f"runs/{recipe_cls.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run.run_dir, created = run_dirs.claim_default(base) if writer else (base, ())
     if run.parallel is not None or run.nproc is not None:
-        return _train_parallel(recipe_cls, options, run)
-    try:
+        return _train_parallel(recipe_cls, options, run, created)
+    with run_dirs.hold(run.run_dir, created=created):
         recipe = recipe_cls(config)
-        train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress)
-    except (MnistMissingError, MnistCorruptError, DataError, CheckpointError, FileExistsError) as err:
-        print(f"ff-train: error: {err}", file=sys.stderr)
-        return 1
-    if run.figures:
-        for path in recipe.write_figures(run.run_dir):
-            print(f"wrote {path}")
+        train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress, overwrite=run.overwrite)
+        if run.figures:
+            for path in recipe.write_figures(run.run_dir):
+                print(f"wrote {path}")
     return 0
+
+
+def _check_world_size(parser: argparse.ArgumentParser, run: RunOptions, config) -> None:
+    """Data-parallel ranks train on equal slices of every batch: refuse a batch size that is not a
+    multiple of the number of processes before starting them."""
+    if run.parallel is None and run.nproc is None:
+        return
+    world = run.nproc if run.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if (run.parallel or "data") == "data" and config.batch_size % world:
+        parser.error(f"--parallel data: the batch size ({config.batch_size}) must be a multiple of the number of "
+                     f"processes ({world})")
 
 
 def _under_torchrun() -> bool:
@@ -132,9 +190,13 @@ def _check_parallel(parser: argparse.ArgumentParser, run: RunOptions, recipe_cls
         parser.error(f"recipe {recipe_cls.name!r} supports --parallel data only; --parallel pipeline: {supported}")
 
 
-def _train_parallel(recipe_cls, options: dict, run: RunOptions) -> int:
-    """Run :func:`_parallel_worker` on every rank: in ``run.nproc`` new processes, or in this one under torchrun."""
-    from torch.multiprocessing import ProcessRaisedException
+def _train_parallel(recipe_cls, options: dict, run: RunOptions, created: tuple[Path, ...] = ()) -> int:
+    """Run :func:`_parallel_worker` on every rank: in ``run.nproc`` new processes, or in this one under torchrun.
+
+    With ``--nproc`` a rank that fails writes its one-line error into a folder this process
+    reads, so that the failure is reported as one line (the traceback with ``--debug``).
+    """
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     from ..distributed import init_from_env, spawn
 
@@ -149,17 +211,54 @@ def _train_parallel(recipe_cls, options: dict, run: RunOptions) -> int:
 
             dist.destroy_process_group()
         return 0
+    errors = tempfile.mkdtemp(prefix="ff-train-errors-")
     try:
-        spawn(_parallel_worker, run.nproc, args=args, threads=max(1, (os.cpu_count() or 1) // run.nproc))
-    except ProcessRaisedException as err:
-        print(f"ff-train: error in a training process:\n{err}", file=sys.stderr)
+        spawn(_parallel_worker, run.nproc, args=(*args, errors), threads=max(1, (os.cpu_count() or 1) // run.nproc))
+    except (ProcessRaisedException, ProcessExitedException) as err:
+        reports = sorted(Path(errors).iterdir())
+        if reports:
+            status, line = reports[0].read_text().split("\n", 1)
+            print(f"ff-train: error: {line}", file=sys.stderr)
+            return int(status)
+        if run.debug:
+            print(f"ff-train: error in a training process:\n{err}", file=sys.stderr)
+        else:
+            print(f"ff-train: error: a training process failed: {_last_line(str(err))} "
+                  "(run again with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+        for path in created:  # a default run directory left empty by a failed start
+            try:
+                path.rmdir()
+            except OSError:
+                break
     return 0
 
 
-def _parallel_worker(rank: int, device, name: str, options: dict, run: RunOptions) -> None:
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def _parallel_worker(rank: int, device, name: str, options: dict, run: RunOptions, errors: str | None = None) -> None:
     """One rank of a parallel run: the recipe on ``device`` (cuda:LOCAL_RANK with NCCL), trained with a
-    context; rank 0 writes the figures when asked."""
+    context; rank 0 writes the figures when asked. ``errors``: with ``--nproc``, the folder where
+    a failing rank leaves its one-line error (named so that a rank that found the problem sorts
+    before the ranks that stopped because of it) before exiting."""
+    try:
+        _train_rank(device, name, options, run)
+    except BaseException as err:
+        if errors is None or run.debug or isinstance(err, SystemExit):
+            raise
+        status = EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else exit_status(err)
+        line = "interrupted" if isinstance(err, KeyboardInterrupt) else error_line(err)
+        order = 0 if getattr(err, "local", True) else 1
+        Path(errors, f"{order}-{rank:05d}").write_text(f"{status}\n{line}")
+        raise SystemExit(status) from None
+
+
+def _train_rank(device, name: str, options: dict, run: RunOptions) -> None:
     from ..distributed.context import ParallelContext
 
     recipe_cls = RECIPES[name]
@@ -168,7 +267,9 @@ def _parallel_worker(rank: int, device, name: str, options: dict, run: RunOption
     recipe = recipe_cls(recipe_cls.Config(**options))
     context = ParallelContext(run.parallel, run.sync_every)
     recipe.enable_parallel(context)
-    train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress, parallel=context)
+    train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress, parallel=context,
+          overwrite=run.overwrite)
     if run.figures and context.is_writer:
-        for path in recipe.write_figures(run.run_dir):
-            print(f"wrote {path}")
+        with run_dirs.hold(run.run_dir):
+            for path in recipe.write_figures(run.run_dir):
+                print(f"wrote {path}")

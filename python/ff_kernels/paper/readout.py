@@ -26,7 +26,6 @@ evaluation errors, the running head's evaluation error for comparison, and the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -35,11 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataError, MnistCorruptError, MnistMissingError
+from .guard import TrainingDiverged, dump, nonfinite_values
 from .options import Option, add_options, check_options
 from .recipes import RECIPES
 from .recipes.unsupervised_mnist import HybridFFNet, UnsupervisedMNIST
-from .train import CheckpointError, atomic_write, load_trained
+from .train import atomic_write, load_trained
+from .user_errors import USER_ERRORS, error_line
 
 READOUT = "readout.json"
 FEATURE_BATCH = 1000  # images per forward pass when computing the features
@@ -185,7 +185,10 @@ def readout_run(recipe_name: str, run_dir: str | Path, settings: ReadoutSettings
         "holdout_errors": {str(f.weight_decay): f.holdout_errors for f in fits}, "settings": asdict(settings),
         "seconds": time.perf_counter() - started,
     }
-    atomic_write(run_dir / READOUT, lambda f: json.dump(record, f, indent=2), mode="w")
+    bad = nonfinite_values(record)
+    if bad:
+        raise TrainingDiverged(f"the readout of {run_dir} gives NaN or Inf in {', '.join(bad)}; nothing written")
+    atomic_write(run_dir / READOUT, lambda f: dump(record, f, indent=2), mode="w")
     return record
 
 
@@ -207,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     try:
         record = readout_run(run.recipe, run.run_dir, settings, run.data_dir)
-    except (ValueError, CheckpointError, MnistMissingError, MnistCorruptError, DataError) as err:
-        print(f"ff-readout: error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as err:
+        print(f"ff-readout: error: {error_line(err)}", file=sys.stderr)
         return 1
     shown = {k: v for k, v in record.items() if k not in ("holdout_errors", "settings")}
     print("readout: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))

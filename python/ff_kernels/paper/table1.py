@@ -21,11 +21,11 @@ procedures of :mod:`ff_kernels.paper.recipes.cifar_ff` ("compute goodness for ev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .guard import loads, nonfinite_values
 from .options import Option, add_options, check_options
 from .recipes.cifar_backprop import CifarBackpropConfig
 from .recipes.cifar_ff import CifarFFConfig
@@ -91,21 +91,37 @@ def load_run(path: str | Path) -> CifarRun:
     """Read ``config.json`` and the last evaluated epoch of ``metrics.jsonl`` in ``path``.
 
     Raises ValueError naming the file when the config is not one of the two CIFAR recipes' or
-    is a ``--validation`` run's.
+    is a ``--validation`` run's, and when a file is not strict JSON: a NaN or Infinity (a
+    diverged run's) is refused, not shown as a result.
     """
     path = Path(path)
-    config = json.loads((path / CONFIG).read_text())
+    config = _read_json(path / CONFIG)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG} is damaged: expected a JSON object, got {type(config).__name__}")  # noqa: TRY004 (a damaged file, reported as main reports bad files)
     recipe = next((name for name, cls in _CONFIGS.items() if config_mismatch(cls, config) is None), None)
     if recipe is None:
         raise ValueError(f"{path / CONFIG} is not the config of an ff-train cifar or cifar-backprop run; "
                          f"its keys are {sorted(config)}")
     if config["validation"]:
         raise ValueError(f"{path / CONFIG} is a --validation run: it has no test error for Table 1")
-    epochs = list(map(json.loads, (path / METRICS).read_text().splitlines()))
+    lines = (path / METRICS).read_text().splitlines()
+    epochs = [_read_json(path / METRICS, line, number) for number, line in enumerate(lines, 1) if line.strip()]
+    bad = [f"line {number}: {', '.join(keys)}" for number, m in enumerate(epochs, 1) if (keys := nonfinite_values(m))]
+    if bad:
+        raise ValueError(f"{path / METRICS} holds NaN or Inf ({'; '.join(bad)}): the run diverged, it has no result")
     evaluated = [m for m in epochs if "test_error" in m]
     ff_loss = config.get("loss", "threshold") if recipe == "cifar" else None  # runs before --loss: threshold
     return CifarRun(path, recipe, config["depth"], config.get("goodness"), _trained_iterations(config), ff_loss,
                     config["epochs"], epochs[-1]["epoch"] if epochs else 0, evaluated[-1] if evaluated else {})
+
+
+def _read_json(path: Path, text: str | None = None, line: int | None = None):
+    """Strict JSON (no NaN or Infinity) from ``path``, or from ``text``, its line ``line``."""
+    try:
+        return loads(path.read_text() if text is None else text)
+    except ValueError as err:
+        where = f"{path} line {line}" if line is not None else str(path)
+        raise ValueError(f"{where} is not valid JSON: {err}") from None
 
 
 def _cell_runs(runs: list[CifarRun]) -> dict[tuple[str, str | None, int], CifarRun]:
