@@ -107,7 +107,7 @@ def test_jpeg_archive_loads_in_the_documented_order(jpeg_dir):
 def test_decoded_arrays_are_cached_and_reused(jpeg_dir, monkeypatch, tmp_path):
     first = load_cifar10(jpeg_dir)
     cached = tmp_path / "cache" / "ff_kernels" / "cifar10" / f"jpeg-{C.SHA256[C.JPEG_ARCHIVE][:16]}"
-    assert sorted(p.name for p in cached.iterdir()) == [f"{n}.npy" for n in sorted(C._CACHE_FILES)]
+    assert sorted(p.name for p in cached.iterdir()) == sorted([f"{n}.npy" for n in C._CACHE_FILES] + [C.CACHE_DIGESTS])
     monkeypatch.setattr(C, "_decode_archive", lambda *a: pytest.fail("decoded although cached"))
     second = load_cifar10(jpeg_dir)
     assert torch.equal(first.train_images, second.train_images) and torch.equal(first.train_labels, second.train_labels)
@@ -117,8 +117,24 @@ def test_damaged_cache_is_decoded_again(jpeg_dir, tmp_path):
     first = load_cifar10(jpeg_dir)
     cached = tmp_path / "cache" / "ff_kernels" / "cifar10" / f"jpeg-{C.SHA256[C.JPEG_ARCHIVE][:16]}"
     (cached / "train_images.npy").write_bytes(b"not an array")
-    again = load_cifar10(jpeg_dir)
+    with pytest.warns(RuntimeWarning, match="does not match its recorded sha256"):
+        again = load_cifar10(jpeg_dir)
     assert torch.equal(first.train_images, again.train_images)
+
+
+def test_a_replaced_cache_is_caught_by_its_digest_and_decoded_again(jpeg_dir, tmp_path):
+    """A cache whose arrays are valid but not the archive's (all-zero images) is not used."""
+    first = load_cifar10(jpeg_dir)
+    cached = tmp_path / "cache" / "ff_kernels" / "cifar10" / f"jpeg-{C.SHA256[C.JPEG_ARCHIVE][:16]}"
+    zeros = np.zeros_like(np.load(cached / "train_images.npy"))
+    np.save(cached / "train_images.npy", zeros, allow_pickle=False)
+    with pytest.warns(RuntimeWarning, match="train_images.npy"):
+        again = load_cifar10(jpeg_dir)
+    assert torch.equal(first.train_images, again.train_images) and again.train_images.any()
+    assert not (np.load(cached / "train_images.npy") == 0).all()  # rewritten, with fresh digests
+    (cached / C.CACHE_DIGESTS).unlink()  # a cache written before the digests: decoded again, quietly
+    assert torch.equal(load_cifar10(jpeg_dir).train_images, first.train_images)
+    assert (cached / C.CACHE_DIGESTS).is_file()
 
 
 def test_subsets_without_cache_decode_only_those_and_write_no_cache(jpeg_dir, tmp_path):

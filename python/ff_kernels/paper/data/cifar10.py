@@ -14,6 +14,9 @@ Two layouts are understood. In a folder, the first one found wins:
    npz is there, the exact test set ("test_exact"). The decoded arrays are cached as .npy files
    under :func:`cache_dir` (keyed by the archive's sha256), so only the first full load decodes;
    a load of a few images (``train_subset`` / ``eval_subset``) without a cache decodes just those.
+   The sha256 of every cache file is recorded (:data:`CACHE_DIGESTS`) when the cache is written
+   and checked whenever it is read: a cache that does not match (damaged, replaced, or written
+   before the digests were kept) is decoded again, with a warning when it was damaged.
 
 Where the folder is, first match wins: the ``data_dir`` argument; ``$FF_KERNELS_DATA/cifar10``;
 the user cache ``$XDG_CACHE_HOME/ff_kernels/cifar10`` (``~/.cache/ff_kernels/cifar10``), into
@@ -33,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import json
 import os
 import pickle
 import re
@@ -40,6 +44,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -73,6 +78,7 @@ SHA256 = {
 SHUFFLE_SEED = 0
 _JPEG_NAME = re.compile(r"(train|test)/([a-z]+)/(\d+)\.jpg")
 _CACHE_FILES = ("train_images", "train_labels", "test_images", "test_labels")
+CACHE_DIGESTS = "sha256.json"  # {"train_images.npy": sha256 hex, ...}, written last
 
 
 class Cifar10MissingError(DataError, FileNotFoundError):
@@ -271,9 +277,57 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_cache(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The decoded splits as .npy files in ``folder``, then their sha256 (:data:`CACHE_DIGESTS`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CACHE_DIGESTS).unlink(missing_ok=True)  # no digests while the files change
+    for split, (images, labels) in splits.items():
+        _save_npy(folder / f"{split}_images.npy", images)
+        _save_npy(folder / f"{split}_labels.npy", labels)
+    digests = {f"{name}.npy": _file_sha256(folder / f"{name}.npy") for name in _CACHE_FILES}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CACHE_DIGESTS}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(digests, f, indent=2)
+        os.replace(tmp, folder / CACHE_DIGESTS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cache_verified(folder: Path) -> bool:
+    """Whether every cache file in ``folder`` has the sha256 recorded when it was written; a
+    cache that exists but does not match gets a warning (it is decoded again)."""
+    try:
+        recorded = json.loads((folder / CACHE_DIGESTS).read_text())
+    except (OSError, ValueError):
+        return False  # no cache, or one written before the digests were kept
+    try:
+        bad = [name for name in (f"{n}.npy" for n in _CACHE_FILES)
+               if not isinstance(recorded, dict) or recorded.get(name) != _file_sha256(folder / name)]
+    except OSError:
+        bad = ["a missing file"]
+    if bad:
+        warnings.warn(f"ff_kernels: the CIFAR-10 cache {folder} does not match its recorded sha256 ({', '.join(bad)}): "
+                      "decoding the archive again", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _read_cache(folder: Path, limits: dict[str, int | None]) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """The cached decoded archive, each split cut to its first ``limits[split]`` images (memory-mapped,
-    so only those are read), or None if absent or damaged (then it is decoded again)."""
+    so only those are read), or None if absent, damaged or not matching its digests (then it is
+    decoded again)."""
+    if not _cache_verified(folder):
+        return None
     try:
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _CACHE_FILES}
         out = {s: (arrays[f"{s}_images"][: limits[s]], arrays[f"{s}_labels"][: limits[s]]) for s in ("train", "test")}
@@ -293,10 +347,7 @@ def _load_jpeg(folder: Path, train_subset: int | None, eval_subset: int | None) 
     if splits is None:
         splits = _decode_archive(archive, limits)
         if train_subset is None and eval_subset is None:
-            cached.mkdir(parents=True, exist_ok=True)
-            for split, (images, labels) in splits.items():
-                _save_npy(cached / f"{split}_images.npy", images)
-                _save_npy(cached / f"{split}_labels.npy", labels)
+            _write_cache(cached, splits)
     eval_sets = {"test": _to_tensors(*splits["test"])}
     exact = folder / EXACT_TEST
     if exact.is_file():
