@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -129,7 +130,7 @@ def _main(parser: argparse.ArgumentParser, options: dict) -> int:
             parser.error("--resume needs --run-dir")
         if run.overwrite:
             parser.error("--resume continues the run in --run-dir, --overwrite starts one afresh there: give one of them")
-        run_dirs.check_path(run.run_dir)
+        run_dirs.check_not_in_use(run.run_dir)
         saved = Path(run.run_dir) / CONFIG
         if not saved.is_file():
             parser.error(f"--resume: {saved} does not exist" + (
@@ -212,6 +213,11 @@ def _train_parallel(recipe_cls, options: dict, run: RunOptions, created: tuple[P
             dist.destroy_process_group()
         return 0
     errors = tempfile.mkdtemp(prefix="ff-train-errors-")
+    # torch logs a warning per process it stops after another failed; the failure's own line says it all
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    if not run.debug:
+        spawn_log.setLevel(logging.ERROR)
     try:
         spawn(_parallel_worker, run.nproc, args=(*args, errors), threads=max(1, (os.cpu_count() or 1) // run.nproc))
     except (ProcessRaisedException, ProcessExitedException) as err:
@@ -227,6 +233,7 @@ def _train_parallel(recipe_cls, options: dict, run: RunOptions, created: tuple[P
                   "(run again with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
+        spawn_log.setLevel(level)
         shutil.rmtree(errors, ignore_errors=True)
         for path in created:  # a default run directory left empty by a failed start
             try:

@@ -69,7 +69,7 @@ class LossCheck:
 
     def add(self, loss: torch.Tensor | float, total: torch.Tensor | float) -> None:
         self.steps += 1
-        if not torch.is_tensor(loss) or loss.device.type == "cpu":
+        if _read_at_once(loss):
             value = float(loss)
             if not math.isfinite(value):
                 raise NonFinite(f"the training loss is {value}", (self.steps, self.steps))
@@ -86,6 +86,11 @@ class LossCheck:
         if not math.isfinite(value):
             raise NonFinite(f"the training loss is {value}", (self.checked + 1, self.steps))
         self.checked = self.steps
+
+
+def _read_at_once(loss: torch.Tensor | float) -> bool:
+    """Whether reading ``loss`` costs no wait for a device (a number, or a CPU tensor)."""
+    return not torch.is_tensor(loss) or loss.device.type == "cpu"
 
 
 def nonfinite_names(named: Iterable[tuple[str, Any]]) -> list[str]:

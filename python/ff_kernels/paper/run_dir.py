@@ -101,13 +101,19 @@ def other_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
 
 
-def check_fresh(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise unless a fresh run may start in ``run_dir``: not locked by another process, and empty
-    unless ``overwrite``. Reads only."""
+def check_not_in_use(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` (see :func:`check_path`); RunDirInUse when another process holds its lock. Reads only."""
     run_dir = check_path(run_dir)
     owner = None if holds(run_dir) else holder(run_dir)
     if owner is not None:
         raise RunDirInUse(f"run directory {run_dir} is in use by another ff-train run: {owner}")
+    return run_dir
+
+
+def check_fresh(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise unless a fresh run may start in ``run_dir``: not locked by another process, and empty
+    unless ``overwrite``. Reads only."""
+    run_dir = check_not_in_use(run_dir)
     if overwrite:
         return
     names = other_files(run_dir)

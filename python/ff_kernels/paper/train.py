@@ -416,7 +416,9 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
     deleted (:func:`~ff_kernels.paper.run_dir.delete_run_files`; other files stay). The writer
     holds the directory's lock throughout (a second writer gets RunDirInUse). ``parallel``:
     this rank's context in a parallel run (the recipe must already have it, see the module
-    docstring). A run that diverges raises TrainingDiverged and writes nothing non-finite.
+    docstring). A run that diverges raises TrainingDiverged and writes nothing non-finite. A
+    fresh run that fails before its first checkpoint deletes the config.json and metrics.jsonl
+    it wrote (and the directory, if it made it and it is left empty).
     Returns the summary (also written to ``summary.json`` and printed as one line, by rank 0).
     """
     writer = parallel is None or parallel.is_writer
@@ -433,7 +435,15 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
                 run_dirs.check_fresh(run_dir, overwrite)  # again, now that no one else can write there
                 if overwrite:
                     run_dirs.delete_run_files(run_dir)
-        return _train(recipe, run_dir, resume, progress, parallel, writer)
+        try:
+            return _train(recipe, run_dir, resume, progress, parallel, writer)
+        except BaseException:
+            if writer and not resume and not (run_dir / CHECKPOINT).exists():
+                # a fresh run stopped before its first checkpoint: nothing of it is worth keeping
+                for name in (CONFIG, METRICS):
+                    with contextlib.suppress(OSError):
+                        (run_dir / name).unlink()
+            raise
 
 
 def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, parallel: ParallelContext | None,

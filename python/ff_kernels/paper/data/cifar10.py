@@ -107,7 +107,8 @@ class Cifar10(NamedTuple):
         sizes.update({f"n_eval ({name})": (n_eval, len(labels)) for name, (_, labels) in self.eval_sets.items()})
         for what, (n, available) in sizes.items():
             if n is not None and not 0 < n <= available:
-                raise ValueError(f"{what} must be in 1..{available}, got {n}")
+                option = "--train-subset" if what == "n_train" else "--eval-subset"
+                raise ValueError(f"{what} must be in 1..{available}, got {n} ({option}: there are {available} images)")
         return Cifar10(self.train_images[:n_train], self.train_labels[:n_train],
                        {k: (x[:n_eval], y[:n_eval]) for k, (x, y) in self.eval_sets.items()}, self.source)
 

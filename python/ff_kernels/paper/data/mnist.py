@@ -192,7 +192,9 @@ class MnistSplits(NamedTuple):
         for name, n, labels in (("n_train", n_train, self.train_labels), ("n_eval", n_eval, self.eval_labels)):
             available = len(labels)
             if n is not None and not 0 < n <= available:
-                raise ValueError(f"{name} must be in 1..{available}, got {n}")
+                option = "--train-subset" if name == "n_train" else "--eval-subset"
+                raise ValueError(f"{name} must be in 1..{available}, got {n} ({option}: there are {available} "
+                                 f"{'training' if name == 'n_train' else 'evaluation'} images)")
         return MnistSplits(
             self.train_images[:n_train], self.train_labels[:n_train], self.eval_images[:n_eval],
             self.eval_labels[:n_eval], self.eval_name,
