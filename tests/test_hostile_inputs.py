@@ -647,7 +647,35 @@ def test_resume_with_another_recipe_names_the_right_one(mnist_dir, tmp_path, cap
 def test_resume_without_a_checkpoint(mnist_dir, tmp_path, capsys):
     (tmp_path / CONFIG).write_text(json.dumps({"width": 16, "depth": 2}))
     assert main(["supervised", "--run-dir", str(tmp_path), "--resume", "--data-dir", str(mnist_dir)]) == 1
-    one_error_line(capsys, "no checkpoint at")
+    one_error_line(capsys, "no checkpoint at", "start it afresh with --overwrite")
+
+
+def test_resume_with_fewer_epochs_than_done_or_of_a_diverged_checkpoint(mnist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["supervised", *tiny(mnist_dir), "--epochs", "2", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    assert main(["supervised", "--run-dir", str(run), "--resume", "--epochs", "1"]) == 1
+    one_error_line(capsys, "has finished 2 epochs: resume it with --epochs 2 or more, not 1")
+    assert snapshot(run) == before
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    state["model"]["net.0.weight"][0, 0] = float("nan")  # a checkpoint written before the guard existed
+    torch.save(state, run / CHECKPOINT)
+    before = snapshot(run)
+    assert main(["supervised", "--run-dir", str(run), "--resume", "--epochs", "3"]) == 1
+    one_error_line(capsys, "holds NaN or Inf in net.0.weight: the run had diverged")
+    assert snapshot(run) == before
+
+
+def test_a_seed_torch_cannot_take_and_running_out_of_memory(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["supervised", "--seed", str(2**70), "--run-dir", str(tmp_path / "r")])
+    one_error_line(capsys, "seed must be an int >=")
+    from ff_kernels.paper.user_errors import error_line
+
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 40000000000000 bytes.")
+    assert error_line(oom).startswith("out of memory (RuntimeError: ") and "--width" in error_line(oom)
 
 
 def test_an_odd_batch_size_for_two_processes_fails_before_starting_them(tmp_path, capsys):

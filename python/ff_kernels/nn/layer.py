@@ -183,7 +183,12 @@ class FFLayer(nn.Module):
         for x in (x_pos, x_neg):
             if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not x.is_floating_point() or x.numel() == 0:
                 continue  # the op checks what it must be; off the CPU this would wait for the device
-            x_norm = max(x_norm, float(torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).max()))
+            # the whole batch's norm bounds every row's: one cheap float32 reduction, the exact
+            # per-row norms (float64) only when it is large
+            whole = float(torch.linalg.vector_norm(x, dtype=torch.float32))
+            if whole >= 1e13:
+                whole = float(torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).max())
+            x_norm = max(x_norm, whole)
         if not math.isfinite(x_norm) or x_norm < 1e13:
             return  # NaN/Inf inputs: the op's own check names them; smaller inputs cannot overflow a sane layer
         bound = x_norm * float(torch.linalg.vector_norm(self.weight.detach(), dtype=torch.float64))

@@ -32,7 +32,7 @@ from ..distributed.context import MODES
 from . import run_dir as run_dirs
 from .options import Option, add_options, check_options
 from .recipes import RECIPES
-from .train import CONFIG, read_run_config, train
+from .train import CHECKPOINT, CONFIG, CheckpointError, read_run_config, train
 from .user_errors import EXIT_INTERRUPTED, EXIT_USAGE, check_device, error_line, exit_status
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("ff-train: interrupted; the checkpoint of the last finished epoch is kept (continue with --resume)",
+        print("ff-train: interrupted (a run with a checkpoint continues from its last finished epoch with --resume)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
@@ -136,6 +136,9 @@ def _main(parser: argparse.ArgumentParser, options: dict) -> int:
             parser.error(f"--resume: {saved} does not exist" + (
                 f" ({run.run_dir} is not an ff-train run directory)" if Path(run.run_dir).is_dir() else ""))
         options = {**read_run_config(recipe_cls, run.run_dir), **options}
+        if not (Path(run.run_dir) / CHECKPOINT).exists():
+            raise CheckpointError(f"no checkpoint at {Path(run.run_dir) / CHECKPOINT}: the run stopped before finishing "
+                                  "its first epoch; start it afresh with --overwrite instead of --resume")
     elif run.run_dir is not None and writer:
         run_dirs.check_fresh(run.run_dir, run.overwrite)  # refuse before loading anything
     try:

@@ -26,7 +26,6 @@ The paper's size is the recipe's default (3 x 2000): leave out ``--width 500``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .data.aesop import ALPHABET, decode
+from .guard import loads
 from .options import Option, add_options, check_options
 from .train import CONFIG, METRICS, CheckpointError, load_trained
 
@@ -60,10 +60,10 @@ def read_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     for name in (CONFIG, METRICS):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir} is not a finished aesop run: {name} is missing")
-    config = json.loads((run_dir / CONFIG).read_text())
+    config = loads((run_dir / CONFIG).read_text())  # strict: a NaN (a diverged run's) is refused
     if "regime" not in config:
         raise ValueError(f"{run_dir} is not an aesop run: its {CONFIG} has no 'regime'")
-    metrics = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
+    metrics = [loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
     if not metrics:
         raise ValueError(f"{run_dir} has no finished epoch in {METRICS}")
     return config, metrics

@@ -94,16 +94,22 @@ def _read_at_once(loss: torch.Tensor | float) -> bool:
 
 
 def nonfinite_names(named: Iterable[tuple[str, Any]]) -> list[str]:
-    """The names of the floating tensors of ``named`` that hold a NaN or Inf (one wait per
-    device, not per tensor)."""
-    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    """The names of the floating tensors of ``named`` that hold a NaN or Inf.
+
+    One float32 sum per tensor (finite whenever every element is; one pass, no copy), read with
+    one wait per device; only a tensor whose sum is not finite (a NaN or Inf, or finite values
+    whose sum overflows) is checked element by element.
+    """
+    sums: dict[torch.device, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for name, value in named:
-        if torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()) and value.numel():
-            flags.setdefault(value.device, []).append((name, torch.isfinite(value.detach()).all()))
+        if torch.is_tensor(value) and value.is_floating_point() and value.numel():
+            value = value.detach()
+            sums.setdefault(value.device, []).append((name, value, value.sum(dtype=torch.float32)))
     bad = []
-    for entries in flags.values():
-        finite = torch.stack([flag for _, flag in entries]).tolist()
-        bad += [name for (name, _), ok in zip(entries, finite, strict=True) if not ok]
+    for entries in sums.values():
+        finite = torch.isfinite(torch.stack([total for _, _, total in entries])).tolist()
+        bad += [name for (name, value, _), ok in zip(entries, finite, strict=True)
+                if not ok and not bool(torch.isfinite(value).all())]
     return bad
 
 

@@ -457,6 +457,13 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, parallel
         state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
         defaults = {f.name: f.default for f in dataclasses.fields(recipe.config) if f.default is not dataclasses.MISSING}
         _check_resumable(state["config"], config, checkpoint_path, defaults)
+        if state["epoch"] > recipe.config.epochs:
+            raise CheckpointError(f"{checkpoint_path} has finished {state['epoch']} epochs: resume it with --epochs "
+                                  f"{state['epoch']} or more, not {recipe.config.epochs}")
+        bad = guard.nonfinite_names(state["model"].items())
+        if bad:
+            raise CheckpointError(f"checkpoint {checkpoint_path} holds NaN or Inf in {guard.describe_names(bad)}: "
+                                  "the run had diverged; start afresh with --overwrite")
         recipe.model.load_state_dict(state["model"])
         recipe.optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:

@@ -51,13 +51,24 @@ def os_error_line(err: OSError) -> str:
 
 def error_line(err: BaseException) -> str:
     """The one line (no newline) that stands for ``err``."""
-    if isinstance(err, OSError) and err.errno is not None and not isinstance(err, RunDirError):
+    if _out_of_memory(err):
+        first = (str(err).strip().splitlines() or [""])[0]
+        text = (f"out of memory ({type(err).__name__}: {first[:200]}): use a smaller --width, --depth or "
+                "--batch-size (or --train-subset), or a machine with more memory")
+    elif isinstance(err, OSError) and err.errno is not None and not isinstance(err, RunDirError):
         text = os_error_line(err)
     elif isinstance(err, USER_ERRORS):
         text = str(err)
     else:
         text = f"{type(err).__name__}: {err} (unexpected; run again with --debug for the traceback)"
     return " ".join(text.split())
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """MemoryError, torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return isinstance(err, (MemoryError, oom)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def exit_status(err: BaseException) -> int:

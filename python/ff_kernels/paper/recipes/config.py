@@ -24,7 +24,7 @@ EPOCHS = Option("number of epochs", min=1)
 BATCH_SIZE = Option("rows per batch", min=1)
 LR = Option("learning rate of the FF layers", above=0)
 WEIGHT_DECAY = Option("FF layers' weight decay", min=0)
-SEED = Option("seed of the initialization and of every random draw of the run")
+SEED = Option("seed of the initialization and of every random draw of the run", min=-(2**63), max=2**64 - 1)  # torch's range
 DEVICE = Option("cpu, cuda, cuda:1, ...")
 MNIST_DIR = Option("folder with the four IDX files of MNIST, Fashion-MNIST or KMNIST", none="$FF_KERNELS_DATA/mnist or download")
 
