@@ -203,8 +203,10 @@ class RunLock:
                 break
             os.close(fd)
         self.fd = fd
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        program = "ff-train" if program in ("__main__.py", "ff-train") else program  # python -m ff_kernels
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+                "command": " ".join([program, *sys.argv[1:]])[:300]}
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
