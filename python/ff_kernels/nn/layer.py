@@ -185,7 +185,8 @@ class FFLayer(nn.Module):
                 continue  # the op checks what it must be; off the CPU this would wait for the device
             # the whole batch's norm bounds every row's: one cheap float32 reduction, the exact
             # per-row norms (float64) only when it is large
-            whole = float(torch.linalg.vector_norm(x, dtype=torch.float32))
+            low = x.dtype in (torch.float16, torch.bfloat16)  # a float64 input (refused by the op) stays float64
+            whole = float(torch.linalg.vector_norm(x, dtype=torch.float32 if low else None))
             if whole >= 1e13:
                 whole = float(torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).max())
             x_norm = max(x_norm, whole)
