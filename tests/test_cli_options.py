@@ -23,8 +23,11 @@ from ff_kernels.paper.recipes import RECIPES
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "ff_train_options.json").read_text())
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
            argparse._StoreFalseAction: "store_false", argparse._StoreConstAction: "store_const"}
-ADDED: dict[str, set[str]] = {}  # recipe -> flags added since the snapshot
-CHANGED: dict[str, dict[str, object]] = {}  # recipe -> {field: new default}
+MNIST_RECIPES = ("supervised", "jitter", "unsupervised", "local", "backprop", "recurrent")
+# recipe -> flags added since the snapshot: --dataset (the IDX set: MNIST, Fashion-MNIST, KMNIST or unverified)
+ADDED: dict[str, set[str]] = {name: {"--dataset"} for name in MNIST_RECIPES}
+# recipe -> {field: default} of the fields added since the snapshot (or deliberately changed)
+CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} for name in MNIST_RECIPES}
 
 
 def _recipe_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_parallel(recipe_cls, options, run)
     try:
         recipe = recipe_cls(config)
+        if not run.no_progress and hasattr(recipe, "data_source"):
+            print(f"data: {recipe.data_source}", flush=True)
         train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress)
     except (MnistMissingError, MnistCorruptError, DataError, CheckpointError, FileExistsError) as err:
         print(f"ff-train: error: {err}", file=sys.stderr)

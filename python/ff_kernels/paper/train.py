@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .options import OPTION
+
 if TYPE_CHECKING:
     from ..distributed.context import ParallelContext
 
@@ -201,10 +203,12 @@ def evaluation_due(finished_epochs: int, config: Any) -> bool:
     return finished_epochs % getattr(config, "eval_every", 1) == 0 or finished_epochs >= config.epochs
 
 
-def _check_resumable(saved: dict, current: dict, path: Path, defaults: dict) -> None:
+def _check_resumable(saved: dict, current: dict, path: Path, defaults: dict, detected: tuple[str, ...] = ()) -> None:
     """The resumed config may differ from the saved one only in RESUMABLE_FIELDS; a field the
-    saved one lacks (added since the run) counts as its default from ``defaults``."""
+    saved one lacks (added since the run) counts as its default from ``defaults``, and a
+    ``detected`` field saved as None (found out when the run starts) accepts what was found."""
     saved = {**defaults, **saved}
+    saved.update({k: current.get(k) for k in detected if saved.get(k) is None})
     changed = {k for k in saved.keys() | current.keys() if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)}
     if changed:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in sorted(changed))
@@ -282,7 +286,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, prog
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
         defaults = {f.name: f.default for f in dataclasses.fields(recipe.config) if f.default is not dataclasses.MISSING}
-        _check_resumable(state["config"], config, checkpoint_path, defaults)
+        detected = tuple(f.name for f in dataclasses.fields(recipe.config) if getattr(f.metadata.get(OPTION), "detected", False))
+        _check_resumable(state["config"], config, checkpoint_path, defaults, detected)
         recipe.model.load_state_dict(state["model"])
         recipe.optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
