@@ -43,8 +43,8 @@ def _tile_occupancy(mask: torch.Tensor, config: fftriton.BlockConfig) -> torch.T
 
 
 def _forward(x_pos, x_neg, weight, bias, goodness, mask):
-    m, (n, k) = x_pos.shape[0] + x_neg.shape[0], weight.shape
-    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.block_config(weight.dtype, m, n, k))
+    n, k = weight.shape
+    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.block_config(weight.dtype, n, k, _precision()))
     return fftriton.ff_linear_forward(
         x_pos, x_neg, weight, bias, goodness=goodness, mask=mask, tile_occupancy=occupancy, precision=_precision()
     )
@@ -71,8 +71,8 @@ def train_step(
         n_features=weight.shape[0], rms=rms, eps=FF.NORM_EPS,
     )
     output = fftriton.scale_rows(h, stats.inv_norm)
-    (n, k), m = weight.shape, h.shape[0]
-    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.update_block_config(weight.dtype, m, n, k))
+    n, k = weight.shape
+    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.update_block_config(weight.dtype, n, k, _precision()))
     update = {"goodness": goodness, "mask": mask, "tile_occupancy": occupancy, "precision": _precision()}
     if mode == "grad":
         for param in (weight, bias):
