@@ -140,15 +140,15 @@ class Problem:
     def n_pos(self) -> int:
         return self.x_pos.shape[0]
 
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """float64 CPU copies (x_pos, x_neg, W, b, mask) of the kernel's inputs, x_scale folded into x."""
+    def reference(self, device="cpu") -> tuple:
+        """float64 copies (x_pos, x_neg, W, b, mask) of the kernel's inputs on ``device``, x_scale folded into x."""
         def copy(t):
-            return None if t is None else t.detach().to("cpu", torch.float64, copy=True)
+            return None if t is None else t.detach().to(device, torch.float64, copy=True)
 
         x = copy(torch.cat([self.x_pos, self.x_neg]))
         if self.x_scale is not None:
             x = x * copy(self.x_scale)[:, None]
-        mask = None if self.mask is None else self.mask.cpu()
+        mask = None if self.mask is None else self.mask.to(device)
         return x[: self.n_pos], x[self.n_pos :], copy(self.weight), copy(self.bias), mask
 
     def threshold(self, goodness: str) -> float:
@@ -197,9 +197,9 @@ def kernel_stats(p: Problem, goodness: str, threshold: float, precision: str = "
     return h, stats
 
 
-def reference_grads(p: Problem, goodness: str, threshold: float):
-    """float64 (loss, dW, db) by autograd on functional.ff_linear_loss."""
-    x_pos, x_neg, w, b, mask = p.reference()
+def reference_grads(p: Problem, goodness: str, threshold: float, device="cpu"):
+    """float64 (loss, dW, db) by autograd on functional.ff_linear_loss, computed on ``device``."""
+    x_pos, x_neg, w, b, mask = p.reference(device)
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
