@@ -14,6 +14,7 @@ shared memory exceeds the H100/H200 limit (227 KB per block).
 
     python scripts/check_gpu_compile.py              # every config, all cores
     python scripts/check_gpu_compile.py --jobs 1 --only update --csv out.csv
+    .venv-triton36/bin/python scripts/check_gpu_compile.py --triton-version 3.6.   # as CI runs it
 
 The JIT would compile the same code on the device: run it with the Triton version the device
 has (CI: triton 3.6 in .venv-triton36, see .ci/run).
@@ -237,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--only", nargs="+", choices=list(KERNELS), default=list(KERNELS), help="kernels to compile")
     parser.add_argument("--csv", help="also write the table as CSV to this path")
+    parser.add_argument("--triton-version", help="fail unless the imported triton's version starts with this")
     args = parser.parse_args(argv)
+    if args.triton_version and not triton.__version__.startswith(args.triton_version):
+        print(f"triton {triton.__version__} is not the version asked for ({args.triton_version}): {triton.__file__}")
+        return 1
     only = set(args.only)
     jobs = gemm_jobs(only) + row_jobs(only)
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}: {len(jobs)} compiles on {args.jobs} processes",
