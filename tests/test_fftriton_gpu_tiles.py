@@ -16,7 +16,6 @@ case, one goodness); ``-m slow`` adds the rest.
 from __future__ import annotations
 
 import pytest
-import torch
 from test_fftriton import (
     CASE_IDS,
     DTYPES,
@@ -29,7 +28,7 @@ from test_fftriton import (
     tile_units,
 )
 
-from fftriton import block_config
+from fftriton import block_config, update_block_config
 from fftriton._checks import interpreting
 from fftriton.config import gpu_tiles
 
@@ -87,8 +86,10 @@ def test_update_sgd_bf16_gpu_tiles(device, goodness, case):
     check_sgd_bf16(device, goodness, case)
 
 
-def test_sparse_mask_spans_gpu_tiles():
-    """The masked cases have empty and occupied GPU tiles (sparse_mask asserts it) in a 2 x 2 or larger grid."""
-    for n_pos, n_neg, n, k, *_ in GPU_CASES:
-        cfg = block_config(torch.float32, n, k, "tf32")
-        assert -(-n // cfg.block_n) >= 2 and -(-k // cfg.block_k) >= 2, (n, k, cfg)
+def test_cases_span_two_gpu_tiles():
+    """Every case's weight spans two or more tiles of both launchers in both dims, at every dtype and precision."""
+    for _, _, n, k, *_ in GPU_CASES:
+        for dtype in DTYPES:
+            for precision in ("tf32", "ieee"):
+                for cfg in (block_config(dtype, n, k, precision), update_block_config(dtype, n, k, precision)):
+                    assert -(-n // cfg.block_n) >= 2 and -(-k // cfg.block_k) >= 2, (n, k, dtype, precision, cfg)
