@@ -91,6 +91,7 @@ def test_no_host_sync_in_a_cuda_step(layer_kind, mode):
         return layer.ff_step(x_pos, x_neg, lr=0.01, momentum=0.9)
 
     step()
+    validation.raise_if_nonfinite()  # reads (and resets) the flags now, not within the next steps
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
