@@ -47,14 +47,8 @@ def extension_build() -> dict:
 
 
 setup(
-    name="ff_kernels",
-    version="0.1.0",
-    description="Forward-Forward training with fused Triton kernels and a pure-torch reference",
+    # Metadata, dependencies and entry points: pyproject.toml. Here: where the packages are, and the extension.
     packages=find_packages("python") + ["fftriton"],
     package_dir={"ff_kernels": "python/ff_kernels", "fftriton": "fftriton"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
-    extras_require={"triton": ["triton>=3.0"], "plots": ["matplotlib"]},
-    entry_points={"console_scripts": ["ff-train=ff_kernels.paper.cli:main", "ff-readout=ff_kernels.paper.readout:main"]},
     **extension_build(),
 )

@@ -39,21 +39,20 @@ def _linear_forward_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(tl.cdiv(K, BLOCK_K)):
-        occupied = True
+        ins = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_end = K
+        if HAS_MASK:  # an empty tile loads nothing (all lanes masked off) and its dot adds zeros
+            k_end = tl.where(tl.load(occ_ptr + pid_n * stride_occ + kb) != 0, K, 0)
+        x = load_x_tile(xp_ptr, xn_ptr, stride_xp, stride_xn, rows, ins, M, Mp, k_end)
+        w_ok = out_ok[:, None] & (ins < k_end)[None, :]
+        w_offs = w_rows[:, None] + ins[None, :]
+        w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)
         if HAS_MASK:
-            occupied = tl.load(occ_ptr + pid_n * stride_occ + kb) != 0
-        if occupied:
-            ins = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = load_x_tile(xp_ptr, xn_ptr, stride_xp, stride_xn, rows, ins, M, Mp, K)
-            w_ok = out_ok[:, None] & (ins < K)[None, :]
-            w_offs = w_rows[:, None] + ins[None, :]
-            w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)
-            if HAS_MASK:
-                w = tl.where(tl.load(mask_ptr + w_offs, mask=w_ok, other=0) != 0, w, 0.0)
-            if DOT_IN_FP32:  # the interpreter's tl.dot cannot multiply bfloat16 (triton#11584)
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            w = tl.where(tl.load(mask_ptr + w_offs, mask=w_ok, other=0) != 0, w, 0.0)
+        if DOT_IN_FP32:  # the interpreter's tl.dot cannot multiply bfloat16 (triton#11584)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
 
     if HAS_SCALE:
         acc = acc * tl.load(xs_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -104,7 +103,7 @@ def ff_linear_forward(
         mask: optional (N, K) bool/uint8 connectivity; masked weights are read as zero.
         tile_occupancy: optional int32 (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)) map of this
             launcher's ``block_config`` tiles (see ``mask_tile_occupancy``); K-steps over
-            empty tiles are skipped. Built here from the mask when None (a pass over the
+            empty tiles load nothing. Built here from the mask when None (a pass over the
             whole mask: cache it per layer instead).
         precision: "tf32" (tensor-core TF32 for float32 inputs) or "ieee"; bfloat16 ignores it.
 
@@ -131,7 +130,7 @@ def ff_linear_forward(
         check_tensor("bias", bias, (n,), weight.dtype, device, contiguous=True)
     if x_scale is not None:
         check_tensor("x_scale", x_scale, (m,), torch.float32, device, contiguous=True)
-    cfg = block_config(weight.dtype, m, n, k)
+    cfg = block_config(weight.dtype, n, k, precision)
     n_col_blocks = triton.cdiv(n, cfg.block_n)
     if mask is not None:
         mask = check_mask(mask, weight)

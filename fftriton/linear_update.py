@@ -54,6 +54,7 @@ def _linear_update_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     occupied = True
+    k_end = K  # columns of x read; 0 in a bias-owning program of an empty tile, whose dots add zeros
     if HAS_MASK:
         occupancy = tl.load(occ_ptr + pid_n * stride_occ + pid_k)
         idle = occupancy == 0
@@ -62,6 +63,7 @@ def _linear_update_kernel(
         if idle:
             return  # an empty tile: W and its momentum are zero there (invariant) and stay so
         occupied = occupancy != 0
+        k_end = tl.where(occupied, K, 0)
 
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ins = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -80,15 +82,15 @@ def _linear_update_kernel(
         c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)  # zero on padding rows
         if HAS_BIAS:
             db += tl.sum(c[:, None] * dg_dz, axis=0)
-        if occupied:  # false only in a bias-owning program of an empty tile
-            if HAS_SCALE:  # delta.T @ (s * x) == (s * delta).T @ x: fold s into the row coefficient
-                c = c * tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
-            x = load_x_tile(xp_ptr, xn_ptr, stride_xp, stride_xn, rows, ins, M, Mp, K)
-            delta = (c[:, None] * dg_dz).to(x.dtype)  # a bfloat16 dot: both operands bfloat16
-            if DOT_IN_FP32:  # the interpreter's tl.dot cannot multiply bfloat16 (triton#11584)
-                x = x.to(tl.float32)
-                delta = delta.to(tl.float32)
-            acc = tl.dot(tl.trans(delta), x, acc, input_precision=PRECISION)
+        if HAS_SCALE:  # delta.T @ (s * x) == (s * delta).T @ x: fold s into the row coefficient
+            c = c * tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
+        # Branch-free (k_end, not an `if`), so that the loop is software-pipelined.
+        x = load_x_tile(xp_ptr, xn_ptr, stride_xp, stride_xn, rows, ins, M, Mp, k_end)
+        delta = (c[:, None] * dg_dz).to(x.dtype)  # a bfloat16 dot: both operands bfloat16
+        if DOT_IN_FP32:  # the interpreter's tl.dot cannot multiply bfloat16 (triton#11584)
+            x = x.to(tl.float32)
+            delta = delta.to(tl.float32)
+        acc = tl.dot(tl.trans(delta), x, acc, input_precision=PRECISION)
 
     tile_ok = out_ok[:, None] & (ins < K)[None, :]
     w_offs = outs.to(tl.int64)[:, None] * K + ins[None, :]  # W-shaped tensors are contiguous (N, K)
@@ -220,7 +222,7 @@ def ff_linear_update(
     if x_scale is not None:
         check_tensor("x_scale", x_scale, (m,), torch.float32, device, contiguous=True)
     _check_mode_args(mode, weight, bias, weight_grad, bias_grad, weight_buf, bias_buf, lr, momentum, weight_decay)
-    cfg = update_block_config(weight.dtype, m, n, k)
+    cfg = update_block_config(weight.dtype, n, k, precision)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))
     if mask is not None:
         mask = check_mask(mask, weight)

@@ -44,11 +44,14 @@ def _row_stats_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     part_rows = rows.to(tl.int64) * n_cols
-    g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Sum whole tiles in the loop and reduce once after it: a row sum carried through the loop
+    # crashes triton 3.6's sm_90 compiler (OptimizeThreadLocality) when n_cols is a multiple of 16.
+    tile_sum = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        g += tl.sum(tl.load(part_ptr + part_rows[:, None] + cols[None, :], mask=ok, other=0.0), axis=1)
+        tile_sum += tl.load(part_ptr + part_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+    g = tl.sum(tile_sum, axis=1)
 
     # v is the softplus argument: -s for positive rows, s for negative rows.
     s = sign * (g - threshold) / temperature

@@ -23,12 +23,14 @@ from ff_kernels.paper.recipes import RECIPES
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "ff_train_options.json").read_text())
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
            argparse._StoreFalseAction: "store_false", argparse._StoreConstAction: "store_const"}
-ADDED: dict[str, set[str]] = {  # recipe -> flags added since the snapshot
-    # RunOptions, every recipe: --overwrite (a fresh run in a directory that holds files) and
-    # --debug (tracebacks instead of one-line errors), added with the run-directory lock.
-    name: {"--overwrite", "--debug"} for name in SNAPSHOT
-}
-CHANGED: dict[str, dict[str, object]] = {}  # recipe -> {field: new default}
+MNIST_RECIPES = ("supervised", "jitter", "unsupervised", "local", "backprop", "recurrent")
+# recipe -> flags added since the snapshot: --dataset (the IDX set: MNIST, Fashion-MNIST, KMNIST or unverified);
+# --overwrite (a fresh run in a directory that holds files) and --debug (tracebacks instead of one-line
+# errors), RunOptions of every recipe, added with the run-directory lock
+ADDED: dict[str, set[str]] = {name: {"--overwrite", "--debug"} | ({"--dataset"} if name in MNIST_RECIPES else set())
+                              for name in SNAPSHOT}
+# recipe -> {field: default} of the fields added since the snapshot (or deliberately changed)
+CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} for name in MNIST_RECIPES}
 
 
 def _recipe_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -1,5 +1,6 @@
 """MNIST loading and verification, the paper's splits, and the supervised-FF label helpers."""
 
+import dataclasses
 import gzip
 import shutil
 
@@ -46,6 +47,11 @@ def uncompressed_copy(src_dir, dst_dir, split="test"):
     for name in mnist_module.SPLIT_FILES[split]:
         (dst_dir / name).write_bytes(gzip.decompress((src_dir / f"{name}.gz").read_bytes()))
     return dst_dir
+
+
+def set_mirrors(monkeypatch, *mirrors, key="mnist"):
+    """Make set ``key`` download from ``mirrors`` for this test."""
+    monkeypatch.setitem(mnist_module.IDX_SETS, key, dataclasses.replace(mnist_module.IDX_SETS[key], mirrors=mirrors))
 
 
 # ---------------------------------------------------------------- loading
@@ -126,17 +132,17 @@ def test_download_into_cache_tries_mirrors_in_order(mnist_dir, tmp_path, monkeyp
     bad_mirror.mkdir()
     for name in mnist_module.SPLIT_FILES["test"]:
         (bad_mirror / f"{name}.gz").write_bytes(gzip.compress(b"not mnist"))
-    monkeypatch.setattr(mnist_module, "MIRRORS", (bad_mirror.as_uri() + "/", mnist_dir.as_uri() + "/"))
+    set_mirrors(monkeypatch, bad_mirror.as_uri() + "/", mnist_dir.as_uri() + "/")
     images, labels = load_mnist("test")
     assert labels.bincount().tolist() == TEST_COUNTS
     cache = tmp_path / "cache" / "ff_kernels" / "mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}.gz" for n in mnist_module.SPLIT_FILES["test"])
-    monkeypatch.setattr(mnist_module, "MIRRORS", ())  # now served from the cache
+    set_mirrors(monkeypatch)  # now served from the cache
     assert torch.equal(load_mnist("test")[0], images)
 
 
 def test_failed_download_lists_every_mirror(tmp_path, monkeypatch):
-    monkeypatch.setattr(mnist_module, "MIRRORS", ((tmp_path / "a").as_uri() + "/", (tmp_path / "b").as_uri() + "/"))
+    set_mirrors(monkeypatch, (tmp_path / "a").as_uri() + "/", (tmp_path / "b").as_uri() + "/")
     with pytest.raises(MnistMissingError, match="(?s)could not download.*/a/.*/b/"):
         load_mnist("test")
     assert not any((tmp_path / "cache" / "ff_kernels" / "mnist").iterdir())  # no partial files left

@@ -9,9 +9,12 @@ References are computed in float64 from exactly the values the kernel sees (bflo
 are rounded first), so only the kernel's own rounding counts.
 
 * REL_FP32 = 1e-5 for float32 with precision="ieee" (the interpreter always computes exact
-  fp32). Every checked value is a chain of fp32 operations over short sums (K <= 48 terms in
-  the forward, M <= 33 rows in the update); a length-L sum errs by at most L * u * sum|terms|
-  with u = 2**-24 ~ 6e-8, i.e. <= 3e-6 here, and typically sqrt(L) * u ~ 4e-7.
+  fp32). Every checked value is a chain of fp32 operations over sums of L terms (L = K in the
+  forward, M rows in the update: up to 48 and 33 with the interpreter's tiles, 384 and 257 with
+  a GPU's). A length-L sum errs by at most L * u * sum|terms| with u = 2**-24 ~ 6e-8 (<= 2.3e-5
+  at L = 384), and by about u * L * sigma / sqrt(2) when its rounding errors are independent
+  and the terms have standard deviation sigma; max|ref| is a few times the typical sum
+  sqrt(L) * sigma, so the normwise error is about u * sqrt(L) <= 1.2e-6 (2.7e-6 at L = 2000).
 * bfloat16 keeps 8 significant bits. A GPU rounds fp32 -> bf16 to nearest (relative error
   <= u = 2**-8 ~ 3.9e-3); the interpreter truncates (its cast passes no rounding mode), which
   errs by up to 2u = 2**-7 ~ 7.8e-3. The tolerances below are ~2x the interpreter's bound.
@@ -52,15 +55,44 @@ REL_TF32 = 1e-2
 TEMPERATURE = 2.0
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (n_pos, n_neg, N, K, bias, strided x_pos): batch of one; Mp != Mn with x_pos a column slice of
-# a wider tensor (row stride != K); no negatives; no positives and no bias; several row blocks.
-CASES = [
-    (1, 1, 37, 45, True, False),
-    (5, 3, 37, 45, True, True),
-    (6, 0, 37, 45, True, False),
-    (0, 4, 20, 17, False, False),
-    (19, 14, 32, 48, True, False),
-]
+PRECISIONS = ["tf32", "ieee"]
+
+
+def tile_units() -> tuple[int, int]:
+    """(ragged, aligned): the largest weight-tile side that any GEMM config takes for weight shapes
+    with a dim that is not a multiple of 16, and for shapes with both dims multiples of 16.
+
+    16 and 16 under the interpreter's tiles; the GPU's (64 and 128) on a GPU or in ``gpu_tiles()``.
+    """
+    def side(n, k):
+        return max(
+            max(choose(dtype, n, k, precision).block_n, choose(dtype, n, k, precision).block_k)
+            for choose in (block_config, update_block_config) for dtype in DTYPES for precision in PRECISIONS
+        )
+
+    return side(1, 1), side(16, 16)
+
+
+def make_cases(ragged: int, aligned: int) -> list[tuple]:
+    """(n_pos, n_neg, N, K, bias, strided x_pos), in units of the tile sides of ``tile_units()``.
+
+    Batch of one; Mp != Mn with x_pos a column slice of a wider tensor (row stride != K); no
+    negatives; no positives and no bias; several row blocks with the positive/negative split
+    inside one, at dims that are multiples of 16. Every weight spans two or more tiles of every
+    launcher in both dims, with a partial last tile except in the aligned case. With the
+    interpreter's 16: (37, 45), (20, 17) and 33 rows by (32, 48).
+    """
+    r, a = ragged, aligned
+    return [
+        (1, 1, 2 * r + 5, 2 * r + 13, True, False),
+        (5, 3, 2 * r + 5, 2 * r + 13, True, True),
+        (6, 0, 2 * r + 5, 2 * r + 13, True, False),
+        (0, 4, r + 4, r + 1, False, False),
+        (a + 3, a - 2, 2 * a, 3 * a, True, False),
+    ]
+
+
+CASES = make_cases(*tile_units())
 CASE_IDS = ["batch1", "mp_ne_mn_strided", "no_neg", "no_pos_no_bias", "multi_row_block"]
 FEATURES = {"plain": (False, False), "scaled": (True, False), "masked": (False, True), "scaled_masked": (True, True)}
 
@@ -81,13 +113,13 @@ def rel_for(dtype: torch.dtype, bf16_rel: float) -> float:
 
 
 def sparse_mask(n: int, k: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """A random (n, k) bool mask with the first and the last weight tile of both launchers empty."""
+    """A random (n, k) bool mask whose first and last weight tile are empty for every launcher and precision."""
     mask = torch.rand(n, k, generator=generator) < 0.6
-    fwd, upd = block_config(dtype, 1, n, k), update_block_config(dtype, 1, n, k)
-    bn, bk = max(fwd.block_n, upd.block_n), max(fwd.block_k, upd.block_k)
+    configs = [choose(dtype, n, k, p) for choose in (block_config, update_block_config) for p in PRECISIONS]
+    bn, bk = max(cfg.block_n for cfg in configs), max(cfg.block_k for cfg in configs)
     mask[:bn, :bk] = False
     mask[(n - 1) // bn * bn :, (k - 1) // bk * bk :] = False
-    for cfg in (fwd, upd):
+    for cfg in configs:
         occ = mask_tile_occupancy(mask, cfg.block_n, cfg.block_k)
         assert (occ == 0).any() and (occ == 1).any(), "test mask must have empty and occupied tiles"
     return mask
@@ -108,15 +140,15 @@ class Problem:
     def n_pos(self) -> int:
         return self.x_pos.shape[0]
 
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """float64 CPU copies (x_pos, x_neg, W, b, mask) of the kernel's inputs, x_scale folded into x."""
+    def reference(self, device="cpu") -> tuple:
+        """float64 copies (x_pos, x_neg, W, b, mask) of the kernel's inputs on ``device``, x_scale folded into x."""
         def copy(t):
-            return None if t is None else t.detach().to("cpu", torch.float64, copy=True)
+            return None if t is None else t.detach().to(device, torch.float64, copy=True)
 
         x = copy(torch.cat([self.x_pos, self.x_neg]))
         if self.x_scale is not None:
             x = x * copy(self.x_scale)[:, None]
-        mask = None if self.mask is None else self.mask.cpu()
+        mask = None if self.mask is None else self.mask.to(device)
         return x[: self.n_pos], x[self.n_pos :], copy(self.weight), copy(self.bias), mask
 
     def threshold(self, goodness: str) -> float:
@@ -165,9 +197,9 @@ def kernel_stats(p: Problem, goodness: str, threshold: float, precision: str = "
     return h, stats
 
 
-def reference_grads(p: Problem, goodness: str, threshold: float):
-    """float64 (loss, dW, db) by autograd on functional.ff_linear_loss."""
-    x_pos, x_neg, w, b, mask = p.reference()
+def reference_grads(p: Problem, goodness: str, threshold: float, device="cpu"):
+    """float64 (loss, dW, db) by autograd on functional.ff_linear_loss, computed on ``device``."""
+    x_pos, x_neg, w, b, mask = p.reference(device)
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
@@ -193,6 +225,11 @@ def test_mask_tile_occupancy():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("goodness", ["ssq", "sum"])  # the forward treats "neg_ssq" exactly as "ssq"
 def test_forward(device, goodness, dtype, case, features):
+    check_forward(device, goodness, dtype, case, features)
+
+
+def check_forward(device, goodness, dtype, case, features):
+    """h and goodness partials of the forward launcher against the float64 reference."""
     p = case_problem(device, dtype, case, features)
     assert p.x_pos.stride(0) == p.x_pos.shape[1] + (3 if case[5] else 0)
     h, partials = ff_linear_forward(
@@ -202,7 +239,7 @@ def test_forward(device, goodness, dtype, case, features):
     ref_h = FF.linear_activity(torch.cat([x_pos, x_neg]), w, b, mask)
     m, n, k = ref_h.shape[0], w.shape[0], w.shape[1]
     assert h.dtype == dtype and partials.dtype == torch.float32
-    assert partials.shape == (m, -(-n // block_config(dtype, m, n, k).block_n))
+    assert partials.shape == (m, -(-n // block_config(dtype, n, k, "ieee").block_n))
     assert_close(h, ref_h, rel_for(dtype, REL_BF16_H), "h")
     assert_close(partials.sum(1), FF.goodness(ref_h, goodness), REL_FP32, "goodness")
 
@@ -260,6 +297,11 @@ UPDATE_IDS = [f"{name}-scaled_masked" for name in CASE_IDS] + [f"{CASE_IDS[1]}-p
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_grad_matches_autograd(device, goodness, dtype, case, features):
+    check_update_grad(device, goodness, dtype, case, features)
+
+
+def check_update_grad(device, goodness, dtype, case, features):
+    """Forward, row statistics and the update in "grad" mode against autograd on the float64 loss."""
     p = case_problem(device, dtype, case, features, seed=2)
     threshold = p.threshold(goodness)
     h, stats = kernel_stats(p, goodness, threshold)
@@ -294,6 +336,10 @@ def sgd_reference_step(ref_params, ref_bufs, p, goodness, threshold, lr, momentu
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASE_IDS[1], CASE_IDS[3]])
 @pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_sgd_three_steps_fp32(device, goodness, case, features):
+    check_sgd_fp32(device, goodness, case, features)
+
+
+def check_sgd_fp32(device, goodness, case, features):
     """Three fused SGD steps follow the float64 reference trajectory; masked weights stay exactly 0."""
     lr, momentum, weight_decay = 0.3, 0.9, 0.01
     p = case_problem(device, torch.float32, case, features, seed=4)
@@ -322,9 +368,13 @@ def test_update_sgd_three_steps_fp32(device, goodness, case, features):
 
 @pytest.mark.parametrize("goodness", FF.GOODNESS)
 def test_update_sgd_bf16(device, goodness):
+    check_sgd_bf16(device, goodness, CASES[1])
+
+
+def check_sgd_bf16(device, goodness, case):
     """bfloat16 states: each of three steps matches the float64 step taken from the same bf16 state."""
     lr, momentum, weight_decay = 0.3, 0.9, 0.01
-    p = case_problem(device, torch.bfloat16, CASES[1], "scaled_masked", seed=5)
+    p = case_problem(device, torch.bfloat16, case, "scaled_masked", seed=5)
     threshold = p.threshold(goodness)
     weight_buf, bias_buf = torch.zeros_like(p.weight), torch.zeros_like(p.bias)
     for step in range(3):
@@ -348,7 +398,7 @@ def test_empty_tile_map_is_honored(device):
     """With every tile marked empty, the GEMMs skip all of W; the bias gradient is still formed."""
     p = make_problem(device, torch.float32, 3, 2, 37, 45, masked=False, seed=6)
     full = torch.ones_like(p.weight, dtype=torch.bool)
-    fwd, upd = block_config(torch.float32, 5, 37, 45), update_block_config(torch.float32, 5, 37, 45)
+    fwd, upd = block_config(torch.float32, 37, 45, "ieee"), update_block_config(torch.float32, 37, 45, "ieee")
     none_fwd = torch.zeros_like(mask_tile_occupancy(full, fwd.block_n, fwd.block_k))
     none_upd = torch.zeros_like(mask_tile_occupancy(full, upd.block_n, upd.block_k))
     h, partials = ff_linear_forward(

@@ -59,10 +59,10 @@ def read_mnist_once(monkeypatch, request):
     real = mnist_recipe.mnist_splits
     mnist = str(request.getfixturevalue("mnist_dir"))
 
-    def splits(data_dir, validation=False):
-        if str(data_dir) == mnist and not validation:
+    def splits(data_dir, validation=False, **kwargs):
+        if str(data_dir) == mnist and not validation and kwargs.get("dataset") in (None, data.dataset):
             return data
-        return real(data_dir, validation)
+        return real(data_dir, validation, **kwargs)
 
     monkeypatch.setattr(mnist_recipe, "mnist_splits", splits)
 

@@ -1,4 +1,4 @@
-"""The local ops of ops/local2d_parts.py and the autograd layer built on them (nn/local_backprop.py).
+"""The local ops of ops/local2d_primitives.py and the autograd layer built on them (paper/recipes/cifar_backprop_net.py).
 
 Compiled backends (float32: "cpu", and "cuda" on a GPU) and reference (float64) against
 functional_local.py + autograd, on 8x8 maps with kernel 3 and batch 1 or a few images.

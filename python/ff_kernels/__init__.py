@@ -6,8 +6,10 @@
 """
 
 from . import functional, ops
-from .nn import FFLinear, FFLocal2d, FFSequential, PeerNormalization
+from .nn import FFLinear, FFLocal2d, FFRecurrent, FFSequential, PeerNormalization
 
 __version__ = "0.1.0"
 
-__all__ = ["FFLinear", "FFLocal2d", "FFSequential", "PeerNormalization", "__version__", "functional", "ops"]
+__all__ = [
+    "FFLinear", "FFLocal2d", "FFRecurrent", "FFSequential", "PeerNormalization", "__version__", "functional", "ops",
+]

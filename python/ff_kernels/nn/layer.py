@@ -181,7 +181,8 @@ class FFLayer(nn.Module):
             return
         x_norm = 0.0
         for x in (x_pos, x_neg):
-            if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not x.is_floating_point() or x.numel() == 0:
+            if (not isinstance(x, torch.Tensor) or not validation._checks_at_once(x.device) or not x.is_floating_point()
+                    or x.numel() == 0):
                 continue  # the op checks what it must be; off the CPU this would wait for the device
             # the whole batch's norm bounds every row's: one cheap float32 reduction, the exact
             # per-row norms (float64) only when it is large
@@ -200,12 +201,16 @@ class FFLayer(nn.Module):
 
     def _check_goodness(self, g: torch.Tensor, x: torch.Tensor) -> None:
         """Raise a clear error when a goodness overflowed float32 to inf (which would make the
-        row's normalized output all zeros). On the CPU only: elsewhere reading it would wait
-        for the device."""
-        if not validation.check_finite_inputs or g.device.type != "cpu" or g.numel() == 0:
+        row's normalized output all zeros), or is NaN from non-finite weights. Where the op's
+        input checks run at once only (the CPU): elsewhere reading it would wait for the device."""
+        if not validation.check_finite_inputs or not validation._checks_at_once(g.device) or g.numel() == 0:
             return
-        if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(x).all()):
-            raise self._overflow_error(x.flatten(1))
+        if bool(torch.isfinite(g).all()) or not bool(torch.isfinite(x).all()):
+            return  # fine, or NaN/Inf inputs, which the op's own check reports
+        bad = [name for name, p in self._parameters_to_train().items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"{self._name()}: its {' and '.join(bad)} hold NaN or Inf (did its training diverge?)")
+        raise self._overflow_error(x.flatten(1))
 
     def _overflow_error(self, rows: torch.Tensor) -> GoodnessOverflowError:
         largest = float(rows.detach().abs().max()) if rows.numel() else 0.0

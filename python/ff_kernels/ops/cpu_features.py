@@ -32,7 +32,7 @@ def warn_if_bf16_emulated() -> None:
     if cpu_flags() and not has_native_bf16():
         warnings.warn(
             "compute_dtype=torch.bfloat16 on a CPU without AMX or AVX512-BF16: oneDNN emulates bf16 "
-            "GEMMs there, which is several times slower than float32 (see README, Benchmarks)",
+            "GEMMs there, which is several times slower than float32 (see benchmarks/README.md)",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -96,8 +96,7 @@ def _check_input(name: str, layer: str, x: torch.Tensor, spec: LocalSpec, like: 
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    if validation.check_finite_inputs and x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
+    validation.check_finite(layer, name, x)
 
 
 def ff_local2d_forward(

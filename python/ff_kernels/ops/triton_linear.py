@@ -42,17 +42,17 @@ def _tile_occupancy(mask: torch.Tensor, config: fftriton.BlockConfig) -> torch.T
     return per_mask[key]
 
 
-def _forward(x_pos, x_neg, weight, bias, goodness, mask):
-    m, (n, k) = x_pos.shape[0] + x_neg.shape[0], weight.shape
-    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.block_config(weight.dtype, m, n, k))
+def _forward(x_pos, x_neg, weight, bias, goodness, mask, precision):
+    n, k = weight.shape
+    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.block_config(weight.dtype, n, k, precision))
     return fftriton.ff_linear_forward(
-        x_pos, x_neg, weight, bias, goodness=goodness, mask=mask, tile_occupancy=occupancy, precision=_precision()
+        x_pos, x_neg, weight, bias, goodness=goodness, mask=mask, tile_occupancy=occupancy, precision=precision
     )
 
 
 def forward(x, weight, bias, *, goodness, rms, mask):
     """Normalized output (B, D_out) and goodness (B,) float32 of ``x: (B, D_in)``."""
-    h, partials = _forward(x, x[:0], weight, bias, goodness, mask)
+    h, partials = _forward(x, x[:0], weight, bias, goodness, mask, _precision())
     stats = fftriton.ff_row_stats(
         partials, x.shape[0], goodness=goodness, threshold=0.0, temperature=1.0, n_features=weight.shape[0],
         rms=rms, eps=FF.NORM_EPS,
@@ -65,15 +65,17 @@ def train_step(
     mode, lr, momentum, weight_decay, weight_buf, bias_buf,
 ) -> FFLayerStep:
     """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step."""
-    h, partials = _forward(x_pos, x_neg, weight, bias, goodness, mask)
+    precision = _precision()
+    h, partials = _forward(x_pos, x_neg, weight, bias, goodness, mask, precision)
     stats = fftriton.ff_row_stats(
         partials, x_pos.shape[0], goodness=goodness, threshold=threshold, temperature=temperature,
         n_features=weight.shape[0], rms=rms, eps=FF.NORM_EPS,
     )
     output = fftriton.scale_rows(h, stats.inv_norm)
-    (n, k), m = weight.shape, h.shape[0]
-    occupancy = None if mask is None else _tile_occupancy(mask, fftriton.update_block_config(weight.dtype, m, n, k))
-    update = {"goodness": goodness, "mask": mask, "tile_occupancy": occupancy, "precision": _precision()}
+    n, k = weight.shape
+    config = fftriton.update_block_config(weight.dtype, n, k, precision)
+    occupancy = None if mask is None else _tile_occupancy(mask, config)
+    update = {"goodness": goodness, "mask": mask, "tile_occupancy": occupancy, "precision": precision}
     if mode == "grad":
         for param in (weight, bias):
             if param is not None and param.grad is None:

@@ -8,9 +8,17 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 
-# Checking for NaN/Inf reads every input once and, on CUDA, waits for the device. It is on by
-# default; training loops that have already validated their data may turn it off.
+# Every op input is checked for NaN/Inf (one read of it) while check_finite_inputs is on, the
+# default; training loops that have already validated their data may turn it off. On the CPU a
+# bad input raises at once. On other devices (CUDA) the answer stays on the device, so that no
+# step waits for it: see check_finite.
 check_finite_inputs = True
+# Device-side finiteness flags are read (one wait for the device) every this many checks.
+finite_check_interval = 256
+
+# (layer, input name, device) -> 0-dim bool tensor on that device: a NaN/Inf was seen there.
+_nonfinite_seen: dict[tuple[str, str, torch.device], torch.Tensor] = {}
+_unread_checks = 0
 
 
 def describe(t: torch.Tensor) -> str:
@@ -28,8 +36,61 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    if check_finite_inputs and not all_finite(x):
-        raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
+    check_finite(layer, name, x)
+
+
+def check_finite(layer: str, name: str, x: torch.Tensor) -> None:
+    """Raise ValueError if ``x`` holds a NaN or Inf (nothing while ``check_finite_inputs`` is off).
+
+    CPU tensors are checked at once. For tensors on another device (CUDA) the check is queued
+    on the device and never waits for it: it ORs ``~isfinite(x).all()`` into a flag kept per
+    (layer, input), and the flags are read every ``finite_check_interval`` checks and by
+    :func:`raise_if_nonfinite`. So a bad CUDA input raises the same error up to that many
+    checks later, after the steps in between have run; call :func:`raise_if_nonfinite` at the
+    end of an epoch or of training for a final check.
+    """
+    global _unread_checks
+    if not check_finite_inputs or x.numel() == 0:
+        return
+    if _checks_at_once(x.device):
+        if not all_finite(x):
+            raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
+        return
+    bad = ~torch.isfinite(x).all()
+    key = (layer, name, x.device)
+    if key in _nonfinite_seen:
+        _nonfinite_seen[key].logical_or_(bad)
+    else:
+        _nonfinite_seen[key] = bad
+    _unread_checks += 1
+    if _unread_checks >= finite_check_interval:
+        raise_if_nonfinite()
+
+
+def _checks_at_once(device: torch.device) -> bool:
+    """Whether inputs on ``device`` are checked at once (reading the answer costs no wait: the CPU)."""
+    return device.type == "cpu"
+
+
+def raise_if_nonfinite() -> None:
+    """Read the device-side flags of :func:`check_finite` (one wait per device) and clear them.
+
+    Raises ValueError naming every (layer, input) that has seen a NaN or Inf since the last read.
+    """
+    global _unread_checks
+    _unread_checks = 0
+    if not _nonfinite_seen:
+        return
+    by_device: dict[torch.device, list[tuple[str, str, torch.device]]] = {}
+    for key in _nonfinite_seen:
+        by_device.setdefault(key[2], []).append(key)
+    bad = []
+    for keys in by_device.values():
+        flags = torch.stack([_nonfinite_seen[key] for key in keys]).tolist()
+        bad += [f"{layer}: {name} ({device})" for (layer, name, device), flag in zip(keys, flags, strict=True) if flag]
+    _nonfinite_seen.clear()
+    if bad:
+        raise ValueError(f"NaN or Inf in the inputs of {'; '.join(bad)} (seen on the device since the last check)")
 
 
 def all_finite(x: torch.Tensor) -> bool:

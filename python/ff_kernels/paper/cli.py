@@ -155,6 +155,8 @@ def _main(parser: argparse.ArgumentParser, options: dict) -> int:
         return _train_parallel(recipe_cls, options, run, created)
     with run_dirs.hold(run.run_dir, created=created):
         recipe = recipe_cls(config)
+        if not run.no_progress and hasattr(recipe, "data_source"):
+            print(f"data: {recipe.data_source}", flush=True)
         train(recipe, run.run_dir, resume=run.resume, progress=not run.no_progress, overwrite=run.overwrite)
         if run.figures:
             for path in recipe.write_figures(run.run_dir):

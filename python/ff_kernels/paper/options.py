@@ -36,6 +36,8 @@ class Option:
     none: what None means, shown in the help as the default (e.g. "all").
     metavar: argparse's metavar.
     positional: a positional argument of a command (no ``--``), for the analysis commands.
+    detected: None means "found out when the run starts", and the run then stores what was found;
+        a run resumed from a config saved as None accepts whatever is found.
     """
 
     help: str
@@ -49,6 +51,7 @@ class Option:
     none: str | None = None
     metavar: str | tuple[str, ...] | None = None
     positional: bool = False
+    detected: bool = False
 
     def __call__(self, default: Any = dataclasses.MISSING) -> Any:
         """A dataclass field holding this option, with ``default`` (none: a required field)."""

@@ -44,9 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import GoodnessOverflowError
+from ..ops import validation
 from . import guard
 from . import run_dir as run_dirs
 from .guard import NonFinite, TrainingDiverged
+from .options import OPTION
 
 if TYPE_CHECKING:
     from ..distributed.context import ParallelContext
@@ -272,10 +274,12 @@ def evaluation_due(finished_epochs: int, config: Any) -> bool:
     return finished_epochs % getattr(config, "eval_every", 1) == 0 or finished_epochs >= config.epochs
 
 
-def _check_resumable(saved: dict, current: dict, path: Path, defaults: dict) -> None:
+def _check_resumable(saved: dict, current: dict, path: Path, defaults: dict, detected: tuple[str, ...] = ()) -> None:
     """The resumed config may differ from the saved one only in RESUMABLE_FIELDS; a field the
-    saved one lacks (added since the run) counts as its default from ``defaults``."""
+    saved one lacks (added since the run) counts as its default from ``defaults``, and a
+    ``detected`` field saved as None (found out when the run starts) accepts what was found."""
     saved = {**defaults, **saved}
+    saved.update({k: current.get(k) for k in detected if saved.get(k) is None})
     changed = {k for k in saved.keys() | current.keys() if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)}
     if changed:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in sorted(changed))
@@ -397,14 +401,22 @@ def _diverged(recipe: Recipe, run_dir: Path, epoch: int, what: str, steps: tuple
 
 def _check_state(recipe: Recipe, parallel: ParallelContext | None, run_dir: Path, epoch: int, last_good: int,
                  writer: bool) -> None:
-    """Before evaluating and checkpointing: the model's and optimizer's state is finite on every
-    rank (one all_reduce of the counts in a parallel run), else TrainingDiverged."""
+    """Before evaluating and checkpointing: no layer saw a NaN or Inf input on the device this
+    epoch (the deferred CUDA checks of :func:`~ff_kernels.ops.validation.raise_if_nonfinite`,
+    read here once) and the model's and optimizer's state is finite, on every rank (one
+    all_reduce of the counts in a parallel run); else TrainingDiverged."""
+    problems = []
+    try:
+        validation.raise_if_nonfinite()
+    except ValueError as err:
+        problems.append(str(err))
     bad = guard.nonfinite_state(recipe.model, recipe.optimizer)
-    anywhere = parallel.sum([float(len(bad))])[0] if parallel is not None else len(bad)
+    if bad:
+        problems.append(f"NaN or Inf in {guard.describe_names(bad)} at the end of the epoch")
+    anywhere = parallel.sum([float(len(problems))])[0] if parallel is not None else len(problems)
     if anywhere:
-        what = (f"NaN or Inf in {guard.describe_names(bad)} at the end of the epoch" if bad
-                else "another rank holds NaN or Inf at the end of the epoch")
-        raise _diverged(recipe, run_dir, epoch, what, None, last_good, writer, local=bool(bad))
+        what = "; ".join(problems) if problems else "another rank holds NaN or Inf at the end of the epoch"
+        raise _diverged(recipe, run_dir, epoch, what, None, last_good, writer, local=bool(problems))
 
 
 def train(recipe: Recipe, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
@@ -456,7 +468,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, parallel
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=next(recipe.model.parameters()).device)
         defaults = {f.name: f.default for f in dataclasses.fields(recipe.config) if f.default is not dataclasses.MISSING}
-        _check_resumable(state["config"], config, checkpoint_path, defaults)
+        detected = tuple(f.name for f in dataclasses.fields(recipe.config) if getattr(f.metadata.get(OPTION), "detected", False))
+        _check_resumable(state["config"], config, checkpoint_path, defaults, detected)
         if state["epoch"] > recipe.config.epochs:
             raise CheckpointError(f"{checkpoint_path} has finished {state['epoch']} epochs: resume it with --epochs "
                                   f"{state['epoch']} or more, not {recipe.config.epochs}")

@@ -3,17 +3,33 @@
 from .errors import DataError
 from .hybrid import hybrid_images, hybrid_mask, hybrid_negatives, random_partners
 from .labels import hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
-from .mnist import MnistCorruptError, MnistMissingError, MnistSplits, load_mnist, mnist_splits
+from .mnist import (
+    DATASETS,
+    IDX_SETS,
+    UNVERIFIED,
+    MnistCorruptError,
+    MnistMissingError,
+    MnistSplits,
+    UnknownDataError,
+    load_idx,
+    load_mnist,
+    mnist_splits,
+)
 
 __all__ = [
+    "DATASETS",
+    "IDX_SETS",
+    "UNVERIFIED",
     "DataError",
     "MnistCorruptError",
     "MnistMissingError",
     "MnistSplits",
+    "UnknownDataError",
     "hard_wrong_labels",
     "hybrid_images",
     "hybrid_mask",
     "hybrid_negatives",
+    "load_idx",
     "load_mnist",
     "mnist_splits",
     "neutral_label",

@@ -14,11 +14,10 @@ from .recurrent_mnist import RecurrentMNIST
 from .supervised_mnist import SupervisedMNIST, SupervisedMNISTConfig
 from .unsupervised_mnist import UnsupervisedMNIST, UnsupervisedMNISTConfig
 
-RECIPES = {SupervisedMNIST.name: SupervisedMNIST, JitterMNIST.name: JitterMNIST, BackpropMNIST.name: BackpropMNIST}
-RECIPES.update({UnsupervisedMNIST.name: UnsupervisedMNIST, LocalMNIST.name: LocalMNIST})
-RECIPES[AesopFF.name] = AesopFF
-RECIPES[RecurrentMNIST.name] = RecurrentMNIST
-RECIPES.update({CifarFF.name: CifarFF, CifarBackprop.name: CifarBackprop})
+RECIPES = {recipe.name: recipe for recipe in (
+    SupervisedMNIST, JitterMNIST, BackpropMNIST, UnsupervisedMNIST, LocalMNIST, AesopFF, RecurrentMNIST, CifarFF,
+    CifarBackprop,
+)}
 
 __all__ = [
     "RECIPES", "BackpropMNIST", "BackpropMNISTConfig", "JitterMNIST", "JitterMNISTConfig", "LocalMNIST",

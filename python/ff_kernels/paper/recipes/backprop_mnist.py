@@ -25,7 +25,7 @@ from torch import nn
 from ..data import MnistSplits
 from ..options import Option
 from . import backprop_parallel
-from .config import BATCH_SIZE, DEPTH, EPOCHS, LR, LR_DECAY, OPTIMIZER, WEIGHT_DECAY, WIDTH, EvaluatedConfig
+from .config import BATCH_SIZE, DEPTH, EPOCHS, LR, LR_DECAY, OPTIMIZER, WEIGHT_DECAY, WIDTH, MnistConfig
 from .mnist_recipe import attach_mnist
 
 NUM_CLASSES = 10
@@ -35,7 +35,7 @@ STEP_KEY = "schedule_step"  # optimizer param-group entry counting the updates m
 
 
 @dataclass
-class BackpropMNISTConfig(EvaluatedConfig):
+class BackpropMNISTConfig(MnistConfig):
     """Settings of the backprop baseline: section 3.1's net (4 x 2000 ReLUs, fully connected,
     about 20 epochs, 1.4% test error, no regularizer); the optimizer, learning rate, its decay and
     the batch size are not in the paper (chosen by short runs: docs/defaults.md)."""

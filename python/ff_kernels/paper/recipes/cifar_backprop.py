@@ -65,6 +65,7 @@ class CifarBackprop:
         self.config = config
         self.device = torch.device(config.device)
         self.data = data if data is not None else load_data(config, self.device)
+        self.data_source = self.data.source
         torch.manual_seed(config.seed)
         self.model = local_backprop_net(config).to(self.device)
         params = self.model.parameters()

@@ -158,6 +158,7 @@ class CifarFF:
         self.config = config
         self.device = torch.device(config.device)
         self.data = data if data is not None else load_data(config, self.device)
+        self.data_source = self.data.source
         torch.manual_seed(config.seed)
         self.model = CifarFFNet(config).to(self.device)
         groups = [

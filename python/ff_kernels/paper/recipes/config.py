@@ -4,6 +4,7 @@ Every recipe's config is a dataclass built from these bases:
 
     RecipeConfig        every recipe: epochs, batch size, learning rate, weight decay, seed, device, data
     EvaluatedConfig     + evaluation schedule, subsets and the validation split (all but aesop)
+    MnistConfig         + the IDX data set (the MNIST recipes)
     FFConfig            + what every FF recipe's optimizer and loss share (a mixin)
 
 Settings found in some recipes only are declared here once as an :class:`Option` and used as a
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ... import functional
+from ..data.mnist import DATASETS, UNVERIFIED
 from ..options import Option, check_options
 from .schedule import LR_SCHEDULES, SCHEDULE_HELP
 
@@ -26,7 +28,12 @@ LR = Option("learning rate of the FF layers", above=0)
 WEIGHT_DECAY = Option("FF layers' weight decay", min=0)
 SEED = Option("seed of the initialization and of every random draw of the run", min=-(2**63), max=2**64 - 1)  # torch's range
 DEVICE = Option("cpu, cuda, cuda:1, ...")
-MNIST_DIR = Option("folder with the four IDX files of MNIST, Fashion-MNIST or KMNIST", none="$FF_KERNELS_DATA/mnist or download")
+DATA_DIR = Option("folder with the recipe's data set", none="$FF_KERNELS_DATA/<data set> or download")
+MNIST_DIR = Option("folder with the four IDX files of MNIST, Fashion-MNIST or KMNIST",
+                   none="$FF_KERNELS_DATA/<dataset> or download")
+DATASET = Option(f"the IDX data set: {', '.join(DATASETS[:-1])}, recognized by the files' published sha256, or "
+                 f"{UNVERIFIED} for your own IDX files (no check; the run records it)", choices=DATASETS,
+                 none="whichever the folder holds, MNIST if downloading", detected=True)
 
 EVAL_EVERY = Option("evaluate after every N-th epoch and after the last; may change on --resume", min=1)
 TRAIN_SUBSET = Option("train on the first N training images", min=1, none="all")
@@ -74,7 +81,7 @@ class RecipeConfig:
     weight_decay: float = WEIGHT_DECAY(2e-3)
     seed: int = SEED(0)
     device: str = DEVICE("cpu")
-    data_dir: str | None = MNIST_DIR(None)
+    data_dir: str | None = DATA_DIR(None)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -88,6 +95,15 @@ class EvaluatedConfig(RecipeConfig):
     train_subset: int | None = TRAIN_SUBSET(None)
     eval_subset: int | None = EVAL_SUBSET(None)
     validation: bool = VALIDATION(False)
+
+
+@dataclass
+class MnistConfig(EvaluatedConfig):
+    """A recipe on an MNIST-style IDX data set (MNIST, Fashion-MNIST, KMNIST or your own)."""
+
+    data_dir: str | None = MNIST_DIR(None)
+    # Resolved when the data are read (the set the files are), so config.json names it.
+    dataset: str | None = DATASET(None)
 
 
 @dataclass

@@ -54,8 +54,8 @@ from .config import (
     SCORE_FROM,
     SCORE_TO,
     WIDTH,
-    EvaluatedConfig,
     FFConfig,
+    MnistConfig,
 )
 from .mnist_recipe import attach_mnist
 from .schedule import epoch_schedule
@@ -67,7 +67,7 @@ RECURRENT_INIT = INIT.but(help="weight initialization: balanced = each neighbour
 
 
 @dataclass
-class RecurrentMNISTConfig(FFConfig, EvaluatedConfig):
+class RecurrentMNISTConfig(FFConfig, MnistConfig):
     """Settings of the recurrent MNIST recipe (section 3.4); the rest is the supervised recipe's
     (see the module docstring). The paper does not say which depth gave 1.31%, so the default is
     the smaller net."""

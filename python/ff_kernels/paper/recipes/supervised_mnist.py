@@ -44,8 +44,8 @@ from .config import (
     PEER_NORM,
     RMS_NORM,
     WIDTH,
-    EvaluatedConfig,
     FFConfig,
+    MnistConfig,
 )
 from .layer_setup import normal_init_, peer_norm_for
 from .mnist_recipe import attach_mnist
@@ -59,7 +59,7 @@ INPUT_NORM_EPS = 1e-6
 
 
 @dataclass
-class SupervisedMNISTConfig(FFConfig, EvaluatedConfig):
+class SupervisedMNISTConfig(FFConfig, MnistConfig):
     """Settings of the supervised MNIST recipe (section 3.3: 4 x 2000 ReLUs, 60 epochs, hard
     negative labels from a neutral-label pass); the rest is ffnew.m's (docs/defaults.md)."""
 

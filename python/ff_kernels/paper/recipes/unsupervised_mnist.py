@@ -52,8 +52,8 @@ from .config import (
     PEER_NORM,
     RMS_NORM,
     WIDTH,
-    EvaluatedConfig,
     FFConfig,
+    MnistConfig,
 )
 from .layer_setup import normal_init_, peer_norm_for
 from .mnist_recipe import attach_mnist
@@ -66,7 +66,7 @@ BLUR = Option("blurring passes of the hybrid masks", min=0)
 
 
 @dataclass
-class HybridConfig(FFConfig, EvaluatedConfig):
+class HybridConfig(FFConfig, MnistConfig):
     """What the recipes with hybrid negatives share (unsupervised and local, section 3.2); the
     settings the paper leaves open are the supervised recipe's (docs/defaults.md)."""
 

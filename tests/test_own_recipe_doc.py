@@ -1,4 +1,4 @@
-"""The README's "Your own recipe" example runs, trains through ff_kernels.paper.train and learns."""
+"""docs/own_recipe.md's example runs, trains through ff_kernels.paper.train and learns."""
 
 import json
 import re
@@ -8,7 +8,7 @@ from _paths import REPO_ROOT
 
 
 def test_readme_recipe_example_learns(tmp_path, monkeypatch):
-    text = (REPO_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / "docs" / "own_recipe.md").read_text()
     block = re.search(r"<!-- recipe-example -->\n```python\n(.*?)```\n<!-- /recipe-example -->", text, re.DOTALL)
     script = tmp_path / "recipe_example.py"
     script.write_text(block.group(1))
