@@ -736,3 +736,20 @@ def test_nonfinite_names_reads_every_kind_of_state():
     assert guard.nonfinite_state(model, optimizer) == []
     optimizer.state[model.bias]["exp_avg"].fill_(math.inf)
     assert guard.nonfinite_state(model, optimizer) == ["optimizer exp_avg of bias"]
+
+
+def test_cifar_backprop_divergence_is_caught_too(tmp_path):
+    """cifar-backprop --lr 1e10 (synthetic 32x32 images: the guard is the training loop's, not the data's)."""
+    from ff_kernels.paper.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
+    from ff_kernels.paper.recipes.cifar_common import CifarData
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(40) % 10
+    data = CifarData(images, labels, {"train": (images, labels), "test": (images[:20], labels[:20])})
+    recipe = CifarBackprop(CifarBackpropConfig(receptive_field=3, batch_size=10, lr=1e10, epochs=5), data=data)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training diverged: cifar-backprop in epoch \d+\b.*--lr is 1e\+10"):
+        train(recipe, run, progress=False)
+    if (run / CHECKPOINT).exists():  # a good epoch before the divergence: its checkpoint is finite
+        assert guard.nonfinite_names(torch.load(run / CHECKPOINT, weights_only=True)["model"].items()) == []
+        assert all(math.isfinite(v) for m in strict_json_lines(run / METRICS) for v in m.values())
