@@ -16,7 +16,7 @@
 # they are copied to $RUNS first. The CUDA extension is built first if it is missing.
 #
 # What comes back ($OUT, at most 8 files): status.txt and paper-NAME.tar.gz per run (config,
-# metrics.jsonl, summary.json, train.log, and checkpoint.pt when the archive stays under
+# metrics.jsonl, summary.json, NAME.log (ff-train's output; a fresh run refuses a folder that holds files), and checkpoint.pt when the archive stays under
 # 15 MiB, the limit of a returned file; larger nets must finish within one call).
 #
 # Environment: OUT (/tmp/ff_paper_out), RUNS (/tmp/ff_paper_runs), RESUME_FROM, DEVICE (cuda),
@@ -65,10 +65,12 @@ print_status() {
 
 # pack NAME: the run's records into $OUT/paper-NAME.tar.gz, with its checkpoint if that fits.
 pack() {
-  local name=$1 archive="$OUT/paper-$1.tar.gz"
-  tar -czf "$archive" -C "$RUNS" "$name"
+  local name=$1 archive="$OUT/paper-$1.tar.gz" files=()
+  for f in "$name" "$name.log"; do [ -e "$RUNS/$f" ] && files+=("$f"); done
+  [ ${#files[@]} -gt 0 ] || return 0
+  tar -czf "$archive" -C "$RUNS" "${files[@]}"
   if [ "$(stat -c %s "$archive")" -gt "$RETURN_LIMIT" ]; then
-    tar -czf "$archive" -C "$RUNS" --exclude checkpoint.pt "$name"
+    tar -czf "$archive" -C "$RUNS" --exclude checkpoint.pt "${files[@]}"
     echo "(checkpoint of $name too large to return: $(du -h "$RUNS/$name/checkpoint.pt" | cut -f1))"
   fi
 }
@@ -110,20 +112,20 @@ train() {
     return
   fi
   local resume=()
-  if [ -f "$dir/checkpoint.pt" ]; then resume=(--resume); fi
-  mkdir -p "$dir"
+  # A run stopped before its first checkpoint leaves only its config and metrics: start it afresh.
+  if [ -f "$dir/checkpoint.pt" ]; then resume=(--resume); elif [ -d "$dir" ]; then resume=(--overwrite); fi
   echo "== $name: ${left}s left${resume:+, resuming}"
   local t0 rc
   t0=$(date +%s)
   timeout -s TERM -k 30 "$left" "$PY" -m ff_kernels "$@" --device "$DEVICE" --data-dir "$DATA_ROOT/$data" \
-    --run-dir "$dir" "${resume[@]}" --no-progress "${EXTRA[@]}" >>"$dir/train.log" 2>&1
+    --run-dir "$dir" "${resume[@]}" --no-progress "${EXTRA[@]}" >>"$RUNS/$name.log" 2>&1
   rc=$?
-  tail -n 3 "$dir/train.log"
+  tail -n 3 "$RUNS/$name.log"
   local how
   case $rc in
     0) how="finished" ;;
     124 | 137) how="stopped by the budget, resumable" ;;
-    *) how="FAILED (exit $rc), see train.log" ;;
+    *) how="FAILED (exit $rc), see $name.log" ;;
   esac
   STATUS+=("$(printf '%-15s %s, %s (%ss)' "$name" "$how" "$(epochs "$name")" "$(($(date +%s) - t0))")")
   pack "$name"
