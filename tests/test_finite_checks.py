@@ -19,7 +19,7 @@ def deferred(monkeypatch):
     """CPU inputs take the device path: flags on the tensor's device, read every 3 checks."""
     monkeypatch.setattr(validation, "_checks_at_once", lambda device: False)
     monkeypatch.setattr(validation, "finite_check_interval", 3)
-    monkeypatch.setattr(validation, "_nonfinite_seen", {})
+    monkeypatch.setattr(validation, "_deferred_failures", {})
     monkeypatch.setattr(validation, "_unread_checks", 0)
 
 
@@ -37,34 +37,34 @@ def test_cpu_input_raises_at_once():
 def test_deferred_check_raises_at_the_interval(deferred):
     layer = ff_kernels.FFLinear(8, 4)
     layer.ff_step(torch.ones(2, 8), with_nan(), lr=0.1)  # checks 1 and 2: queued, no error yet
-    with pytest.raises(ValueError, match=r"NaN or Inf in the inputs of FFLinear\(8, 4\): x_neg \(cpu\)"):
+    with pytest.raises(ValueError, match=r"FFLinear\(8, 4\): x_neg contains NaN or Inf \(cpu\)"):
         layer(torch.ones(2, 8))  # check 3 reads the flags
-    assert validation._nonfinite_seen == {} and validation._unread_checks == 0
+    assert validation._deferred_failures == {} and validation._unread_checks == 0
     for _ in range(2):
         layer(torch.ones(2, 8))  # clean inputs after the report: no error
-    validation.raise_if_nonfinite()
+    validation.raise_deferred_checks()
 
 
-def test_raise_if_nonfinite_reads_the_flags_now(deferred):
+def test_raise_deferred_checks_reads_the_flags_now(deferred):
     layer = ff_kernels.FFLinear(8, 4)
     layer(with_nan())
-    with pytest.raises(ValueError, match=r"FFLinear\(8, 4\): x \(cpu\)"):
-        validation.raise_if_nonfinite()
-    validation.raise_if_nonfinite()  # cleared: nothing left to report
+    with pytest.raises(ValueError, match=r"FFLinear\(8, 4\): x contains NaN or Inf \(cpu\)"):
+        validation.raise_deferred_checks()
+    validation.raise_deferred_checks()  # cleared: nothing left to report
 
 
 def test_deferred_flags_name_each_input_once(deferred):
     layer = ff_kernels.FFLinear(8, 4)
     layer.ff_backward(with_nan(), with_nan())
     with pytest.raises(ValueError) as err:
-        validation.raise_if_nonfinite()
-    assert "x_pos (cpu)" in str(err.value) and "x_neg (cpu)" in str(err.value)
+        validation.raise_deferred_checks()
+    assert "x_pos contains NaN or Inf (cpu)" in str(err.value) and "x_neg contains NaN or Inf (cpu)" in str(err.value)
 
 
 def test_checks_off(deferred, monkeypatch):
     monkeypatch.setattr(validation, "check_finite_inputs", False)
     ff_kernels.FFLinear(8, 4).ff_step(torch.ones(2, 8), with_nan(), lr=0.1)
-    assert validation._nonfinite_seen == {}
+    assert validation._deferred_failures == {}
 
 
 @pytest.mark.gpu
@@ -91,7 +91,7 @@ def test_no_host_sync_in_a_cuda_step(layer_kind, mode):
         return layer.ff_step(x_pos, x_neg, lr=0.01, momentum=0.9)
 
     step()
-    validation.raise_if_nonfinite()  # reads (and resets) the flags now, not within the next steps
+    validation.raise_deferred_checks()  # reads (and resets) the flags now, not within the next steps
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -100,4 +100,4 @@ def test_no_host_sync_in_a_cuda_step(layer_kind, mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
-    validation.raise_if_nonfinite()
+    validation.raise_deferred_checks()

@@ -11,13 +11,13 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 # Every op input is checked for NaN/Inf (one read of it) while check_finite_inputs is on, the
 # default; training loops that have already validated their data may turn it off. On the CPU a
 # bad input raises at once. On other devices (CUDA) the answer stays on the device, so that no
-# step waits for it: see check_finite.
+# step waits for it: see check_on_device.
 check_finite_inputs = True
-# Device-side finiteness flags are read (one wait for the device) every this many checks.
+# Device-side check flags are read (one wait for the device) every this many checks.
 finite_check_interval = 256
 
-# (layer, input name, device) -> 0-dim bool tensor on that device: a NaN/Inf was seen there.
-_nonfinite_seen: dict[tuple[str, str, torch.device], torch.Tensor] = {}
+# (layer, input name, problem, device) -> 0-dim bool tensor on that device: the problem was seen there.
+_deferred_failures: dict[tuple[str, str, str, torch.device], torch.Tensor] = {}
 _unread_checks = 0
 
 
@@ -40,31 +40,39 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
 
 
 def check_finite(layer: str, name: str, x: torch.Tensor) -> None:
-    """Raise ValueError if ``x`` holds a NaN or Inf (nothing while ``check_finite_inputs`` is off).
-
-    CPU tensors are checked at once. For tensors on another device (CUDA) the check is queued
-    on the device and never waits for it: it ORs ``~isfinite(x).all()`` into a flag kept per
-    (layer, input), and the flags are read every ``finite_check_interval`` checks and by
-    :func:`raise_if_nonfinite`. So a bad CUDA input raises the same error up to that many
-    checks later, after the steps in between have run; call :func:`raise_if_nonfinite` at the
-    end of an epoch or of training for a final check.
-    """
-    global _unread_checks
+    """Raise ValueError if ``x`` holds a NaN or Inf (nothing while ``check_finite_inputs`` is off):
+    at once for a CPU tensor, deferred for one on another device (see :func:`check_on_device`)."""
     if not check_finite_inputs or x.numel() == 0:
         return
     if _checks_at_once(x.device):
         if not all_finite(x):
             raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
         return
-    bad = ~torch.isfinite(x).all()
-    key = (layer, name, x.device)
-    if key in _nonfinite_seen:
-        _nonfinite_seen[key].logical_or_(bad)
+    check_on_device(layer, name, ~torch.isfinite(x).all(), "contains NaN or Inf")
+
+
+def check_on_device(layer: str, name: str, bad: torch.Tensor, problem: str) -> None:
+    """Raise ``ValueError("{layer}: {name} {problem}")`` if the 0-dim bool tensor ``bad`` is true.
+
+    On the CPU it is read at once. On another device (CUDA) the check never waits for the
+    device: ``bad`` is ORed into a flag kept per (layer, input, problem), and the flags are read
+    every ``finite_check_interval`` checks and by :func:`raise_deferred_checks`. So a bad CUDA
+    input raises the same error up to that many checks later, after the steps in between have
+    run; call :func:`raise_deferred_checks` at the end of an epoch or of training for a final check.
+    """
+    global _unread_checks
+    if _checks_at_once(bad.device):
+        if bool(bad):
+            raise ValueError(f"{layer}: {name} {problem}")
+        return
+    key = (layer, name, problem, bad.device)
+    if key in _deferred_failures:
+        _deferred_failures[key].logical_or_(bad)
     else:
-        _nonfinite_seen[key] = bad
+        _deferred_failures[key] = bad.clone()
     _unread_checks += 1
     if _unread_checks >= finite_check_interval:
-        raise_if_nonfinite()
+        raise_deferred_checks()
 
 
 def _checks_at_once(device: torch.device) -> bool:
@@ -72,25 +80,26 @@ def _checks_at_once(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def raise_if_nonfinite() -> None:
-    """Read the device-side flags of :func:`check_finite` (one wait per device) and clear them.
+def raise_deferred_checks() -> None:
+    """Read the device-side flags of :func:`check_on_device` (one wait per device) and clear them.
 
-    Raises ValueError naming every (layer, input) that has seen a NaN or Inf since the last read.
+    Raises ValueError naming every (layer, input, problem) seen since the last read.
     """
     global _unread_checks
     _unread_checks = 0
-    if not _nonfinite_seen:
+    if not _deferred_failures:
         return
-    by_device: dict[torch.device, list[tuple[str, str, torch.device]]] = {}
-    for key in _nonfinite_seen:
-        by_device.setdefault(key[2], []).append(key)
+    by_device: dict[torch.device, list[tuple[str, str, str, torch.device]]] = {}
+    for key in _deferred_failures:
+        by_device.setdefault(key[3], []).append(key)
     bad = []
     for keys in by_device.values():
-        flags = torch.stack([_nonfinite_seen[key] for key in keys]).tolist()
-        bad += [f"{layer}: {name} ({device})" for (layer, name, device), flag in zip(keys, flags, strict=True) if flag]
-    _nonfinite_seen.clear()
+        flags = torch.stack([_deferred_failures[key] for key in keys]).tolist()
+        bad += [f"{layer}: {name} {problem} ({device})"
+                for (layer, name, problem, device), flag in zip(keys, flags, strict=True) if flag]
+    _deferred_failures.clear()
     if bad:
-        raise ValueError(f"NaN or Inf in the inputs of {'; '.join(bad)} (seen on the device since the last check)")
+        raise ValueError(f"{'; '.join(bad)} (seen on the device since the last check)")
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -402,12 +402,12 @@ def _diverged(recipe: Recipe, run_dir: Path, epoch: int, what: str, steps: tuple
 def _check_state(recipe: Recipe, parallel: ParallelContext | None, run_dir: Path, epoch: int, last_good: int,
                  writer: bool) -> None:
     """Before evaluating and checkpointing: no layer saw a NaN or Inf input on the device this
-    epoch (the deferred CUDA checks of :func:`~ff_kernels.ops.validation.raise_if_nonfinite`,
+    epoch (the deferred CUDA checks of :func:`~ff_kernels.ops.validation.raise_deferred_checks`,
     read here once) and the model's and optimizer's state is finite, on every rank (one
     all_reduce of the counts in a parallel run); else TrainingDiverged."""
     problems = []
     try:
-        validation.raise_if_nonfinite()
+        validation.raise_deferred_checks()
     except ValueError as err:
         problems.append(str(err))
     bad = guard.nonfinite_state(recipe.model, recipe.optimizer)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ...ops.validation import check_on_device
+
 
 def _check(strings: torch.Tensor, width: int, context: int) -> None:
     if not isinstance(strings, torch.Tensor) or strings.dtype != torch.int64 or strings.dim() != 2:
@@ -51,6 +53,7 @@ def one_hot_rows(windows: torch.Tensor, alphabet: int, dtype: torch.dtype = torc
     """
     if windows.dtype != torch.int64:
         raise TypeError(f"windows must hold int64 character codes, got {windows.dtype}")
-    if windows.numel() and not bool(((windows >= 0) & (windows < alphabet)).all()):
-        raise ValueError(f"character codes must lie in [0, {alphabet}), got {int(windows.min())}..{int(windows.max())}")
+    if windows.numel():
+        check_on_device("one_hot_rows", "character codes", ((windows < 0) | (windows >= alphabet)).any(),
+                        f"must lie in [0, {alphabet})")
     return torch.nn.functional.one_hot(windows, alphabet).to(dtype).flatten(-2)

@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from ...ops.validation import check_on_device
+
 BLUR_STEPS = 10
 BLUR_FILTER = (0.25, 0.5, 0.25)
 
@@ -110,8 +112,7 @@ def hybrid_images(images_a: torch.Tensor, images_b: torch.Tensor, mask: torch.Te
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {_describe(mask)}")
     m = _mask_like(mask, images_a)
-    if not bool(((m == 0) | (m == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or False and True)")
+    check_on_device("hybrid_images", "mask", ((m != 0) & (m != 1)).any(), "must hold only 0 and 1 (or False and True)")
     return _mix(images_a, images_b, m)
 
 

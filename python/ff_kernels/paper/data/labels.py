@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ...ops.validation import check_on_device
+
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}"
@@ -25,8 +27,9 @@ def _check_class_labels(labels: torch.Tensor, num_classes: int, batch: int | Non
         raise ValueError(f"labels must have shape {expected}, got {_describe(labels)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 so that a wrong label exists, got {num_classes}")
-    if labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all()):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values {int(labels.min())}..{int(labels.max())}")
+    if labels.numel():  # read at once on the CPU, deferred on a GPU (no wait for the device per batch)
+        check_on_device("labels", "values", ((labels < 0) | (labels >= num_classes)).any(),
+                        f"must lie in [0, {num_classes})")
 
 
 def neutral_label(batch: int, num_classes: int = 10, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -89,10 +92,12 @@ def hard_wrong_labels(
         raise TypeError(f"probs must be a floating-point (B, num_classes) tensor, got {got}")
     batch, num_classes = probs.shape
     _check_class_labels(labels, num_classes, batch)
-    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
-        raise ValueError("probs must be finite and non-negative")
+    check_on_device("hard_wrong_labels", "probs", (~torch.isfinite(probs) | (probs < 0)).any(),
+                    "must be finite and non-negative")
     device = generator.device if generator is not None else torch.device("cpu")
-    weights = probs.detach().to(device=device, dtype=torch.float32).clone()
+    # A bad row (only possible where the check above is deferred) draws uniformly among the wrong classes.
+    weights = torch.nan_to_num(probs.detach().to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0)
+    weights = weights.clamp_min_(0.0)
     rows = torch.arange(batch, device=device)
     weights[rows, labels.to(device)] = 0.0
     degenerate = weights.sum(1) <= 0

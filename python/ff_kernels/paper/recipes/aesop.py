@@ -330,10 +330,10 @@ class AesopFF:
         log2p_sum, errors = 0.0, 0
         for x, y in zip(inputs.split(EVAL_BATCH), targets.split(EVAL_BATCH)):
             log_probs = torch.log_softmax(self.model.logits(x), dim=1)
-            log2p_sum += float(log_probs.gather(1, y[:, None]).sum()) / math.log(2)
-            errors += int((log_probs.argmax(1) != y).sum())
-        log2p = log2p_sum / targets.shape[0]
-        return {"log2p": log2p, "perplexity": 2.0 ** -log2p, "error": errors / targets.shape[0]}
+            log2p_sum += log_probs.gather(1, y[:, None]).sum(dtype=torch.float64) / math.log(2)
+            errors += (log_probs.argmax(1) != y).sum()
+        log2p = float(log2p_sum) / targets.shape[0]  # one read of the device per evaluation
+        return {"log2p": log2p, "perplexity": 2.0 ** -log2p, "error": float(errors) / targets.shape[0]}
 
     def evaluate(self) -> dict[str, float]:
         """``train_*`` on the training strings (Figure 5) and ``test_*`` on the held-out strings."""

@@ -144,5 +144,5 @@ class BackpropMNIST:
         self.model.eval()
         errors = 0
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
-            errors += int((self.model(images).argmax(1) != labels).sum())
-        return {f"{self.eval_name}_error": errors / self.eval_labels.shape[0]}
+            errors += (self.model(images).argmax(1) != labels).sum()
+        return {f"{self.eval_name}_error": float(errors) / self.eval_labels.shape[0]}

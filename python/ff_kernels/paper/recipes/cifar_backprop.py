@@ -94,7 +94,7 @@ class CifarBackprop:
         """``<set>_error`` of the softmax for every evaluation set."""
         metrics = {}
         for name, (images, labels) in self.data.eval_sets.items():
-            errors = sum(int((self.model(standardize(x)).argmax(1) != y).sum())
+            errors = sum((self.model(standardize(x)).argmax(1) != y).sum()
                          for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)))
-            metrics[f"{name}_error"] = errors / len(labels)
+            metrics[f"{name}_error"] = float(errors) / len(labels)
         return metrics

@@ -251,13 +251,14 @@ class UnsupervisedMNIST:
         softmax_errors = ff_errors = ff_rows = 0
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
             outputs, g_pos = self.model.outputs_and_goodness(self.model.inputs(images))
-            softmax_errors += int((self.model.head(self.model.head_features(outputs)).argmax(1) != labels).sum())
-            ff_errors += int((self.model.positive_probability(g_pos).mean(1) <= 0.5).sum())
+            softmax_errors += (self.model.head(self.model.head_features(outputs)).argmax(1) != labels).sum()
+            ff_errors += (self.model.positive_probability(g_pos).mean(1) <= 0.5).sum()
             ff_rows += images.shape[0]
             if images.shape[0] >= 2:  # a lone last image has no partner: it counts as a positive only
                 hybrids = hybrid_negatives(images, generator, self.config.blur_steps)
                 _, g_neg = self.model.outputs_and_goodness(self.model.inputs(hybrids))
-                ff_errors += int((self.model.positive_probability(g_neg).mean(1) > 0.5).sum())
+                ff_errors += (self.model.positive_probability(g_neg).mean(1) > 0.5).sum()
                 ff_rows += images.shape[0]
         n = self.eval_labels.shape[0]
-        return {f"{self.eval_name}_error": softmax_errors / n, f"{self.eval_name}_ff_error": ff_errors / ff_rows}
+        return {f"{self.eval_name}_error": float(softmax_errors) / n,
+                f"{self.eval_name}_ff_error": float(ff_errors) / ff_rows}
