@@ -92,6 +92,30 @@ def test_head_logits_read_the_last_layers_after_a_neutral_label_pass():
     torch.testing.assert_close(recipe.model.head_logits(images), expected, rtol=1e-4, atol=1e-3)
 
 
+def test_each_update_keeps_0_3_of_the_previous_state():
+    """Section 3.4's damping, on a hand-built net: the last layer sees only the label (weight 0.5 from
+    every label entry: its state is 0.5 everywhere at every t, goodness 3072 x 0.25 = 768); the first
+    layer sees only the last one, top-down, so it is 0 at t = 0 and then approaches its undamped
+    state a as h_t = 0.3 h_(t-1) + 0.7 a = (1 - 0.3^t) a: its goodness at t = 1, 2, 3 is in the
+    ratio 0.7^2 : 0.91^2 : 0.973^2."""
+    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(10))
+    net = recipe.model.net
+    assert net.damping == 0.3
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first = net.layers[0]
+        first.weight[:, :, first.below_channels * 9:] = 0.1  # top-down part of 3x3 windows
+        net.label_weight.fill_(0.5)
+    images = standardize(recipe.data.train_images[:2])
+    g = net.goodness(images, torch.nn.functional.one_hot(torch.tensor([0, 3]), 10).float(), 3)  # (t, B, layer)
+    torch.testing.assert_close(g[:, :, 1], torch.full((3, 2), 768.0), rtol=1e-5, atol=0)
+    ratios = g[:, :, 0] / g[0, :, 0]
+    torch.testing.assert_close(ratios, torch.tensor([1.0, (0.91 / 0.7) ** 2, (0.973 / 0.7) ** 2])[:, None].expand(3, 2),
+                               rtol=1e-5, atol=0)
+
+
 def test_evaluate_counts_the_errors_of_each_procedure(ff_recipe, monkeypatch):
     """With scores set by hand: per row, the goodness test prefers [0, 2, 2, 4, 4, 6, 6, 8, 8, 0][row]
     (its scores fall with the distance to that label, so its argmin is another label) and the softmax
