@@ -4,6 +4,7 @@ Usage (from the repository root, with the venv's python):
 
     .venv/bin/python scripts/mutation_check.py                 # every mutation, its tests
     .venv/bin/python scripts/mutation_check.py -k neutral      # mutations whose name contains "neutral"
+    .venv/bin/python scripts/mutation_check.py --each          # every test of a mutation's list that catches it
     .venv/bin/python scripts/mutation_check.py --tests-from REV # the tests as they were at git revision REV
     .venv/bin/python scripts/mutation_check.py --full          # run the whole default suite per mutation
 
@@ -249,9 +250,11 @@ def run_pytest(repo: Path, tests: list[str], timeout: float) -> tuple[bool, str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-k", default="", help="only mutations whose name contains this text")
+    parser.add_argument("-k", action="append", default=[],
+                        help="only mutations whose name contains this text (repeatable: any of them)")
     parser.add_argument("--tests-from", help="git revision whose tests/ to run instead of the working tree's")
     parser.add_argument("--full", action="store_true", help="run the whole default suite, not each mutation's tests")
+    parser.add_argument("--tests", nargs="+", help="run these tests for every mutation instead of its own")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per pytest run")
     parser.add_argument("--each", action="store_true",
                         help="run each of a mutation's test files (or tests) on its own and list every one that catches it")
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="only check that every snippet is found")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if args.k.lower() in m.name.lower()]
+    chosen = [m for m in MUTATIONS if not args.k or any(k.lower() in m.name.lower() for k in args.k)]
     repo = copy_repository(args.tests_from)
     files = {str(p.relative_to(repo)) for p in (repo / "tests").glob("test_*.py")}
 
@@ -281,13 +284,13 @@ def main(argv=None) -> int:
                 print(f"{'ok' if applies else 'BAD':4} {mutation.name}")
             return 0
         if not args.no_baseline:
-            union = ["tests"] if args.full else select([t for m in chosen for t in m.tests])
+            union = ["tests"] if args.full else select(args.tests or [t for m in chosen for t in m.tests])
             passed, first, seconds = run_pytest(repo, union, args.timeout)
             print(f"unmutated copy: {'passes' if passed else 'FAILS at ' + first} ({seconds:.0f} s)", flush=True)
             if not passed:
                 return 2
         for mutation in chosen:
-            tests = ["tests"] if args.full else select(mutation.tests)
+            tests = ["tests"] if args.full else select(args.tests or mutation.tests)
             path = repo / mutation.path
             original = path.read_text()
             mutated = mutation.apply(original)
