@@ -262,7 +262,7 @@ def test_softmax_reads_the_normalized_outputs_of_the_last_layers_in_order(data):
     with torch.no_grad():
         net[0].weight.zero_()
         net[0].weight[:, MIDDLE] = torch.eye(16)
-        for layer in net[1:]:
+        for layer in list(net)[1:]:
             layer.weight.copy_(torch.eye(16).roll(1, dims=0))
         for layer in net:
             layer.bias.zero_()

@@ -85,7 +85,7 @@ def hand_built_recipe(goodness: str = "ssq", depth: int = 3) -> SupervisedMNIST:
         for j in range(10):
             net[0].weight[j, j] = A[j]
         net[0].weight[10, PIXEL] = 1.0
-        for layer, diagonal in zip(net[1:], (B, C)):
+        for layer, diagonal in zip(list(net)[1:], (B, C)):
             layer.weight.copy_(torch.diag(torch.tensor(diagonal + [1.0])))
     return recipe
 
