@@ -5,7 +5,7 @@ Usage (from the repository root, with the venv's python):
     .venv/bin/python scripts/mutation_check.py                 # every mutation, its tests
     .venv/bin/python scripts/mutation_check.py -k neutral      # mutations whose name contains "neutral"
     .venv/bin/python scripts/mutation_check.py --each          # every test of a mutation's list that catches it
-    .venv/bin/python scripts/mutation_check.py --tests-from REV # the tests as they were at git revision REV
+    .venv/bin/python scripts/mutation_check.py --revision REV  # the library and tests of git revision REV
     .venv/bin/python scripts/mutation_check.py --full          # run the whole default suite per mutation
 
 Each mutation replaces one snippet of the library or a recipe (an exact string that must occur
@@ -97,6 +97,9 @@ MUTATIONS = [
     Mutation("threshold ignored by the layers (always 0)", LIB + "nn/layer.py",
              "self.threshold = _finite(self._name(), \"threshold\", num_units if threshold is None else threshold)",
              "self.threshold = 0.0",
+             FF_MATH_TESTS + SUPERVISED_TESTS),
+    Mutation("threshold ignored by the layers (always 0; the layer before its finiteness check)", LIB + "nn/layer.py",
+             "self.threshold = float(num_units if threshold is None else threshold)", "self.threshold = 0.0",
              FF_MATH_TESTS + SUPERVISED_TESTS),
     Mutation("normalization dropped between layers (CPU backend)", LIB + "ops/cpu_linear.py",
              "return h * (1.0 / (scale + FF.NORM_EPS)).to(h.dtype)[:, None]", "return h.clone()",
@@ -219,16 +222,25 @@ def ordered(tests) -> list[str]:
     return [t for t in unique if t not in slow] + slow
 
 
-def copy_repository(tests_from: str | None) -> Path:
-    """A copy of the working tree in a fresh folder beside a link to ../shared (tests/_paths.py's data)."""
+def copy_repository(revision: str | None) -> Path:
+    """A copy of the working tree in a fresh folder beside a link to ../shared (tests/_paths.py's data).
+
+    With ``revision``, the library, the kernels and the tests are that git revision's instead (the
+    compiled extension of the working tree is kept), so that its own tests run on its own code.
+    """
     base = Path(tempfile.mkdtemp(prefix="ff-mutation-"))
     (base / "shared").symlink_to(ROOT.parent / "shared")
     repo = base / "repo"
     shutil.copytree(ROOT, repo, ignore=IGNORED, symlinks=True)
-    if tests_from:
-        shutil.rmtree(repo / "tests")
-        archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, check=True, capture_output=True)
+    if revision:
+        folders = ["python", "tests", "fftriton"]
+        compiled = {p.relative_to(repo): p.read_bytes() for p in (repo / "python").rglob("*.so")}
+        for folder in folders:
+            shutil.rmtree(repo / folder)
+        archive = subprocess.run(["git", "archive", revision, *folders], cwd=ROOT, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(repo)], input=archive.stdout, check=True)
+        for path, content in compiled.items():
+            (repo / path).write_bytes(content)
     return repo
 
 
@@ -253,7 +265,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[],
                         help="only mutations whose name contains this text (repeatable: any of them)")
-    parser.add_argument("--tests-from", help="git revision whose tests/ to run instead of the working tree's")
+    parser.add_argument("--revision", help="run on this git revision's library and tests instead of the working tree's")
     parser.add_argument("--full", action="store_true", help="run the whole default suite, not each mutation's tests")
     parser.add_argument("--tests", nargs="+", help="run these tests for every mutation instead of its own")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per pytest run")
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.k or any(k.lower() in m.name.lower() for k in args.k)]
-    repo = copy_repository(args.tests_from)
+    repo = copy_repository(args.revision)
     files = {str(p.relative_to(repo)) for p in (repo / "tests").glob("test_*.py")}
 
     def select(tests) -> list[str]:
@@ -277,7 +289,7 @@ def main(argv=None) -> int:
                 chosen.append(test if not node or f"def {function}(" in (repo / path).read_text() else path)
         return ordered(chosen)
 
-    missed = 0
+    missed = skipped = 0
     try:
         if args.dry_run:
             for mutation in chosen:
@@ -296,8 +308,8 @@ def main(argv=None) -> int:
             original = path.read_text()
             mutated = mutation.apply(original)
             if mutated is None:
-                print(f"NOT APPLIED  {mutation.name}: a snippet does not occur {mutation.count} times in {mutation.path}")
-                missed += 1
+                print(f"not applied  {mutation.name}: a snippet does not occur {mutation.count} times in {mutation.path}")
+                skipped += 1
                 continue
             path.write_text(mutated)
             try:
@@ -319,7 +331,8 @@ def main(argv=None) -> int:
             print(f"copy kept in {repo}")
         else:
             shutil.rmtree(repo.parent)
-    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
+    print(f"{len(chosen) - missed - skipped} of {len(chosen) - skipped} mutations caught"
+          + (f" ({skipped} not applicable to this code)" if skipped else ""))
     return 1 if missed else 0
 
 
