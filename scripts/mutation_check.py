@@ -228,22 +228,20 @@ def ordered(tests) -> list[str]:
 def copy_repository(revision: str | None) -> Path:
     """A copy of the working tree in a fresh folder beside a link to ../shared (tests/_paths.py's data).
 
-    With ``revision``, the library, the kernels and the tests are that git revision's instead (the
-    compiled extension of the working tree is kept), so that its own tests run on its own code.
+    With ``revision``, the copy is that git revision's tree instead, plus the working tree's compiled
+    extension, so that its own tests run on its own code and documents.
     """
     base = Path(tempfile.mkdtemp(prefix="ff-mutation-"))
     (base / "shared").symlink_to(ROOT.parent / "shared")
     repo = base / "repo"
-    shutil.copytree(ROOT, repo, ignore=IGNORED, symlinks=True)
-    if revision:
-        folders = ["python", "tests", "fftriton"]
-        compiled = {p.relative_to(repo): p.read_bytes() for p in (repo / "python").rglob("*.so")}
-        for folder in folders:
-            shutil.rmtree(repo / folder)
-        archive = subprocess.run(["git", "archive", revision, *folders], cwd=ROOT, check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive.stdout, check=True)
-        for path, content in compiled.items():
-            (repo / path).write_bytes(content)
+    if revision is None:
+        shutil.copytree(ROOT, repo, ignore=IGNORED, symlinks=True)
+        return repo
+    repo.mkdir()
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(repo)], input=archive.stdout, check=True)
+    for compiled in (ROOT / "python").rglob("*.so"):
+        shutil.copy2(compiled, repo / compiled.relative_to(ROOT))
     return repo
 
 
