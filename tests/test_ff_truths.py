@@ -108,15 +108,17 @@ def test_weight_gradient_of_one_row(backend, goodness, sign, positive):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("goodness", ["ssq", "neg_ssq", "sum"])
-def test_a_small_step_moves_positives_towards_good_and_negatives_away(backend, goodness):
-    """The direction of learning: one small SGD step raises the goodness of a positive row and
-    lowers that of a negative row ("neg_ssq": the reverse), on either side of the threshold."""
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_small_step_moves_positives_towards_good_and_negatives_away(backend, goodness, momentum):
+    """The direction of learning: one small SGD step (with or without a momentum buffer, which the
+    recipes use) raises the goodness of a positive row and lowers that of a negative row ("neg_ssq":
+    the reverse), on either side of the threshold."""
     sign = -1.0 if goodness == "neg_ssq" else 1.0
     x = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, 0.0]])  # goodness 10 and 0.5 (ssq): either side of 3
     for positive in (True, False):
         layer = identity_layer(backend, goodness)
         before = layer.goodness(x)
-        layer.ff_step(x if positive else x[:0], x[:0] if positive else x, lr=1e-3)
+        layer.ff_step(x if positive else x[:0], x[:0] if positive else x, lr=1e-3, momentum=momentum)
         change = (layer.goodness(x) - before) * sign * (1.0 if positive else -1.0)
         assert bool((change > 0).all()), (positive, before, layer.goodness(x))
 
