@@ -2,7 +2,8 @@
 
 Synthetic 32x32 data (given to the recipes as a CifarData), small receptive fields and few
 iterations keep every test to a few seconds; the real-data run is the smoke test in
-test_recipes_smoke.py.
+test_recipes_smoke.py, the recipe's learning against its untrained control is in
+test_cifar_learning.py and what a training step feeds the FF layers in test_recipe_negatives.py.
 """
 
 import json
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from ff_kernels import functional as FF
-from ff_kernels.paper.data import hard_wrong_labels
 from ff_kernels.paper.data.cifar10 import Cifar10
 from ff_kernels.paper.recipes import cifar_common
 from ff_kernels.paper.recipes.cifar_backprop import CifarBackprop, CifarBackpropConfig
@@ -68,23 +68,71 @@ def test_label_scores_match_one_run_per_label(ff_recipe, goodness):
     model.config.goodness = model.net.goodness_kind = "ssq"
 
 
-def test_head_logits_read_the_neutral_bottom_up_pass(ff_recipe):
-    model = ff_recipe.model
-    images = standardize(ff_recipe.data.train_images[:4])
-    states = model.net.run(images, torch.full((4, 10), 0.1), 1)[0]
-    features = torch.cat([FF.normalize(s.flatten(1), "ssq", rms=True) for s in states], dim=1)
-    torch.testing.assert_close(model.head_logits(images), features @ model.head.weight.t())
+def test_head_logits_read_the_last_layers_after_a_neutral_label_pass():
+    """A hand-built net: every local weight and bias 0, so the first layer stays silent and the last
+    one's activity is the label's drive alone. Unit u's label weights are w_u * (k + 1) / 5.5 for
+    label k, so the neutral label (0.1 each) drives it by exactly w_u (0.1 * 55 / 5.5 = 1); a
+    one-hot or an all-zero label would not. The one-pass softmax reads both layers' normalized
+    (unit mean square) bottom-up states: [0, ..., 0, w / rms(w)]."""
+    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(10))
+    net, head = recipe.model.net, recipe.model.head
+    units = net.units
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(units, generator=g) + 0.5
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        net.label_weight.copy_(w[:, None] * (torch.arange(10.0) + 1) / 5.5)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+    assert head.weight.shape == (10, 2 * units)  # depth 2 < head_layers 3: the softmax reads both layers
+    features = torch.cat([torch.zeros(units), w / w.square().mean().sqrt()])
+    expected = (head.weight @ features).expand(4, 10)
+    images = standardize(recipe.data.train_images[:4])
+    torch.testing.assert_close(recipe.model.head_logits(images), expected, rtol=1e-4, atol=1e-3)
 
 
-def test_evaluate_counts_errors_of_both_procedures(ff_recipe):
-    metrics = ff_recipe.evaluate()
-    assert set(metrics) == {"train_error", "train_error_softmax", "test_error", "test_error_softmax"}
-    for name, (images, labels) in ff_recipe.data.eval_sets.items():
-        x = standardize(images)
-        goodness_errors = int((ff_recipe.model.label_scores(x).argmax(1) != labels).sum())
-        softmax_errors = int((ff_recipe.model.head_logits(x).argmax(1) != labels).sum())
-        assert metrics[f"{name}_error"] == goodness_errors / len(labels)
-        assert metrics[f"{name}_error_softmax"] == softmax_errors / len(labels)
+def test_each_update_keeps_0_3_of_the_previous_state():
+    """Section 3.4's damping, on a hand-built net: the last layer sees only the label (weight 0.5 from
+    every label entry: its state is 0.5 everywhere at every t, goodness 3072 x 0.25 = 768); the first
+    layer sees only the last one, top-down, so it is 0 at t = 0 and then approaches its undamped
+    state a as h_t = 0.3 h_(t-1) + 0.7 a = (1 - 0.3^t) a: its goodness at t = 1, 2, 3 is in the
+    ratio 0.7^2 : 0.91^2 : 0.973^2."""
+    recipe = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=class_coded_data(10))
+    net = recipe.model.net
+    assert net.damping == 0.3
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first = net.layers[0]
+        first.weight[:, :, first.below_channels * 9:] = 0.1  # top-down part of 3x3 windows
+        net.label_weight.fill_(0.5)
+    images = standardize(recipe.data.train_images[:2])
+    g = net.goodness(images, torch.nn.functional.one_hot(torch.tensor([0, 3]), 10).float(), 3)  # (t, B, layer)
+    torch.testing.assert_close(g[:, :, 1], torch.full((3, 2), 768.0), rtol=1e-5, atol=0)
+    ratios = g[:, :, 0] / g[0, :, 0]
+    torch.testing.assert_close(ratios, torch.tensor([1.0, (0.91 / 0.7) ** 2, (0.973 / 0.7) ** 2])[:, None].expand(3, 2),
+                               rtol=1e-5, atol=0)
+
+
+def test_evaluate_counts_the_errors_of_each_procedure(ff_recipe, monkeypatch):
+    """With scores set by hand: per row, the goodness test prefers [0, 2, 2, 4, 4, 6, 6, 8, 8, 0][row]
+    (its scores fall with the distance to that label, so its argmin is another label) and the softmax
+    always prefers 3. The sets are the 10 training images (labels 0-9) and the first 5 (labels 0-4):
+    the goodness test is right on the even rows, the softmax on the row labelled 3."""
+    preferred = torch.tensor([0, 2, 2, 4, 4, 6, 6, 8, 8, 0])
+
+    def label_scores(images):
+        return -(torch.arange(10.0)[None, :] - preferred[: images.shape[0], None]).abs()
+
+    def head_logits(images):
+        return torch.nn.functional.one_hot(torch.full((images.shape[0],), 3), 10).float()
+
+    monkeypatch.setattr(ff_recipe.model, "label_scores", label_scores)
+    monkeypatch.setattr(ff_recipe.model, "head_logits", head_logits)
+    assert ff_recipe.evaluate() == {"train_error": 0.5, "train_error_softmax": 0.9,
+                                    "test_error": 0.4, "test_error_softmax": 0.8}
 
 
 @pytest.fixture
@@ -131,31 +179,6 @@ def test_evaluation_runs_every_nth_epoch_and_after_the_last(tmp_path):
 
 
 # ---------------------------------------------------------------- learning
-
-
-def test_ff_train_step_trains_true_labels_against_hard_negatives():
-    """One step's gradients equal ff_backward on [true labels; hard wrong labels drawn from the softmax]."""
-    config = CifarFFConfig(depth=2, **SMALL_FF)
-    data = class_coded_data(20)
-    recipe, twin = CifarFF(config, data=data), CifarFF(config, data=data)
-    with torch.no_grad():
-        for r in (recipe, twin):
-            r.model.head.weight.copy_(torch.randn(r.model.head.weight.shape, generator=torch.Generator().manual_seed(1)))
-    batch = torch.arange(6)
-    loss, errors, n = recipe.train_step(batch, torch.Generator().manual_seed(5))
-
-    model, g = twin.model, torch.Generator().manual_seed(5)
-    images, labels = standardize(data.train_images[batch]), data.train_labels[batch]
-    logits = model.head_logits(images)
-    probs = torch.softmax(logits.detach(), 1)
-    wrong = hard_wrong_labels(probs, labels, g)
-    torch.nn.functional.cross_entropy(logits, labels).backward()
-    codes = torch.nn.functional.one_hot(torch.cat([labels, wrong]), 10).float()
-    losses = model.net.ff_backward(torch.cat([images, images]), codes, 6, config.train_iterations)
-    assert n == 6 and int(errors) == int((probs.argmax(1) != labels).sum())
-    torch.testing.assert_close(loss, torch.stack(losses).mean())
-    for p, q in zip(recipe.model.parameters(), model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("loss", ["threshold", "pairwise"])

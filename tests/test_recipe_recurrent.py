@@ -1,4 +1,7 @@
-"""The recurrent MNIST recipe (section 3.4): test procedure, hard negatives, config, learning, resume."""
+"""The recurrent MNIST recipe (section 3.4): test procedure, hard negatives, config, learning, resume.
+
+What a training step feeds the FF layers is checked in test_recipe_negatives.py.
+"""
 
 import math
 
@@ -34,16 +37,19 @@ def naive_scores(model: RecurrentLabelNet, images: torch.Tensor, first: int, las
     return torch.stack(columns, dim=1)
 
 
-def test_test_procedure_is_argmax_of_goodness_over_iterations_3_to_5():
-    recipe = RecurrentMNIST(RecurrentMNISTConfig(**TINY), fake_data())
+@pytest.mark.parametrize("goodness,sign", [("ssq", 1.0), ("neg_ssq", -1.0)])
+def test_test_procedure_is_argmax_of_goodness_over_iterations_3_to_5(goodness, sign):
+    """The label with the highest goodness averaged over iterations 3-5 (min ssq: the lowest), from
+    the naive loop of recurrent_reference.py; evaluate() counts an error wherever it is not the label."""
+    recipe = RecurrentMNIST(RecurrentMNISTConfig(goodness=goodness, **TINY), fake_data())
     model = recipe.model
     with torch.no_grad():  # a strong top-down label input, so that labels get clearly different scores
         top_layer = model.net.layers[-1]
         top_layer.weight[:, -10:].normal_(0.0, 1.0)
     images = recipe.eval_images
-    expected = naive_scores(model, images, 3, 5)
+    expected = sign * naive_scores(model, images, 3, 5)
     torch.testing.assert_close(model.label_scores(images), expected, rtol=1e-5, atol=1e-4)
-    assert not torch.allclose(naive_scores(model, images, 1, 8), expected, rtol=1e-3)
+    assert not torch.allclose(sign * naive_scores(model, images, 1, 8), expected, rtol=1e-3)
     best = expected.argmax(1)
     assert (expected.topk(2, dim=1).values.diff(dim=1).abs() > 1e-2).all()  # no near-ties
     recipe.eval_labels = best
@@ -67,24 +73,17 @@ def test_hard_negatives_never_pick_the_true_label_and_follow_the_probabilities()
     assert not (recipe.negative_labels(certain, labels, generator) == labels).any()
 
 
-def test_train_step_trains_on_hard_negatives_from_the_bottom_up_softmax(monkeypatch):
+def test_softmax_reads_every_hidden_layer_at_unit_mean_square():
+    """head_logits(states) = W [s_1 / rms(s_1), s_2 / rms(s_2)]: the bottom-up pass's states of both hidden
+    layers, each scaled to unit mean square (rms written out here), in order."""
     recipe = RecurrentMNIST(RecurrentMNISTConfig(**TINY), fake_data())
-    seen = {}
-
-    def spy(probs, labels, generator):
-        seen["probs"], seen["labels"] = probs, labels
-        return (labels + 1) % 10
-
-    monkeypatch.setattr(recipe, "negative_labels", spy)
-    batch = torch.arange(10)
-    model = recipe.model
+    g = torch.Generator().manual_seed(1)
+    states = [torch.rand(3, 6, generator=g) + 0.1, torch.rand(3, 6, generator=g) * 5 + 0.1]
     with torch.no_grad():
-        model.head.weight.normal_()
-    expected = torch.softmax(model.head_logits(model.net.initial_states(model.bottom(recipe.train_images[batch]))), 1)
-    loss, errors, n = recipe.train_step(batch, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(seen["probs"], expected)
-    assert torch.equal(seen["labels"], recipe.train_labels[batch])
-    assert n == 10 and math.isfinite(float(loss)) and int(errors) == int((expected.argmax(1) != seen["labels"]).sum())
+        recipe.model.head.weight.copy_(torch.randn(10, 12, generator=g))
+    features = torch.cat([s / s.square().mean(1, keepdim=True).sqrt() for s in states], dim=1)
+    torch.testing.assert_close(recipe.model.head_logits(states), features @ recipe.model.head.weight.t(),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -115,9 +114,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got, want, msg=name)
 
 
-# Observed with seeds 0, 1, 2: 34.2%, 31.6%, 30.6% test error in about 10 s (2-core CPU, one
-# thread, under load). Chance is 90%, and a net that does not learn stays near it.
-MAX_TEST_ERROR = 0.6
+# Observed with seeds 0-4: 34.2, 31.6, 30.6, 34.8, 26.8% test error, 3-4 s each (2-core CPU, one
+# thread, under load). The bar is 9 points (about 4 binomial standard errors of the 500 test
+# images) above the worst seed. Chance is 90%; with the FF updates off the same net stays at
+# 89-96% (test_recipes_smoke.py), and a net scored on the wrong iterations or by the wrong sign
+# falls far short of 44%.
+MAX_TEST_ERROR = 0.44
 
 
 @pytest.fixture
