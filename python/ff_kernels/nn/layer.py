@@ -18,6 +18,8 @@ class FFLayer(nn.Module):
     - ``_name()``: the layer's name for error messages;
     - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
+    - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
+      pre-activations computed by the caller (see :meth:`forward_with_goodness`);
     - ``_add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)``: add ``alpha`` times
       the rank-1 peer-normalization gradients (dW, db) for the
       per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`); they depend on
@@ -28,6 +30,7 @@ class FFLayer(nn.Module):
     """
 
     _lazy_buffers: tuple[str, ...] = ("weight_momentum", "bias_momentum")
+    _takes_preact = False
 
     def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
         """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
@@ -42,24 +45,37 @@ class FFLayer(nn.Module):
         self.register_buffer("bias_momentum", None)
         self.peer_norm: PeerNormalization | None = check_peer_norm(self._name(), peer_norm, num_units, self.weight.device)
 
-    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized output, goodness (B,) float32) of a batch ``x``."""
-        return self._forward_op(x)
+    def _preact_kwargs(self, preact: torch.Tensor | None) -> dict:
+        if preact is None:
+            return {}
+        if not self._takes_preact:
+            raise TypeError(f"{self._name()}: this layer does not take precomputed pre-activations (preact)")
+        return {"preact": preact}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized output, goodness (B,) float32) of a batch ``x``.
+
+        ``preact`` (FFLinear): the pre-activations ``x @ W.T + b`` (B, out_features), computed by
+        the caller, e.g. once for parts that several rows share; the layer's GEMM is skipped and
+        ``x`` may be None.
+        """
+        return self._forward_op(x, **self._preact_kwargs(preact))
+
+    def forward(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
         """The normalized ReLU activities of a batch ``x``: what the next layer receives."""
-        return self._forward_op(x)[0]
+        return self.forward_with_goodness(x, preact)[0]
 
-    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+    def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
         """Goodness (B,) float32 of each row (image) of ``x``."""
-        return self._forward_op(x)[1]
+        return self.forward_with_goodness(x, preact)[1]
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """p(positive) (B,) of each row (image) of ``x``."""
         return FF.positive_probability(self.goodness(x), self.goodness_kind, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
-                    apply_peer_norm: bool = True):
+                    apply_peer_norm: bool = True, preact: torch.Tensor | None = None):
         """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
 
         x_pos: positive rows (Bp, ...), x_neg: negative rows (Bn, ...). The gradients equal those
@@ -70,8 +86,11 @@ class FFLayer(nn.Module):
         ``apply_peer_norm=False`` leaves peer normalization to the caller, who passes
         :meth:`peer_norm_statistics` (possibly averaged over data-parallel ranks) to
         :meth:`apply_peer_norm_`.
+
+        ``preact`` (FFLinear): the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, out_features)
+        computed by the caller; the forward GEMM is skipped (the gradient still reads the inputs).
         """
-        step = self._step_op(x_pos, x_neg, mode="grad")
+        step = self._step_op(x_pos, x_neg, mode="grad", **self._preact_kwargs(preact))
         if apply_peer_norm:
             self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
@@ -84,16 +103,18 @@ class FFLayer(nn.Module):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         return_step: bool = False,
+        preact: torch.Tensor | None = None,
     ):
         """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
 
         The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
-        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step.
+        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step. ``preact``:
+        as for :meth:`ff_backward`.
         """
         weight_buf, bias_buf = self.momentum_buffers(momentum)
         step = self._step_op(
             x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-            weight_buf=weight_buf, bias_buf=bias_buf,
+            weight_buf=weight_buf, bias_buf=bias_buf, **self._preact_kwargs(preact),
         )
         self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
         return step if return_step else step.loss

@@ -40,6 +40,7 @@ class FFLinear(FFLayer):
     """
 
     _lazy_buffers = ("mask", "weight_momentum", "bias_momentum")
+    _takes_preact = True
 
     def __init__(
         self,
@@ -102,9 +103,9 @@ class FFLinear(FFLayer):
             "compute_dtype": self.compute_dtype, "layer": self._name(),
         }
 
-    def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_op(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) float32)."""
-        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs())
+        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs(), preact=preact)
 
     def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         return ff_linear_step(

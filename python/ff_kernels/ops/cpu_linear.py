@@ -58,6 +58,26 @@ def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
     return _normalized(h, scale, goodness, rms).to(x.dtype), g
 
 
+def forward_from_preact(preact, *, goodness, rms, dtype):
+    """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness float32."""
+    h = preact.relu()
+    scale = _row_scale(h, goodness)
+    g = scale if goodness == "sum" else scale.square()
+    return _normalized(h, scale, goodness, rms).to(dtype), g
+
+
+def rows_together(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([x_pos, x_neg])``, without a copy when ``x_neg``'s rows directly follow
+    ``x_pos``'s in memory (the two halves of one tensor, as FFSequential passes them on)."""
+    if (x_pos.dim() == 2 and x_pos.dtype == x_neg.dtype and x_pos.device == x_neg.device
+            and x_pos.shape[1] == x_neg.shape[1] and x_pos.is_contiguous() and x_neg.is_contiguous()
+            and x_pos.shape[0] > 0 and x_neg.shape[0] > 0
+            and x_neg.untyped_storage().data_ptr() == x_pos.untyped_storage().data_ptr()
+            and x_neg.storage_offset() == x_pos.storage_offset() + x_pos.numel()):
+        return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
+    return torch.cat([x_pos, x_neg])
+
+
 def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1.0) -> None:
     """``target = beta * target + alpha * (delta.T @ x) * mask``: (D_out, B) @ (B, D_in).
 
@@ -106,12 +126,16 @@ def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum
 
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
-    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None,
 ) -> FFLayerStep:
-    """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step."""
+    """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step.
+
+    ``preact`` (Bp + Bn, D_out): the caller's pre-activations, used instead of the forward GEMM.
+    Plain torch ops: runs on any device.
+    """
     n_pos = x_pos.shape[0]
-    x = _cast(torch.cat([x_pos, x_neg]), compute_dtype)
-    h = _activities(x, _cast(weight, compute_dtype), bias)
+    x = _cast(rows_together(x_pos, x_neg), compute_dtype)
+    h = _activities(x, _cast(weight, compute_dtype), bias) if preact is None else preact.relu().to(x.dtype)
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
     loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)

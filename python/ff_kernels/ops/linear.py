@@ -53,8 +53,15 @@ def _check_compute_dtype(layer: str, compute_dtype: torch.dtype | None, backend:
         raise ValueError(f"{layer}: compute_dtype={compute_dtype} is a mode of the 'cpu' backend; got backend {backend!r}")
 
 
+def _check_preact(layer: str, preact: torch.Tensor, rows: int | None, weight: torch.Tensor) -> None:
+    """``preact`` must be a finite (rows, D_out) matrix with the weight's dtype and device."""
+    check_matrix("preact", layer, preact, weight.shape[0], weight)
+    if rows is not None and preact.shape[0] != rows:
+        raise ValueError(f"{layer}: preact must have one row per input row ({rows}), got {describe(preact)}")
+
+
 def ff_linear_forward(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
@@ -64,17 +71,30 @@ def ff_linear_forward(
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
+    preact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized ReLU activities and goodness of one FF linear layer (no gradients).
 
     x: (B, D_in) float32|bfloat16, weight: (D_out, D_in), bias: (D_out,) or None,
     mask: (D_out, D_in) bool or None -> (output (B, D_out) in x's dtype, goodness (B,) float32).
+
+    ``preact``: the pre-activations ``x @ (W * mask).T + b`` (B, D_out) in the weight's dtype,
+    computed by the caller (for example from parts that many rows share); the layer then skips
+    its GEMM on every backend, and ``x`` may be None (the output then has the weight's dtype).
     """
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
-    check_matrix("x", layer, x, weight.shape[1], weight)
+    if x is not None:
+        check_matrix("x", layer, x, weight.shape[1], weight)
+    elif preact is None:
+        raise TypeError(f"{layer}: x may be None only when preact is given")
     backend = resolve_backend(backend, weight.device, layer)
     _check_compute_dtype(layer, compute_dtype, backend)
+    if preact is not None:
+        _check_preact(layer, preact, None if x is None else x.shape[0], weight)
+        with torch.no_grad():
+            return cpu_linear.forward_from_preact(preact, goodness=goodness, rms=rms,
+                                                  dtype=weight.dtype if x is None else x.dtype)
     with torch.no_grad():
         if backend == "reference":
             return reference_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
@@ -105,6 +125,7 @@ def ff_linear_step(
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
+    preact: torch.Tensor | None = None,
 ) -> FFLayerStep:
     """One FF training pass of a linear layer on a positive and a negative batch.
 
@@ -116,6 +137,11 @@ def ff_linear_step(
     mode "sgd": apply ``torch.optim.SGD(lr, momentum, weight_decay)`` to the parameters in
     place with momentum buffers ``weight_buf`` / ``bias_buf`` (required when momentum > 0),
     without writing dL/dW to memory on the fused backends.
+
+    ``preact``: the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, D_out), as for
+    :func:`ff_linear_forward`: the forward GEMM is skipped (the weight gradient still reads the
+    inputs). The fast backends use it (the Triton backend then runs the step in torch ops); the
+    reference backend recomputes the pre-activations from the inputs.
 
     Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
     as they were before this step.
@@ -136,11 +162,14 @@ def ff_linear_step(
         "goodness": goodness, "threshold": threshold, "temperature": float(temperature), "rms": rms, "mask": mask, "mode": mode,
         "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
     }
+    if preact is not None:
+        _check_preact(layer, preact, x_pos.shape[0] + x_neg.shape[0], weight)
     if backend == "reference":
         return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
     with torch.no_grad():
-        if backend == "cpu":
-            return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, **kwargs)
+        if backend == "cpu" or preact is not None:
+            return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, preact=preact,
+                                         **kwargs)
         from . import triton_linear
 
         return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
