@@ -5,7 +5,11 @@ The layer is defined in :mod:`ff_kernels.functional.local` (a :class:`LocalSpec`
 
 Backends:
     "reference"  functional_local.py + autograd (any device, float32 or bfloat16): the ground truth
-    "cpu"        the compiled CPU kernels (csrc/local2d_cpu.cpp), float32
+    "cpu"        the compiled CPU kernels (csrc/local2d_cpu.cpp), float32; for layers with many
+                 units per location (>= 16, e.g. footnote 8's MNIST net) one batched GEMM per
+                 step and direction instead (ops/gemm_local2d.py), which is faster there.
+                 FF_KERNELS_LOCAL2D_CPU in the environment overrides the choice at every call:
+                 "gemm" always, "rows" or "tiles" never (they pick the compiled kernels' algorithm)
     "cuda"       the compiled CUDA kernels (csrc/local2d_cuda.cu), float32
     "auto"       the compiled kernels of the tensors' device when they are built and the
                  dtype is float32, else "reference" (with a one-time warning)
@@ -13,13 +17,14 @@ Backends:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec
-from . import ext_local2d, reference_local2d, validation
+from . import ext_local2d, gemm_local2d, reference_local2d, validation
 from .layer_step import FFLayerStep
 from .validation import FLOAT_DTYPES, check_step_args, describe
 
@@ -54,6 +59,17 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, laye
     if not ext_local2d.available(device):
         raise RuntimeError(f"{layer}: backend {backend!r} needs the compiled kernels: {_unavailable(device)}")
     return backend
+
+
+def compiled_module(spec: LocalSpec, device: torch.device):
+    """The module that runs a compiled-backend op: :mod:`.gemm_local2d` or :mod:`.ext_local2d`
+    (see the module docstring)."""
+    if device.type != "cpu":
+        return ext_local2d
+    choice = os.environ.get("FF_KERNELS_LOCAL2D_CPU")
+    if choice == "gemm" or (choice not in ("rows", "tiles") and gemm_local2d.pays(spec)):
+        return gemm_local2d
+    return ext_local2d
 
 
 def _unavailable(device: torch.device) -> str:
@@ -96,7 +112,7 @@ def _check_input(name: str, layer: str, x: torch.Tensor, spec: LocalSpec, like: 
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    if validation.check_finite_inputs and x.numel() and not bool(torch.isfinite(x).all()):
+    if validation.check_finite_inputs and not validation.all_finite(x):
         raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
 
 
@@ -125,7 +141,7 @@ def ff_local2d_forward(
     with torch.no_grad():
         if backend == "reference":
             return reference_local2d.forward(x, weight, bias, spec, goodness=goodness, rms=rms)
-        return ext_local2d.forward(x, weight, bias, spec, goodness=goodness, rms=rms)
+        return compiled_module(spec, weight.device).forward(x, weight, bias, spec, goodness=goodness, rms=rms)
 
 
 def ff_local2d_step(
@@ -181,4 +197,4 @@ def ff_local2d_step(
     if backend == "reference":
         return reference_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
     with torch.no_grad():
-        return ext_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
+        return compiled_module(spec, weight.device).train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
