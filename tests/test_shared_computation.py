@@ -29,7 +29,7 @@ SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
 
 def close(got, want, scale=None, rtol=1e-5, msg=None):
     """Equal up to float32 rounding of sums whose terms are up to ``scale`` (default: ``want``'s size)."""
-    scale = float(want.detach().abs().max()) if scale is None else float(scale)
+    scale = float(want.detach().abs().max()) if scale is None else float(torch.as_tensor(scale).detach())
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-6), msg=msg)
 
 

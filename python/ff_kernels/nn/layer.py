@@ -20,6 +20,10 @@ class FFLayer(nn.Module):
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
     - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
       pre-activations computed by the caller (see :meth:`forward_with_goodness`);
+    - optionally, ``_step_takes_peer(**step_kwargs)``: True when ``_step_op`` can apply peer
+      normalization itself (``peer=``, a function from the mean positive activity to the
+      derivative p): its gradient then joins the step's own, which saves passes over the
+      weights; otherwise the layer adds it after the step;
     - ``_add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)``: add ``alpha`` times
       the rank-1 peer-normalization gradients (dW, db) for the
       per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`); they depend on
@@ -44,6 +48,15 @@ class FFLayer(nn.Module):
         self.register_buffer("weight_momentum", None)
         self.register_buffer("bias_momentum", None)
         self.peer_norm: PeerNormalization | None = check_peer_norm(self._name(), peer_norm, num_units, self.weight.device)
+
+    def _step_takes_peer(self, **step_kwargs) -> bool:
+        return False
+
+    def _peer_kwargs(self, apply_peer_norm: bool, **step_kwargs) -> dict:
+        """``{"peer": ...}`` when the step applies peer normalization itself, else {}."""
+        if not apply_peer_norm or self.peer_norm is None or not self._step_takes_peer(**step_kwargs):
+            return {}
+        return {"peer": self.peer_norm.update_}
 
     def _preact_kwargs(self, preact: torch.Tensor | None) -> dict:
         if preact is None:
@@ -90,8 +103,10 @@ class FFLayer(nn.Module):
         ``preact`` (FFLinear): the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, out_features)
         computed by the caller; the forward GEMM is skipped (the gradient still reads the inputs).
         """
-        step = self._step_op(x_pos, x_neg, mode="grad", **self._preact_kwargs(preact))
-        if apply_peer_norm:
+        extra = self._preact_kwargs(preact)
+        peer = self._peer_kwargs(apply_peer_norm, **extra)
+        step = self._step_op(x_pos, x_neg, mode="grad", **extra, **peer)
+        if apply_peer_norm and not peer:
             self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
 
@@ -112,11 +127,14 @@ class FFLayer(nn.Module):
         as for :meth:`ff_backward`.
         """
         weight_buf, bias_buf = self.momentum_buffers(momentum)
+        extra = self._preact_kwargs(preact)
+        peer = self._peer_kwargs(True, **extra)
         step = self._step_op(
             x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-            weight_buf=weight_buf, bias_buf=bias_buf, **self._preact_kwargs(preact),
+            weight_buf=weight_buf, bias_buf=bias_buf, **extra, **peer,
         )
-        self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
+        if not peer:
+            self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
         return step if return_step else step.loss
 
     def momentum_buffers(self, momentum: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:

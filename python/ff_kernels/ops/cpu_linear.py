@@ -124,14 +124,26 @@ def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum
     param.add_(buf, alpha=-lr)
 
 
+def _with_row(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([rows, row[None]])`` (B + 1, D) in ``rows``' dtype."""
+    out = rows.new_empty(rows.shape[0] + 1, rows.shape[1])
+    out[:-1] = rows
+    out[-1] = row
+    return out
+
+
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
-    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None,
 ) -> FFLayerStep:
     """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step.
 
     ``preact`` (Bp + Bn, D_out): the caller's pre-activations, used instead of the forward GEMM.
-    Plain torch ops: runs on any device.
+    ``peer``: peer normalization inside the step (see ``ff_linear_step``): called with the mean
+    raw activity of the positive rows, it returns the per-unit derivative p (D_out,), whose
+    rank-1 gradient ``outer(p, mean positive row)`` (and p for the bias) joins the step's
+    gradient: as one more row of the weight-gradient GEMM (float32, no mask), else added to the
+    gradient target before the parameters move. Plain torch ops: runs on any device.
     """
     n_pos = x_pos.shape[0]
     x = _cast(rows_together(x_pos, x_neg), compute_dtype)
@@ -141,18 +153,34 @@ def train_step(
     loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
     output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
 
+    p = x_mean = None
+    if peer is not None and n_pos > 0:  # the raw activities, before h becomes delta
+        p = peer(h[:n_pos].mean(0, dtype=torch.float32))
+        x_mean = x[:n_pos].mean(0, dtype=torch.float32)
+
     coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
     if goodness == "sum":
         delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
     else:
         delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
     mask_w = None if mask is None else mask.to(weight.dtype)
+    rows, delta_rows = x, delta
+    fold = p is not None and mask is None and delta.dtype == weight.dtype
+    if fold:  # the peer gradient as one more row of the gradient GEMM
+        rows, delta_rows = _with_row(x, x_mean), _with_row(delta, p)
 
     def add_w(target, alpha, beta):
-        _add_weight_grad(target, delta, x, mask_w, alpha, beta)
+        _add_weight_grad(target, delta_rows, rows, mask_w, alpha, beta)
+        if p is not None and not fold:
+            if mask_w is None:
+                target.addr_(p.to(target.dtype), x_mean.to(target.dtype), alpha=alpha)
+            else:
+                target.add_(torch.outer(p, x_mean).to(target.dtype).mul_(mask_w), alpha=alpha)
 
     def add_b(target, alpha, beta):
         _add_bias_grad(target, delta, alpha, beta)
+        if p is not None:
+            target.add_(p.to(target.dtype), alpha=alpha)
 
     with torch.no_grad():
         if mode == "grad":

@@ -79,20 +79,36 @@ def forward(x, weight, bias, spec, *, goodness, rms):
 
 def train_step(
     x_pos, x_neg, weight, bias, spec, *, goodness, threshold, temperature, rms,
-    mode, lr, momentum, weight_decay, weight_buf, bias_buf,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, peer=None,
 ) -> FFLayerStep:
-    """One FF pass on (Bp, C_in, H_in, W_in) positives and (Bn, ...) negatives; see ops.local2d.ff_local2d_step."""
-    n_pos = x_pos.shape[0]
+    """One FF pass on (Bp, C_in, H_in, W_in) positives and (Bn, ...) negatives; see ops.local2d.ff_local2d_step.
+
+    ``peer``: peer normalization inside the step (see ``ff_local2d_step``); its gradient, the
+    mean positive image's windows times p at every location, is one more image of the
+    gradient GEMM.
+    """
+    n_pos, batch = x_pos.shape[0], x_pos.shape[0] + x_neg.shape[0]
     x = rows_together(x_pos.reshape(n_pos, spec.in_features), x_neg.reshape(x_neg.shape[0], spec.in_features))
-    p = windows(x.view(-1, *spec.input_shape), spec)
-    h = _activities(p, weight, bias)
+    x_mean = x[:n_pos].mean(0, dtype=torch.float32) if peer is not None and n_pos > 0 else None
+    if x_mean is not None:  # one more image: the mean positive one
+        x = torch.cat([x, x_mean.to(x.dtype)[None]])
+    p = windows(x.view(-1, *spec.input_shape), spec)  # (L, K, B or B + 1)
+    h = _activities(p[:, :, :batch], weight, bias)
     g, output = _goodness_and_output(h, spec, goodness, rms)
     loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    peer_p = None
+    if x_mean is not None:  # (L, C_out) like the bias, from p (C_out * L,) ordered like output.flatten(1)
+        peer_p = peer(h[:, :, :n_pos].mean(2, dtype=torch.float32).t().reshape(-1))
+        peer_p = peer_p.view(spec.out_channels, spec.num_locations).t().to(h.dtype)
     coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature).to(h.dtype)
     if goodness == "sum":  # dG/dz = 1[h > 0]
         delta = h.sign_().mul_(coef)
     else:  # dG/dz = 2h
         delta = h.mul_(2.0 * coef)
+    bias_delta = delta.sum(2)
+    if peer_p is not None:
+        delta = torch.cat([delta, peer_p[:, :, None]], dim=2)
+        bias_delta.add_(peer_p)
     pt = p.transpose(1, 2)  # (L, B, K)
     with torch.no_grad():
         if mode == "grad":
@@ -101,12 +117,12 @@ def train_step(
                     param.grad = torch.zeros_like(param)
             weight.grad.baddbmm_(delta, pt)
             if bias is not None:
-                bias.grad.add_(delta.sum(2))
+                bias.grad.add_(bias_delta)
         else:
             _sgd(weight, weight_buf, lambda target, alpha, beta: target.baddbmm_(delta, pt, beta=beta, alpha=alpha),
                  lr, momentum, weight_decay)
             if bias is not None:
-                _sgd(bias, bias_buf, lambda target, alpha, beta: target.mul_(beta).add_(delta.sum(2), alpha=alpha),
+                _sgd(bias, bias_buf, lambda target, alpha, beta: target.mul_(beta).add_(bias_delta, alpha=alpha),
                      lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)
 

@@ -53,6 +53,18 @@ def _check_compute_dtype(layer: str, compute_dtype: torch.dtype | None, backend:
         raise ValueError(f"{layer}: compute_dtype={compute_dtype} is a mode of the 'cpu' backend; got backend {backend!r}")
 
 
+def _torch_ops_step(backend: str, preact) -> bool:
+    """Whether a step on the resolved ``backend`` runs in ops/cpu_linear.py's torch ops."""
+    return backend == "cpu" or (preact is not None and backend != "reference")
+
+
+def step_takes_peer(backend: str, device: torch.device, preact=None) -> bool:
+    """Whether :func:`ff_linear_step` can apply peer normalization inside the step (``peer=``)
+    for the layer's ``backend`` on ``device``: when the step runs in torch ops (the "cpu"
+    backend, or any but the reference with ``preact``)."""
+    return _torch_ops_step(resolve_backend(backend, device), preact)
+
+
 def _check_preact(layer: str, preact: torch.Tensor, rows: int | None, weight: torch.Tensor) -> None:
     """``preact`` must be a finite (rows, D_out) matrix with the weight's dtype and device."""
     check_matrix("preact", layer, preact, weight.shape[0], weight)
@@ -126,6 +138,7 @@ def ff_linear_step(
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
     preact: torch.Tensor | None = None,
+    peer=None,
 ) -> FFLayerStep:
     """One FF training pass of a linear layer on a positive and a negative batch.
 
@@ -142,6 +155,13 @@ def ff_linear_step(
     :func:`ff_linear_forward`: the forward GEMM is skipped (the weight gradient still reads the
     inputs). The fast backends use it (the Triton backend then runs the step in torch ops); the
     reference backend recomputes the pre-activations from the inputs.
+
+    ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says the step
+    can: a function from the mean raw activity (D_out,) of the positive rows (computed with the
+    weights before the step) to the derivative p (D_out,) (``PeerNormalization.update_``). The
+    gradient ``outer(p, mean positive row) * mask`` (and p for the bias) is then part of this
+    step's gradient, as if added to ``.grad`` or to the SGD step afterwards; a step without
+    positive rows calls nothing.
 
     Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
     as they were before this step.
@@ -164,12 +184,15 @@ def ff_linear_step(
     }
     if preact is not None:
         _check_preact(layer, preact, x_pos.shape[0] + x_neg.shape[0], weight)
+    if peer is not None and not _torch_ops_step(backend, preact):
+        raise ValueError(f"{layer}: peer normalization inside the step needs the 'cpu' backend or preact, "
+                         f"got backend {backend!r}")
     if backend == "reference":
         return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
     with torch.no_grad():
-        if backend == "cpu" or preact is not None:
+        if _torch_ops_step(backend, preact):
             return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, preact=preact,
-                                         **kwargs)
+                                         peer=peer, **kwargs)
         from . import triton_linear
 
         return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)

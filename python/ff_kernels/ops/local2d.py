@@ -72,6 +72,13 @@ def compiled_module(spec: LocalSpec, device: torch.device):
     return ext_local2d
 
 
+def step_takes_peer(spec: LocalSpec, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`ff_local2d_step` can apply peer normalization inside the step (``peer=``):
+    when the step runs as batched GEMMs (:mod:`.gemm_local2d`)."""
+    resolved = resolve_backend(backend, device, dtype)
+    return resolved == "cpu" and compiled_module(spec, device) is gemm_local2d
+
+
 def _unavailable(device: torch.device) -> str:
     """Why the compiled kernels do not run on ``device``."""
     if ext_local2d.load_error() is not None:
@@ -163,6 +170,7 @@ def ff_local2d_step(
     bias_buf: torch.Tensor | None = None,
     backend: str = "auto",
     layer: str = "FFLocal2d",
+    peer=None,
 ) -> FFLayerStep:
     """One FF training pass of a locally connected layer on a positive and a negative batch.
 
@@ -174,6 +182,12 @@ def ff_local2d_step(
     mode "sgd": apply ``torch.optim.SGD(lr, momentum, weight_decay)`` to the parameters in
     place with momentum buffers ``weight_buf`` / ``bias_buf`` (required when momentum > 0);
     the compiled backends never write dL/dW to memory. Entries outside the input map stay zero.
+
+    ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says it can be:
+    a function from the mean raw activity (C_out * L,) of the positive images (ordered like
+    ``output.flatten(1)``) to the derivative p (``PeerNormalization.update_``), whose gradient
+    (each location's window of the mean positive image times p, and p for the bias) is then
+    part of this step's.
 
     Returns :class:`FFLayerStep` (loss, goodness (Bp + Bn,), normalized output
     (Bp + Bn, C_out, H_out, W_out)) computed with the weights as they were before this step.
@@ -194,7 +208,13 @@ def ff_local2d_step(
         "goodness": goodness, "threshold": float(threshold), "temperature": float(temperature), "rms": rms, "mode": mode,
         "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
     }
+    module = None if backend == "reference" else compiled_module(spec, weight.device)
+    if peer is not None:
+        if module is not gemm_local2d:
+            raise ValueError(f"{layer}: peer normalization inside the step needs the batched-GEMM form "
+                             f"(ops/gemm_local2d.py), not backend {backend!r} for this shape")
+        kwargs["peer"] = peer
     if backend == "reference":
         return reference_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
     with torch.no_grad():
-        return compiled_module(spec, weight.device).train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
+        return module.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
