@@ -184,15 +184,19 @@ def case_supervised(device: str, width: int = 2000, depth: int = 4, name: str = 
     head = [Gemm("fwd", batch_size, scored, NUM_CLASSES), Gemm("wgrad", batch_size, scored, NUM_CLASSES)]
     floor = _forward_floor(sizes, batch_size) + head + _dense_ff_floor(sizes, 2 * batch_size)
     image = NUM_PIXELS - NUM_CLASSES
-    # shared: layer 1's image columns once per image (neutral, positive and negative rows share
-    # them), its 10 label columns per row; its weight gradient from the image once per image
-    own = ([Gemm("fwd", batch_size, image, width), Gemm("fwd", 3 * batch_size, NUM_CLASSES, width),
-            Gemm("wgrad", batch_size, image, width), Gemm("wgrad", 2 * batch_size, NUM_CLASSES, width)]
+    # shared: layer 1's image columns once per image (the neutral, positive and negative rows
+    # share them; a row's label adds a column of W); its weight gradient still reads every row
+    own = ([Gemm("fwd", batch_size, image, width), Gemm("wgrad", 2 * batch_size, NUM_PIXELS, width)]
            + _forward_floor(sizes[1:], batch_size) + head + _dense_ff_floor(sizes[1:], 2 * batch_size))
     eval_images = data.eval_images.to(device)
 
     def scores(recipe):
-        return lambda: (recipe.model.label_scores(eval_images), recipe.model.head_logits(eval_images))
+        def run():  # as evaluate() does it: the shared image part once for both procedures
+            model = recipe.model
+            part = model.image_part(eval_images) if getattr(model, "share_first_layer", False) else None
+            model.label_scores(eval_images, part)
+            model.head_logits(eval_images, part)
+        return run
 
     return Case(
         name, f"{depth}x{width}", batch_size, _step_fn(fast, batch, device), floor, own,
