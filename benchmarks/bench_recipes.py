@@ -372,32 +372,45 @@ def case_cifar(device: str) -> Case:
 
     data = _cifar_data(device)
     fast = CifarFF(CifarFFConfig(device=device), data)
+    unshared = CifarFF(CifarFFConfig(device=device), data)
+    _set_sharing(unshared, False)
     c = fast.config
     b, t = c.batch_size, c.train_iterations
     batch = torch.arange(b, device=device)
-    floor = []
+    floor, own = [], []
     net = fast.model.net
-    for layer in net.layers:
+    for l, layer in enumerate(net.layers):
         fan_in, outs = _local_dense_equivalent(layer.spec)
         up, _ = _local_dense_equivalent(layer.spec, layer.below_channels)
         floor += [Gemm("fwd", b, up, outs),  # the bottom-up pass with the neutral label (the head's)
                   Gemm("fwd", 2 * b, up, outs),  # the bottom-up pass of ff_backward
                   Gemm("fwd", 2 * b, fan_in, outs, t),  # the iterations
                   Gemm("wgrad", 2 * b * t, fan_in, outs)]  # one weight gradient over all iterations
-    floor += [Gemm("fwd", 3 * b, NUM_CLASSES, net.units), Gemm("wgrad", 2 * b * t, NUM_CLASSES, net.units)]
+        # shared: one bottom-up pass per image; layer 0's bottom-up term and its gradient once per image
+        own.append(Gemm("fwd", b, up, outs))
+        rest = fan_in - up if l == 0 else fan_in
+        if l == 0:
+            own.append(Gemm("wgrad", b, up, outs))
+        if rest:
+            own += [Gemm("fwd", 2 * b, rest, outs, t), Gemm("wgrad", 2 * b * t, rest, outs)]
     head_in = net.units * len(fast.model.head_indices)
-    floor += [Gemm("fwd", b, head_in, NUM_CLASSES), Gemm("wgrad", b, head_in, NUM_CLASSES)]
+    rest = [Gemm("fwd", 3 * b, NUM_CLASSES, net.units), Gemm("wgrad", 2 * b * t, NUM_CLASSES, net.units),
+            Gemm("fwd", b, head_in, NUM_CLASSES), Gemm("wgrad", b, head_in, NUM_CLASSES)]
+    floor, own = floor + rest, own + rest
     eval_images = data.eval_sets["test"][0]
 
-    def scores():
+    def scores(recipe):
         from ff_kernels.paper.recipes.cifar_common import standardize
 
-        fast.model.label_scores(standardize(eval_images))
+        return lambda: recipe.model.label_scores(standardize(eval_images))
 
+    has = _has_sharing(fast)
     return Case("cifar", f"depth {c.depth}, {c.channels}x32x32 maps, k={c.receptive_field}, {t} iterations", b,
-                _step_fn(fast, batch, device), floor,
+                _step_fn(fast, batch, device), floor, own if has else None,
+                unshared=_step_fn(unshared, batch, device) if has else None,
                 reference_note="reference: bench_recurrent_local.py (its patches need ~3 MB per image and iteration)",
-                evals=[(f"10 labels x {c.score_to} iterations (the test)", eval_images.shape[0], {"step": scores})])
+                evals=[(f"10 labels x {c.score_to} iterations (the test)", eval_images.shape[0],
+                        {"step": scores(fast), "unshared": scores(unshared) if has else None})])
 
 
 def case_cifar_backprop(device: str) -> Case:

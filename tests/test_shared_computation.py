@@ -5,6 +5,8 @@
   image part of layer 1's GEMM once per image, the label part and the row scale per row.
 - FFRecurrent's shared bottom-up term (``share_bottom_up``): layer 1's bottom-up term once per
   image, reused by every iteration and every row of the image (tiled bottom inputs).
+- The CIFAR-10 net's shared bottom-up pass (``FFRecurrentLocal.share_bottom_up``): the pass
+  without the label once per image, layer 0's bottom-up term reused at every iteration.
 
 Tolerances: the shared computations add the same products in another order (and scale a row
 after the sum instead of before it), so they differ from the plain ones by float32 rounding:
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from ff_kernels.nn import FFLinear, FFLocal2d, FFSequential
 from ff_kernels.nn.recurrent import BottomUp, FFRecurrent
+from ff_kernels.ops import ext_local2d
 from ff_kernels.ops.cpu_linear import rows_together
 from ff_kernels.paper.data import MnistSplits
 from ff_kernels.paper.recipes.recurrent_mnist import RecurrentMNIST, RecurrentMNISTConfig
@@ -327,4 +330,88 @@ def test_recurrent_recipe_with_the_shared_bottom_up_term_follows_the_plain_one()
     for n in (1, 30):
         images = shared.eval_images[:n]
         close(shared.model.label_scores(images), plain.model.label_scores(images))
+    assert shared.evaluate() == plain.evaluate()
+
+
+# ----------------------------------------------------------------------------- the CIFAR-10 net
+
+
+def local_pair(depth, backend, loss="threshold", goodness="ssq"):
+    """Two identical small recurrent local nets (3x8x8 images, 2 units per location, 3x3 windows),
+    the second without the shared work; non-zero biases."""
+    from ff_kernels.paper.recipes.cifar_ff_net import FFRecurrentLocal
+
+    nets = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        net = FFRecurrentLocal((3, 8, 8), channels=2, depth=depth, kernel=3, num_labels=4, goodness=goodness,
+                               temperature=20.0, backend=backend, loss=loss, share_bottom_up=share)
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.bias.normal_(0.0, 0.2)
+        nets.append(net)
+    return nets
+
+
+def local_case(images, tiles, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(images, 3, 8, 8, generator=g),
+            F.one_hot(torch.randint(0, 4, (images * tiles,), generator=g), 4).float())
+
+
+LOCAL_BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not ext_local2d.available(torch.device("cpu")), reason="ff_kernels._C not built"))]
+
+
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("images,tiles", [(1, 1), (3, 2), (2, 10)])
+def test_cifar_net_goodness_with_the_shared_bottom_up_pass(backend, depth, images, tiles):
+    shared, plain = local_pair(depth, backend)
+    x, labels = local_case(images, tiles)
+    want = plain.goodness(x.repeat(tiles, 1, 1, 1), labels, 5)
+    close(shared.goodness(x, labels, 5), want)
+    close(shared.goodness(x, labels, 5, shared.bottom_up(x)), want)
+    close(plain.goodness(x, labels, 5), want)  # the plain net takes tiled images too
+    for got, state in zip(shared.states_from(shared.bottom_up(x), labels),
+                          plain.initial_states(x.repeat(tiles, 1, 1, 1), labels)):
+        close(got, state)
+
+
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("loss,first", [("threshold", 1), ("threshold", 3), ("pairwise", 2)])
+def test_cifar_net_ff_backward_with_the_shared_bottom_up_pass(backend, depth, loss, first):
+    shared, plain = local_pair(depth, backend, loss)
+    x, labels = local_case(3, 2)
+    want = plain.ff_backward(x.repeat(2, 1, 1, 1), labels, 3, 4, first)
+    got = shared.ff_backward(x, labels, 3, 4, first, start=shared.bottom_up(x))
+    close(torch.stack(got), torch.stack(want))
+    for (name, a), b in zip(shared.named_parameters(), plain.parameters(), strict=True):
+        close(a.grad, b.grad, msg=name)
+    got = shared.ff_backward(x.repeat(2, 1, 1, 1), labels, 3, 4, first)  # untiled images: the same again
+    want = plain.ff_backward(x.repeat(2, 1, 1, 1), labels, 3, 4, first)
+    for (name, a), b in zip(shared.named_parameters(), plain.parameters(), strict=True):
+        close(a.grad, b.grad, msg=name)
+
+
+def test_cifar_recipe_with_the_shared_bottom_up_pass_follows_the_plain_one():
+    from ff_kernels.paper.recipes.cifar_common import CifarData
+    from ff_kernels.paper.recipes.cifar_ff import CifarFF, CifarFFConfig
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    data = CifarData(images, labels, {"test": (images[:12], labels[:12])})
+    config = CifarFFConfig(channels=2, receptive_field=3, train_iterations=3, score_from=2, score_to=3,
+                           batch_size=10, backend="reference")
+    shared, plain = CifarFF(config, data), CifarFF(config, data)
+    plain.model.net.share_bottom_up = False
+    g_shared, g_plain = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for step in range(3):
+        batch = torch.arange(step * 10, step * 10 + 10 - step)
+        got, want = shared.train_step(batch, g_shared), plain.train_step(batch, g_plain)
+        assert int(got[1]) == int(want[1])
+        close(got[0], want[0])
+    assert_states_close(shared.model, plain.model)
     assert shared.evaluate() == plain.evaluate()
