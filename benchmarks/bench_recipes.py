@@ -193,9 +193,13 @@ def case_supervised(device: str, width: int = 2000, depth: int = 4, name: str = 
     def scores(recipe):
         def run():  # as evaluate() does it: the shared image part once for both procedures
             model = recipe.model
-            part = model.image_part(eval_images) if getattr(model, "share_first_layer", False) else None
-            model.label_scores(eval_images, part)
-            model.head_logits(eval_images, part)
+            if getattr(model, "share_first_layer", False):
+                part = model.image_part(eval_images)
+                model.label_scores(eval_images, part)
+                model.head_logits(eval_images, part)
+            else:
+                model.label_scores(eval_images)
+                model.head_logits(eval_images)
         return run
 
     return Case(
