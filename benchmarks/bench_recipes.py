@@ -203,7 +203,7 @@ def case_supervised(device: str, width: int = 2000, depth: int = 4, name: str = 
         return run
 
     return Case(
-        name, f"{depth}x{width}", batch_size, _step_fn(fast, batch, device), floor, own,
+        name, f"{depth}x{width}", batch_size, _step_fn(fast, batch, device), floor, own if _has_sharing(fast) else None,
         unshared=_step_fn(unshared, batch, device) if _has_sharing(fast) else None,
         reference=_step_fn(reference, batch, device),
         evals=[("goodness over 10 labels + neutral softmax", eval_images.shape[0],
@@ -341,7 +341,7 @@ def case_recurrent(device: str) -> Case:
 
     has = _has_sharing(fast)
     return Case(
-        "recurrent", f"{c.depth}x{w}, {t} iterations", b, _step_fn(fast, batch, device), floor, own,
+        "recurrent", f"{c.depth}x{w}, {t} iterations", b, _step_fn(fast, batch, device), floor, own if has else None,
         unshared=_step_fn(unshared, batch, device) if has else None,
         reference_note="FFRecurrent has one backend; unshared = the algorithm without sharing",
         evals=[(f"10 labels x {c.score_to} iterations (the test)", eval_images.shape[0],
