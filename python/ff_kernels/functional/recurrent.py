@@ -80,8 +80,8 @@ def damped_step_delta(
     """
     state = damped_from_preact(z, previous, damping)
     g = FF.goodness(state, kind)
-    loss = FF.ff_loss(g[:n_pos], g[n_pos:], kind, threshold, temperature)
-    coef = (FF.loss_goodness_grad(g, n_pos, kind, threshold, temperature) * (1.0 - damping)).to(state.dtype)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, kind, threshold, temperature)
+    coef = (coef * (1.0 - damping)).to(state.dtype)
     if kind == "sum":  # dG/dh = 1 wherever z > 0
         delta = (z > 0).to(state.dtype).mul_(coef[:, None])
     else:  # dG/dh = 2h, times 1[z > 0]

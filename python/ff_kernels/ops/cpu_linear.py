@@ -66,16 +66,22 @@ def forward_from_preact(preact, *, goodness, rms, dtype):
     return _normalized(h, scale, goodness, rms).to(dtype), g
 
 
-def rows_together(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([x_pos, x_neg])``, without a copy when ``x_neg``'s rows directly follow
-    ``x_pos``'s in memory (the two halves of one tensor, as FFSequential passes them on)."""
+def adjacent_rows(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor | None:
+    """``torch.cat([x_pos, x_neg])`` as a view when ``x_neg``'s rows directly follow ``x_pos``'s
+    in memory (the two halves of one tensor, as FFSequential passes them on), else None."""
     if (x_pos.dim() == 2 and x_pos.dtype == x_neg.dtype and x_pos.device == x_neg.device
             and x_pos.shape[1] == x_neg.shape[1] and x_pos.is_contiguous() and x_neg.is_contiguous()
             and x_pos.shape[0] > 0 and x_neg.shape[0] > 0
             and x_neg.untyped_storage().data_ptr() == x_pos.untyped_storage().data_ptr()
             and x_neg.storage_offset() == x_pos.storage_offset() + x_pos.numel()):
         return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
-    return torch.cat([x_pos, x_neg])
+    return None
+
+
+def rows_together(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([x_pos, x_neg])``, without a copy when the rows are adjacent (:func:`adjacent_rows`)."""
+    joined = adjacent_rows(x_pos, x_neg)
+    return torch.cat([x_pos, x_neg]) if joined is None else joined
 
 
 def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -150,7 +156,7 @@ def train_step(
     h = _activities(x, _cast(weight, compute_dtype), bias) if preact is None else preact.relu().to(x.dtype)
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
-    loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
 
     p = x_mean = None
@@ -158,7 +164,6 @@ def train_step(
         p = peer(h[:n_pos].mean(0, dtype=torch.float32))
         x_mean = x[:n_pos].mean(0, dtype=torch.float32)
 
-    coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
     if goodness == "sum":
         delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
     else:

@@ -95,12 +95,12 @@ def train_step(
     p = windows(x.view(-1, *spec.input_shape), spec)  # (L, K, B or B + 1)
     h = _activities(p[:, :, :batch], weight, bias)
     g, output = _goodness_and_output(h, spec, goodness, rms)
-    loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     peer_p = None
     if x_mean is not None:  # (L, C_out) like the bias, from p (C_out * L,) ordered like output.flatten(1)
         peer_p = peer(h[:, :, :n_pos].mean(2, dtype=torch.float32).t().reshape(-1))
         peer_p = peer_p.view(spec.out_channels, spec.num_locations).t().to(h.dtype)
-    coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature).to(h.dtype)
+    coef = coef.to(h.dtype)
     if goodness == "sum":  # dG/dz = 1[h > 0]
         delta = h.sign_().mul_(coef)
     else:  # dG/dz = 2h

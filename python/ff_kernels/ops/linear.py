@@ -15,9 +15,9 @@ import os
 import torch
 
 from .. import functional as FF
-from . import cpu_linear, reference_linear
+from . import cpu_linear, reference_linear, validation
 from .layer_step import FFLayerStep
-from .validation import FLOAT_DTYPES, check_matrix, check_rows_pair, check_step_args, describe
+from .validation import FLOAT_DTYPES, all_finite, check_matrix, check_rows_pair, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -169,8 +169,12 @@ def ff_linear_step(
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
     check_rows_pair(layer, x_pos, x_neg)
-    check_matrix("x_pos", layer, x_pos, weight.shape[1], weight)
-    check_matrix("x_neg", layer, x_neg, weight.shape[1], weight)
+    joined = cpu_linear.adjacent_rows(x_pos, x_neg)  # adjacent halves: one finite check for both
+    check_matrix("x_pos", layer, x_pos, weight.shape[1], weight, finite=joined is None)
+    check_matrix("x_neg", layer, x_neg, weight.shape[1], weight, finite=joined is None)
+    if joined is not None and validation.check_finite_inputs and not all_finite(joined):
+        for name, x in (("x_pos", x_pos), ("x_neg", x_neg)):
+            check_matrix(name, layer, x, weight.shape[1], weight)
     lr, momentum, weight_decay = check_step_args(
         layer, mode, temperature, lr, momentum, weight_decay,
         (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)),

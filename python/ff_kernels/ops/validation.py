@@ -18,8 +18,9 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: torch.Tensor) -> None:
-    """Check that ``x`` is a (B, features) floating matrix on ``like``'s device with ``like``'s dtype."""
+def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: torch.Tensor, finite: bool = True) -> None:
+    """Check that ``x`` is a (B, features) floating matrix on ``like``'s device with ``like``'s dtype
+    (and finite, unless ``finite=False``: the caller checks that itself)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != features:
@@ -28,7 +29,7 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    if check_finite_inputs and not all_finite(x):
+    if finite and check_finite_inputs and not all_finite(x):
         raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
 
 
