@@ -495,7 +495,8 @@ def gflops(gemms: list[Gemm], seconds: float) -> float:
     return 2 * sum(g.macs for g in gemms) / seconds / 1e9
 
 
-def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_reference_runs: int) -> tuple[dict, dict]:
+def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_reference_runs: int,
+             statistic: str = "median") -> tuple[dict, dict]:
     """Times of the step providers and of the evaluations, each set interleaved."""
     fns = {"step": case.step, "floor": gemm_floor(case.floor, device)}
     if case.own_floor is not None:
@@ -504,11 +505,12 @@ def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_refe
         fns["unshared"] = case.unshared
     if case.reference is not None:
         fns["reference"] = case.reference
-    times = interleaved_step_times(fns, min_run_time, rounds, device)
+    times = interleaved_step_times(fns, min_run_time, rounds, device, statistic=statistic)
     eval_times = {}
     for label, _, providers in case.evals:
         providers = {k: v for k, v in providers.items() if v is not None}
-        got = interleaved_step_times(providers, min_run_time / 2, rounds, device, max_runs=max_reference_runs)
+        got = interleaved_step_times(providers, min_run_time / 2, rounds, device, max_runs=max_reference_runs,
+                                     statistic=statistic)
         eval_times[label] = got
     return times, eval_times
 
@@ -520,6 +522,9 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per provider and recipe")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
     parser.add_argument("--max-eval-runs", type=int, default=20, help="most evaluation calls per provider and round")
+    parser.add_argument("--statistic", default="median", choices=["median", "min"],
+                        help="per provider: the median call, or the fastest (min: an estimate of the machine "
+                             "alone when other jobs use it now and then)")
     parser.add_argument("--csv", default="benchmarks/results.csv", help="append rows here ('' for none)")
     args = parser.parse_args()
 
@@ -528,14 +533,15 @@ def main() -> None:
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 GEMMs in TF32 everywhere: steps and floors
         machine += ", fp32 GEMMs in TF32"
-    header = f"# recipes' training steps, {machine}, torch {torch.__version__}, {load_average()} at the start, {today()}"
+    header = (f"# recipes' training steps ({args.statistic} of the calls), {machine}, torch {torch.__version__}, "
+              f"{load_average()} at the start, {today()}")
     print(header, flush=True)
     print(f"\n{'recipe':<19}{'size':<42}{'batch':>6}{'step ms':>9}{'floor ms':>10}{'of floor':>9}"
           f"{'own floor':>10}{'of own':>8}{'unshared':>10}{'saves':>7}{'reference':>11}{'speedup':>8}")
     csv_rows, eval_lines = [], []
     for name in args.recipes:
         case = CASES[name](device)
-        times, eval_times = run_case(case, device, args.min_run_time, args.rounds, args.max_eval_runs)
+        times, eval_times = run_case(case, device, args.min_run_time, args.rounds, args.max_eval_runs, args.statistic)
         step = times["step"]
         own = times.get("own floor")
         cells = [f"{case.name:<19}{case.shape[:41]:<42}{case.batch:>6}{step * 1e3:>9.1f}",
@@ -552,7 +558,8 @@ def main() -> None:
         print("".join(cells), flush=True)
         macs = sum(g.macs for g in case.floor)
         for provider, seconds in times.items():
-            csv_rows.append({"op": f"recipe_step:{case.name}", "provider": provider, "shape": case.shape,
+            csv_rows.append({"op": f"recipe_step:{case.name}", "provider": f"{provider} ({args.statistic})",
+                             "shape": case.shape,
                              "batch": case.batch, "ms": round(seconds * 1e3, 4), "machine": machine, "date": today()})
         note = f"  floor: {macs / 1e9:.2f} G multiply-adds at {gflops(case.floor, times['floor']):.0f} GFLOP/s"
         if case.own_floor is not None:
@@ -570,7 +577,8 @@ def main() -> None:
                 line += f" (vs reference: {got['reference'] / got['step']:.2f}x)"
             eval_lines.append(line)
             for provider, seconds in got.items():
-                csv_rows.append({"op": f"recipe_eval:{case.name}:{label}", "provider": provider, "shape": case.shape,
+                csv_rows.append({"op": f"recipe_eval:{case.name}:{label}", "provider": f"{provider} ({args.statistic})",
+                                 "shape": case.shape,
                                  "batch": n_images, "ms": round(seconds * 1e3, 4), "machine": machine,
                                  "date": today()})
         del case
