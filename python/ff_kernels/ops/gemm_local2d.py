@@ -15,13 +15,17 @@ where a window leaves the map); seen as ``P`` (L, K, B) (a strided view, no copy
 
 and the output (B, C_out, H_out, W_out) is h transposed. Entries of W outside the map meet
 zeros of P, so they do not change z, and their gradient is exactly zero (the layers keep those
-weights zero). float32 or bfloat16, any device. Same arguments and results as
+weights zero). The step's large temporaries (the windows, h and the delta) live in buffers kept
+from call to call (per thread, shape and dtype): a fresh multi-megabyte tensor each step costs
+the page faults of new memory, which here cost more than the gather itself. float32 or bfloat16, any device. Same arguments and results as
 :mod:`ff_kernels.ops.ext_local2d` (see :mod:`ff_kernels.ops.local2d` for when it is used).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 
 import torch
 
@@ -31,6 +35,25 @@ from .cpu_linear import rows_together
 from .layer_step import FFLayerStep
 
 MIN_OUT_CHANNELS = 16  # units per location from which the batched GEMMs beat the compiled CPU kernels
+WORKSPACES = 16  # buffers kept per thread (the least recently used one goes first)
+
+_local = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``shape`` with ``like``'s dtype and device, the same one for every call with the
+    same name, shape, dtype and device on this thread (contents undefined)."""
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = collections.OrderedDict()
+    key = (name, tuple(shape), like.dtype, like.device)
+    buffer = cache.pop(key, None)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        while len(cache) >= WORKSPACES:
+            cache.popitem(last=False)
+    cache[key] = buffer
+    return buffer
 
 
 def pays(spec: LocalSpec) -> bool:
@@ -47,8 +70,9 @@ def windows(x: torch.Tensor, spec: LocalSpec) -> torch.Tensor:
     index = _window_index(spec, x.device)
     if not _all_inside(spec, x.device):  # windows that leave the map read a zero column past the image
         flat = torch.cat([flat, flat.new_zeros(batch, 1)], dim=1)
-    gathered = flat.index_select(1, index.reshape(-1)).view(batch, spec.num_locations, spec.block_size)
-    return gathered.permute(1, 2, 0)
+    gathered = workspace("windows", (batch, spec.num_locations * spec.block_size), x)
+    torch.index_select(flat, 1, index.reshape(-1), out=gathered)
+    return gathered.view(batch, spec.num_locations, spec.block_size).permute(1, 2, 0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,23 +80,28 @@ def _all_inside(spec: LocalSpec, device: torch.device) -> bool:
     return bool((_window_index(spec, device) < spec.in_features).all())
 
 
-def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(W @ P + b) (L, C_out, B)."""
-    h = torch.bmm(weight, p) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, p)
-    return h.relu_()
+def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """relu(W @ P + b) (L, C_out, B), written into ``out``."""
+    if bias is None:
+        torch.bmm(weight, p, out=out)
+    else:
+        torch.baddbmm(bias.unsqueeze(2), weight, p, out=out)
+    return out.relu_()
 
 
 def _goodness_and_output(h: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool):
     """Goodness (B,) float32 and the normalized output (B, C_out, H_out, W_out) of h (L, C_out, B)."""
     g = (h if goodness == "sum" else h.square()).sum((0, 1), dtype=torch.float32)
     divisor = FF.normalization_scale(g, goodness, spec.out_features, rms)
-    output = (h / divisor.to(h.dtype)).permute(2, 1, 0).reshape(h.shape[2], *spec.output_shape)
+    output = h.new_empty(h.shape[2], *spec.output_shape)
+    torch.div(h.permute(2, 1, 0), divisor.to(h.dtype)[:, None, None], out=output.view(h.shape[2], h.shape[1], -1))
     return g, output
 
 
 def forward(x, weight, bias, spec, *, goodness, rms):
     """Normalized output (B, C_out, H_out, W_out) and goodness (B,) float32."""
-    h = _activities(windows(x, spec), weight, bias)
+    p = windows(x, spec)
+    h = _activities(p, weight, bias, workspace("h", (weight.shape[0], weight.shape[1], p.shape[2]), weight))
     g, output = _goodness_and_output(h, spec, goodness, rms)
     return output, g
 
@@ -91,9 +120,14 @@ def train_step(
     x = rows_together(x_pos.reshape(n_pos, spec.in_features), x_neg.reshape(x_neg.shape[0], spec.in_features))
     x_mean = x[:n_pos].mean(0, dtype=torch.float32) if peer is not None and n_pos > 0 else None
     if x_mean is not None:  # one more image: the mean positive one
-        x = torch.cat([x, x_mean.to(x.dtype)[None]])
+        x_ext = workspace("x", (batch + 1, spec.in_features), x)
+        x_ext[:batch] = x
+        x_ext[batch] = x_mean
+        x = x_ext
     p = windows(x.view(-1, *spec.input_shape), spec)  # (L, K, B or B + 1)
-    h = _activities(p[:, :, :batch], weight, bias)
+    columns = p.shape[2]  # the delta gets the peer column next to the images' (below)
+    full = workspace("h", (weight.shape[0], weight.shape[1], columns), weight)
+    h = _activities(p[:, :, :batch], weight, bias, full if columns == batch else full[:, :, :batch])
     g, output = _goodness_and_output(h, spec, goodness, rms)
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     peer_p = None
@@ -107,7 +141,8 @@ def train_step(
         delta = h.mul_(2.0 * coef)
     bias_delta = delta.sum(2)
     if peer_p is not None:
-        delta = torch.cat([delta, peer_p[:, :, None]], dim=2)
+        full[:, :, batch] = peer_p
+        delta = full
         bias_delta.add_(peer_p)
     pt = p.transpose(1, 2)  # (L, B, K)
     with torch.no_grad():
