@@ -17,11 +17,12 @@ from .cpu_features import warn_if_bf16_emulated
 from .layer_step import FFLayerStep
 
 
-def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out)."""
+def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out) (into ``out`` if given)."""
     if bias is None:
-        return torch.mm(x, weight.t()).relu_()
-    return torch.addmm(bias.to(x.dtype), x, weight.t()).relu_()
+        return torch.mm(x, weight.t(), out=out).relu_()
+    return torch.addmm(bias.to(x.dtype), x, weight.t(), out=out).relu_()
 
 
 def _row_scale(h: torch.Tensor, goodness: str) -> torch.Tensor:
@@ -153,7 +154,17 @@ def train_step(
     """
     n_pos = x_pos.shape[0]
     x = _cast(rows_together(x_pos, x_neg), compute_dtype)
-    h = _activities(x, _cast(weight, compute_dtype), bias) if preact is None else preact.relu().to(x.dtype)
+    batch = x.shape[0]
+    # with peer normalization folded into the gradient GEMM, h gets a spare row for p (below)
+    fold = peer is not None and n_pos > 0 and mask is None and x.dtype == weight.dtype
+    h_rows = x.new_empty(batch + fold, weight.shape[0])
+    h = h_rows[:batch]
+    if preact is None:
+        _activities(x, _cast(weight, compute_dtype), bias, out=h)
+    elif preact.dtype == h.dtype:
+        torch.clamp_min(preact, 0, out=h)
+    else:  # bf16 compute: the caller's float32 pre-activations rounded once
+        h.copy_(preact).relu_()
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
@@ -170,9 +181,9 @@ def train_step(
         delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
     mask_w = None if mask is None else mask.to(weight.dtype)
     rows, delta_rows = x, delta
-    fold = p is not None and mask is None and delta.dtype == weight.dtype
     if fold:  # the peer gradient as one more row of the gradient GEMM
-        rows, delta_rows = _with_row(x, x_mean), _with_row(delta, p)
+        h_rows[batch] = p
+        rows, delta_rows = _with_row(x, x_mean), h_rows
 
     def add_w(target, alpha, beta):
         _add_weight_grad(target, delta_rows, rows, mask_w, alpha, beta)
