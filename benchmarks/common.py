@@ -60,3 +60,51 @@ def append_csv(path: str, rows: list[dict]) -> None:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_step_times(fns: dict, min_run_time: float = 2.0, rounds: int = 5, device: str = "cpu",
+                           max_runs: int | None = None, statistic: str = "median") -> dict:
+    """Median (or ``statistic="min"``: fastest) seconds per call of each ``fns[name]()``, timed
+    round-robin over ``rounds`` rounds.
+
+    Made for whole training steps (tens of ms to seconds): each function is called once to warm
+    up, then in every round for about ``min_run_time / rounds`` seconds (at least once), each
+    call timed on its own; the result is the median of all of a function's calls. A slow
+    function (the reference of a big net) thus costs a few calls, not a fixed block of them.
+    ``max_runs`` caps a function's calls per round. Interleaving keeps the ratios fair on a
+    machine whose speed drifts. On a machine that other jobs use now and then, the fastest
+    call of each estimates its time on the machine alone.
+    """
+    import time
+
+    calls = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    synchronize(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            spent, n = 0.0, 0
+            while n == 0 or (spent < min_run_time / rounds and (max_runs is None or n < max_runs)):
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+                calls[name].append(elapsed)
+                spent, n = spent + elapsed, n + 1
+    if statistic == "min":
+        return {name: min(times) for name, times in calls.items()}
+    return {name: sorted(times)[len(times) // 2] for name, times in calls.items()}
+
+
+def load_average() -> str:
+    """The 1-minute load average and the number of CPUs, e.g. "load 0.42 / 2 CPUs"."""
+    try:
+        return f"load {os.getloadavg()[0]:.2f} / {os.cpu_count()} CPUs"
+    except OSError:
+        return "load unknown"

@@ -1,7 +1,7 @@
 """NaN/Inf checks of op inputs: at once on the CPU, deferred on CUDA so that no step waits for the device.
 
 The deferred path is exercised on the CPU by declaring CPU tensors "not checked at once"
-(``_checks_at_once``); on a GPU, ``test_no_host_sync_in_a_cuda_step`` runs whole training
+(``checks_at_once``); on a GPU, ``test_no_host_sync_in_a_cuda_step`` runs whole training
 steps with torch's sync debug mode set to raise on any wait for the device.
 """
 
@@ -17,7 +17,7 @@ from ff_kernels.ops import validation
 @pytest.fixture
 def deferred(monkeypatch):
     """CPU inputs take the device path: flags on the tensor's device, read every 3 checks."""
-    monkeypatch.setattr(validation, "_checks_at_once", lambda device: False)
+    monkeypatch.setattr(validation, "checks_at_once", lambda device: False)
     monkeypatch.setattr(validation, "finite_check_interval", 3)
     monkeypatch.setattr(validation, "_deferred_failures", {})
     monkeypatch.setattr(validation, "_unread_checks", 0)

@@ -24,6 +24,7 @@ import math
 import pytest
 import torch
 
+from ff_kernels.nn.recurrent import BottomUp
 from ff_kernels.paper.data import MnistSplits
 from ff_kernels.paper.recipes import SupervisedMNIST, SupervisedMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
 from ff_kernels.paper.recipes.aesop import AesopConfig, AesopFF
@@ -102,7 +103,8 @@ def test_recurrent_negatives_clamp_a_wrong_label_from_the_bottom_up_softmax(monk
     assert n_pos == BATCH and iterations == recipe.config.iterations and n == BATCH
     images = recipe.train_images
     unit = images / images.square().mean(1, keepdim=True).sqrt()  # the image at unit mean square
-    torch.testing.assert_close(bottom, torch.cat([unit, unit]), rtol=1e-5, atol=1e-6)
+    # each image once, tiled over its positive and its negative row (FFRecurrent's module docstring)
+    torch.testing.assert_close(untile(bottom, 2 * BATCH), torch.cat([unit, unit]), rtol=1e-5, atol=1e-6)
     code = torch.nn.functional.one_hot(LABELS, 10).float() * math.sqrt(10)  # the label at unit mean square
     torch.testing.assert_close(top[:BATCH], code, rtol=1e-5, atol=1e-6)
     wrong = top[BATCH:].argmax(1)
@@ -110,8 +112,16 @@ def test_recurrent_negatives_clamp_a_wrong_label_from_the_bottom_up_softmax(monk
                                rtol=1e-5, atol=1e-6)
     check_wrong_labels(wrong, LABELS)
     assert int(errors) == int((LABELS != FAVOURITE).sum())
-    for state in kwargs["states"]:  # one bottom-up pass per image, shared by its positive and negative row
-        assert torch.equal(state[:BATCH], state[BATCH:])
+    start = kwargs["states"]  # one bottom-up pass per image, shared by its positive and negative row
+    states = start.states if isinstance(start, BottomUp) else start
+    for state in states:
+        assert torch.equal(untile(state, 2 * BATCH)[:BATCH], untile(state, 2 * BATCH)[BATCH:])
+
+
+def untile(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``rows`` rows that ``x`` (N rows, N dividing ``rows``) stands for: row b is ``x[b % N]``."""
+    assert rows % x.shape[0] == 0, (x.shape, rows)
+    return x.repeat(rows // x.shape[0], *[1] * (x.dim() - 1))
 
 
 def random_cifar(n: int = BATCH) -> CifarData:
@@ -132,7 +142,8 @@ def test_cifar_negatives_carry_a_wrong_label_from_the_one_pass_softmax(monkeypat
     assert (n_pos, iterations, first, n) == (BATCH, 2, 1, BATCH)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     standardized = (recipe.data.train_images.float() / 255 - mean) / std
-    torch.testing.assert_close(images, torch.cat([standardized, standardized]), rtol=1e-5, atol=1e-5)
+    # each image once, tiled over its positive and its negative row (cifar_ff_net's module docstring)
+    torch.testing.assert_close(untile(images, 2 * BATCH), torch.cat([standardized, standardized]), rtol=1e-5, atol=1e-5)
     assert torch.equal(codes[:BATCH], torch.nn.functional.one_hot(LABELS, 10).float())
     wrong = codes[BATCH:].argmax(1)
     assert torch.equal(codes[BATCH:], torch.nn.functional.one_hot(wrong, 10).float())

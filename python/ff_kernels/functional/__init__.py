@@ -144,6 +144,32 @@ def loss_goodness_grad(
     return dl_ds * (goodness_sign(kind) / temperature)
 
 
+def ff_loss_and_goodness_grad(
+    g: torch.Tensor, n_pos: int, kind: str, threshold: float, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ff_loss(g[:n_pos], g[n_pos:]), loss_goodness_grad(g, n_pos))`` for ``g: (B,)`` in one go.
+
+    The same values from fewer tensor ops (the fast paths call this once per layer and step):
+    with ``t = -s`` for positive rows and ``t = s`` for negative ones (s the logit), the loss is
+    ``mean_pos softplus(t) + mean_neg softplus(t)`` and dL/dG is
+    ``sigmoid(t) * sign / T * (-1 / n_pos or 1 / n_neg)``.
+    """
+    n_neg = g.shape[0] - n_pos
+    sign = goodness_sign(kind)
+    t = (g - threshold) * (sign / temperature)
+    t[:n_pos].neg_()
+    lost = F.softplus(t)
+    loss = g.new_zeros(()) if n_pos == 0 else lost[:n_pos].mean()
+    if n_neg:
+        loss = loss + lost[n_pos:].mean()
+    coef = torch.sigmoid(t)
+    if n_pos:
+        coef[:n_pos] *= -sign / (temperature * n_pos)
+    if n_neg:
+        coef[n_pos:] *= sign / (temperature * n_neg)
+    return loss, coef
+
+
 def pairwise_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
     """Paired FF loss (scalar): ``mean_i softplus(-sign * (g_pos[i] - g_neg[i]) / T)``.
 

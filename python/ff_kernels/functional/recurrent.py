@@ -58,6 +58,37 @@ def damped_state(
     return damping * previous + (1.0 - damping) * active, active
 
 
+def damped_from_preact(z: torch.Tensor, previous: torch.Tensor, damping: float) -> torch.Tensor:
+    """The new state ``d * previous + (1 - d) * relu(z)`` (B, D) from the pre-activations ``z`` (B, D)."""
+    return torch.relu(z).mul_(1.0 - damping).add_(previous, alpha=damping)
+
+
+def damped_step_delta(
+    z: torch.Tensor,
+    previous: torch.Tensor,
+    n_pos: int,
+    damping: float,
+    kind: str = "ssq",
+    threshold: float = 0.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, delta (B, D), new state (B, D)) of one damped update from its pre-activations ``z``.
+
+    The same quantities as :func:`recurrent_layer_grads` (``delta`` is the one whose
+    ``delta.T @ x`` is its weight gradient) for callers that form ``z`` and the weight gradient
+    themselves, e.g. from parts that rows share.
+    """
+    state = damped_from_preact(z, previous, damping)
+    g = FF.goodness(state, kind)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, kind, threshold, temperature)
+    coef = (coef * (1.0 - damping)).to(state.dtype)
+    if kind == "sum":  # dG/dh = 1 wherever z > 0
+        delta = (z > 0).to(state.dtype).mul_(coef[:, None])
+    else:  # dG/dh = 2h, times 1[z > 0]
+        delta = torch.where(z > 0, state, 0.0).mul_((2.0 * coef)[:, None])
+    return loss, delta, state
+
+
 def recurrent_layer_grads(
     x: torch.Tensor,
     previous: torch.Tensor,

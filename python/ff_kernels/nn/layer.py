@@ -37,6 +37,12 @@ class FFLayer(nn.Module):
     - ``_name()``: the layer's name for error messages;
     - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
+    - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
+      pre-activations computed by the caller (see :meth:`forward_with_goodness`);
+    - optionally, ``_step_takes_peer(**step_kwargs)``: True when ``_step_op`` can apply peer
+      normalization itself (``peer=``, a function from the mean positive activity to the
+      derivative p): its gradient then joins the step's own, which saves passes over the
+      weights; otherwise the layer adds it after the step;
     - ``_add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)``: add ``alpha`` times
       the rank-1 peer-normalization gradients (dW, db) for the
       per-unit derivatives ``p`` (N,) (see :mod:`ff_kernels.nn.peer_norm`); they depend on
@@ -53,6 +59,7 @@ class FFLayer(nn.Module):
 
     _lazy_buffers: tuple[str, ...] = ("weight_momentum", "bias_momentum")
     _backends: tuple[str, ...] = ()  # the op family's backend names, checked at construction
+    _takes_preact = False
 
     def _init_ff(self, goodness, threshold, temperature, rms_norm, backend, num_units, peer_norm) -> None:
         """Set the FF hyper-parameters; ``threshold`` None means ``num_units``."""
@@ -69,30 +76,48 @@ class FFLayer(nn.Module):
         self.register_buffer("bias_momentum", None)
         self.peer_norm: PeerNormalization | None = check_peer_norm(self._name(), peer_norm, num_units, self.weight.device)
 
-    def _checked_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_forward_op`` whose goodness is checked for overflow (see :meth:`_check_goodness`)."""
-        output, g = self._forward_op(x)
-        self._check_goodness(g, x)
+    def _step_takes_peer(self, **step_kwargs) -> bool:
+        return False
+
+    def _peer_kwargs(self, apply_peer_norm: bool, **step_kwargs) -> dict:
+        """``{"peer": ...}`` when the step applies peer normalization itself, else {}."""
+        if not apply_peer_norm or self.peer_norm is None or not self._step_takes_peer(**step_kwargs):
+            return {}
+        return {"peer": self.peer_norm.update_}
+
+    def _preact_kwargs(self, preact: torch.Tensor | None) -> dict:
+        if preact is None:
+            return {}
+        if not self._takes_preact:
+            raise TypeError(f"{self._name()}: this layer does not take precomputed pre-activations (preact)")
+        return {"preact": preact}
+
+    def forward_with_goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized output, goodness (B,) float32) of a batch ``x``.
+
+        ``preact`` (FFLinear): the pre-activations ``x @ W.T + b`` (B, out_features), computed by
+        the caller, e.g. once for parts that several rows share; the layer's GEMM is skipped and
+        ``x`` may be None. The goodness is checked for overflow (see :meth:`_check_goodness`).
+        """
+        output, g = self._forward_op(x, **self._preact_kwargs(preact))
+        self._check_goodness(g, x if x is not None else preact)
         return output, g
 
-    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized output, goodness (B,) float32) of a batch ``x``."""
-        return self._checked_forward(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
         """The normalized ReLU activities of a batch ``x``: what the next layer receives."""
-        return self._checked_forward(x)[0]
+        return self.forward_with_goodness(x, preact)[0]
 
-    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+    def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
         """Goodness (B,) float32 of each row (image) of ``x``."""
-        return self._checked_forward(x)[1]
+        return self.forward_with_goodness(x, preact)[1]
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """p(positive) (B,) of each row (image) of ``x``."""
         return FF.positive_probability(self.goodness(x), self.goodness_kind, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
-                    apply_peer_norm: bool = True):
+                    apply_peer_norm: bool = True, preact: torch.Tensor | None = None):
         """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
 
         x_pos: positive rows (Bp, ...), x_neg: negative rows (Bn, ...). The gradients equal those
@@ -103,15 +128,20 @@ class FFLayer(nn.Module):
         ``apply_peer_norm=False`` leaves peer normalization to the caller, who passes
         :meth:`peer_norm_statistics` (possibly averaged over data-parallel ranks) to
         :meth:`apply_peer_norm_`.
+
+        ``preact`` (FFLinear): the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, out_features)
+        computed by the caller; the forward GEMM is skipped (the gradient still reads the inputs).
         """
         self._check_step_inputs(x_pos, x_neg)
+        extra = self._preact_kwargs(preact)
         frozen = self._frozen_parameters()
         if len(frozen) == len(self._parameters_to_train()):
             step = self._forward_step(x_pos, x_neg)
         else:
+            peer = self._peer_kwargs(apply_peer_norm, **extra)
             with _KeepFrozen(frozen, "grad"):
-                step = self._step_op(x_pos, x_neg, mode="grad")
-                if apply_peer_norm:
+                step = self._step_op(x_pos, x_neg, mode="grad", **extra, **peer)
+                if apply_peer_norm and not peer:
                     self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
 
@@ -123,11 +153,13 @@ class FFLayer(nn.Module):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         return_step: bool = False,
+        preact: torch.Tensor | None = None,
     ):
         """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
 
         The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
-        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step.
+        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step. ``preact``:
+        as for :meth:`ff_backward`.
         """
         self._check_step_inputs(x_pos, x_neg)
         frozen = self._frozen_parameters()
@@ -135,13 +167,16 @@ class FFLayer(nn.Module):
             step = self._forward_step(x_pos, x_neg)
             return step if return_step else step.loss
         weight_buf, bias_buf = self.momentum_buffers(momentum)
+        extra = self._preact_kwargs(preact)
+        peer = self._peer_kwargs(True, **extra)
         buffers = {"weight": weight_buf, "bias": bias_buf}
         with _KeepFrozen(frozen, "sgd", {name: buffers[name] for name in frozen}):
             step = self._step_op(
                 x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-                weight_buf=weight_buf, bias_buf=bias_buf,
+                weight_buf=weight_buf, bias_buf=bias_buf, **extra, **peer,
             )
-            self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
+            if not peer:
+                self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)
         return step if return_step else step.loss
 
     def _parameters_to_train(self) -> dict[str, nn.Parameter]:
@@ -163,7 +198,7 @@ class FFLayer(nn.Module):
             raise ValueError(f"{self._name()}: x_pos and x_neg must have the same row shape, dtype and device, "
                              f"got x_pos {describe(x_pos)} and x_neg {describe(x_neg)}")
         n_pos = x_pos.shape[0]
-        output, g = self._checked_forward(torch.cat([x_pos, x_neg]))
+        output, g = self.forward_with_goodness(torch.cat([x_pos, x_neg]))
         loss = FF.ff_loss(g[:n_pos], g[n_pos:], self.goodness_kind, self.threshold, self.temperature)
         return FFLayerStep(loss.detach(), g, output)
 
@@ -181,7 +216,7 @@ class FFLayer(nn.Module):
             return
         x_norm = 0.0
         for x in (x_pos, x_neg):
-            if (not isinstance(x, torch.Tensor) or not validation._checks_at_once(x.device) or not x.is_floating_point()
+            if (not isinstance(x, torch.Tensor) or not validation.checks_at_once(x.device) or not x.is_floating_point()
                     or x.numel() == 0):
                 continue  # the op checks what it must be; off the CPU this would wait for the device
             # the whole batch's norm bounds every row's: one cheap float32 reduction, the exact
@@ -203,7 +238,7 @@ class FFLayer(nn.Module):
         """Raise a clear error when a goodness overflowed float32 to inf (which would make the
         row's normalized output all zeros), or is NaN from non-finite weights. Where the op's
         input checks run at once only (the CPU): elsewhere reading it would wait for the device."""
-        if not validation.check_finite_inputs or not validation._checks_at_once(g.device) or g.numel() == 0:
+        if not validation.check_finite_inputs or not validation.checks_at_once(g.device) or g.numel() == 0:
             return
         if bool(torch.isfinite(g).all()) or not bool(torch.isfinite(x).all()):
             return  # fine, or NaN/Inf inputs, which the op's own check reports

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import BACKENDS, ff_linear_forward, ff_linear_step
+from ..ops import BACKENDS, ff_linear_forward, ff_linear_step, step_takes_peer
 from ..ops.layer_step import FFLayerStep
 from ..ops.validation import check_mask
 from .layer import FFLayer
@@ -41,6 +41,7 @@ class FFLinear(FFLayer):
 
     _lazy_buffers = ("mask", "weight_momentum", "bias_momentum")
     _backends = BACKENDS
+    _takes_preact = True
 
     def __init__(
         self,
@@ -103,9 +104,12 @@ class FFLinear(FFLayer):
             "compute_dtype": self.compute_dtype, "layer": self._name(),
         }
 
-    def _forward_op(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_op(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) float32)."""
-        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs())
+        return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs(), preact=preact)
+
+    def _step_takes_peer(self, preact=None) -> bool:
+        return step_takes_peer(self.backend, self.weight.device, preact)
 
     def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         return ff_linear_step(

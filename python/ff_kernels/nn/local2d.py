@@ -8,7 +8,7 @@ from torch import nn
 from ..functional import local as FFL
 from ..functional.local import LocalSpec
 from ..ops.layer_step import FFLayerStep
-from ..ops.local2d import BACKENDS, ff_local2d_forward, ff_local2d_step
+from ..ops.local2d import BACKENDS, ff_local2d_forward, ff_local2d_step, step_takes_peer
 from ..ops.validation import describe
 from .layer import FFLayer
 from .linear import FFLinear
@@ -139,6 +139,9 @@ class FFLocal2d(FFLayer):
         """x: (B, C_in, H_in, W_in) -> (normalized output (B, C_out, H_out, W_out), goodness (B,) float32)."""
         self._check_input("x", x)
         return ff_local2d_forward(x, self.weight, self.bias, self.spec, **self._op_kwargs())
+
+    def _step_takes_peer(self) -> bool:
+        return step_takes_peer(self.spec, self.backend, self.weight.device, self.weight.dtype)
 
     def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         self._check_input("x_pos", x_pos)

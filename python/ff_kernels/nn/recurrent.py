@@ -15,15 +15,29 @@ output ``relu(x @ W_l.T + b_l)`` is the sum of a bottom-up and a top-down linear
 (:meth:`FFRecurrent.ff_step`) runs T iterations with the weights fixed, sums each layer's local
 gradients over the iterations (mean of its T FF losses), and then takes one SGD step per layer
 with peer normalization, as ``FFLinear.ff_step`` does.
+
+Shared bottom-up work (``share_bottom_up``, on by default). The bottom input never changes
+while the net runs, and several rows often hold the same image (an image's positive and
+negative rows; its 10 labels at test time). So layer 1's bottom-up term ``W_1^up x_0 + b_1``
+is computed once per image, by the bottom-up pass (:meth:`FFRecurrent.bottom_up`), and reused
+at every iteration and by every row of the image; each iteration only computes the top-down
+term ``W_1^down n(h_2)``. Layer 1's weight gradient splits the same way: the top-down block from
+each iteration's rows, the bottom-up block once per step as ``(sum of the deltas of an image's
+rows over all iterations).T @ x_0``. Rows of one image are given by tiling: ``bottom`` may have
+N rows and ``top`` k * N rows, row b then holding ``bottom[b % N]`` (the layout of
+``bottom.repeat(k, 1)``). ``share_bottom_up = False`` runs the plain algorithm, every row and
+iteration through the whole concatenated GEMM; both agree up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import functional as FF
 from ..functional import recurrent as FFR
@@ -32,6 +46,18 @@ from .linear import FFLinear
 from .peer_norm import PeerNormalization
 
 INITS = ("balanced", "normal")
+
+
+class BottomUp(NamedTuple):
+    """The bottom-up pass (t = 0) of N images (:meth:`FFRecurrent.bottom_up`).
+
+    states: K tensors (N, D_l), the states at t = 0
+    up:     (N, D_1) layer 1's bottom-up pre-activation ``x_0 @ W_1^up.T + b_1``, the same at
+            every iteration
+    """
+
+    states: list[torch.Tensor]
+    up: torch.Tensor
 
 
 class FFRecurrent(nn.Module):
@@ -50,6 +76,7 @@ class FFRecurrent(nn.Module):
             variance 1/2 to the pre-activations, the 10-unit label as much as a 2000-unit layer;
             "normal": N(0, 1 / fan_in) over the whole concatenated input, which leaves the top
             layer's label a share of D_top / (D_K + D_top) (0.5% for 2000 units).
+        share_bottom_up: compute layer 1's bottom-up term once per image (module docstring).
 
     ``layers[l - 1]`` is ``FFLinear(D_{l-1} + D_{l+1}, D_l)`` with zero bias. States are raw
     (un-normalized) damped activities, a list of K tensors (B, D_l).
@@ -68,6 +95,7 @@ class FFRecurrent(nn.Module):
         peer_norm: float = 0.0,
         init: str = "balanced",
         device=None,
+        share_bottom_up: bool = True,
     ) -> None:
         super().__init__()
         sizes = [int(bottom_features), *map(int, hidden), int(top_features)]
@@ -82,6 +110,7 @@ class FFRecurrent(nn.Module):
             raise ValueError(f"FFRecurrent: damping must be in [0, 1), got {damping}")
         self.sizes = sizes
         self.damping = float(damping)
+        self.share_bottom_up = bool(share_bottom_up)
         self.layers = nn.ModuleList(
             FFLinear(below + above, width, goodness=goodness, threshold=threshold, temperature=temperature,
                      rms_norm=rms_norm, device=device,
@@ -97,27 +126,39 @@ class FFRecurrent(nn.Module):
                     layer.weight[:, below:].normal_(0.0, 1.0 / math.sqrt(2 * above))
                 layer.bias.zero_()
 
-    def _check(self, bottom: torch.Tensor, top: torch.Tensor | None, states: Sequence[torch.Tensor] | None) -> None:
-        """Shapes, dtype and device of the clamped inputs and of given states; all must have B rows."""
+    def _check(self, bottom: torch.Tensor, top: torch.Tensor | None, states) -> None:
+        """Shapes, dtype and device of the clamped inputs and of given states.
+
+        ``top`` has B rows, ``bottom`` B or N rows with B a multiple of N (tiled, see the module
+        docstring); list states have B or N rows, a :class:`BottomUp` N rows.
+        """
         like = self.layers[0].weight
         check_matrix("bottom", "FFRecurrent", bottom, self.sizes[0], like)
         if top is not None:
             check_matrix("top", "FFRecurrent", top, self.sizes[-1], like)
-        if top is not None and top.shape[0] != bottom.shape[0]:
+        n, rows = bottom.shape[0], bottom.shape[0] if top is None else top.shape[0]
+        if top is not None and (n == 0 or rows % n) and rows != n:
             raise ValueError(
-                f"FFRecurrent: bottom and top must have the same rows, got {bottom.shape[0]} and {top.shape[0]}"
+                f"FFRecurrent: bottom and top must have the same rows, or top a multiple of bottom's rows "
+                f"(tiled images), got {n} and {rows}"
             )
         if states is None:
             return
+        if isinstance(states, BottomUp):
+            check_matrix("states.up", "FFRecurrent", states.up, self.sizes[1], like)
+            if states.up.shape[0] != n:
+                raise ValueError(f"FFRecurrent: states.up has {states.up.shape[0]} rows, bottom has {n}")
+            states = states.states
         if len(states) != len(self.layers):
             raise ValueError(
                 f"FFRecurrent: states must hold {len(self.layers)} tensors (one per hidden layer), got {len(states)}"
             )
         for l, (state, width) in enumerate(zip(states, self.sizes[1:-1]), start=1):
             check_matrix(f"states[{l - 1}]", "FFRecurrent", state, width, like)
-            if state.shape[0] != bottom.shape[0]:
+            if state.shape[0] not in (n, rows):
                 raise ValueError(
-                    f"FFRecurrent: states[{l - 1}] has {state.shape[0]} rows, bottom has {bottom.shape[0]}"
+                    f"FFRecurrent: states[{l - 1}] has {state.shape[0]} rows, bottom has {n}"
+                    + (f" and top {rows}" if rows != n else "")
                 )
 
     def normalize(self, state: torch.Tensor) -> torch.Tensor:
@@ -128,12 +169,44 @@ class FFRecurrent(nn.Module):
     @torch.no_grad()
     def initial_states(self, bottom: torch.Tensor) -> list[torch.Tensor]:
         """The states at t = 0 from one bottom-up pass of ``bottom: (B, D_0)``: K tensors (B, D_l)."""
+        return self.bottom_up(bottom).states
+
+    @torch.no_grad()
+    def bottom_up(self, bottom: torch.Tensor) -> BottomUp:
+        """The bottom-up pass of ``bottom: (N, D_0)``: the states at t = 0 and layer 1's
+        bottom-up pre-activation (:class:`BottomUp`), which :meth:`goodness` and :meth:`ff_step`
+        take as ``states`` to reuse it."""
         self._check(bottom, None, None)
-        states, below = [], bottom
+        states, below, up = [], bottom, None
         for layer, d_below in zip(self.layers, self.sizes):
-            states.append(FF.linear_activity(below, layer.weight[:, :d_below], layer.bias))
+            z = F.linear(below, layer.weight[:, :d_below], layer.bias)
+            up = z if up is None else up
+            states.append(torch.relu(z))
             below = self.normalize(states[-1])
-        return states
+        return BottomUp(states, up)
+
+    def _start(self, bottom: torch.Tensor, rows: int, states) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The states at t = 0 tiled to ``rows`` rows, and layer 1's bottom-up pre-activation of
+        the N images (None when the bottom-up term is not shared)."""
+        if states is None:
+            states = self.bottom_up(bottom) if self.share_bottom_up else self.initial_states(bottom)
+        up = states.up if isinstance(states, BottomUp) else None
+        states = list(states.states if isinstance(states, BottomUp) else states)
+        if self.share_bottom_up and up is None:
+            up = F.linear(bottom, self.layers[0].weight[:, :self.sizes[0]], self.layers[0].bias)
+        states = [s if s.shape[0] == rows else s.repeat(rows // s.shape[0], 1) for s in states]
+        return states, up if self.share_bottom_up else None
+
+    def _tiled(self, bottom: torch.Tensor, rows: int) -> torch.Tensor:
+        return bottom if bottom.shape[0] == rows else bottom.repeat(rows // bottom.shape[0], 1)
+
+    def _first_preact(self, above: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Layer 1's pre-activation (B, D_1) from its top-down input ``above`` (B, D_above) and
+        the images' shared bottom-up term ``up`` (N, D_1), B a multiple of N."""
+        d_0 = self.sizes[0]
+        z = torch.mm(above, self.layers[0].weight[:, d_0:].t())
+        z.view(-1, *up.shape).add_(up)
+        return z
 
     def layer_inputs(
         self, states: Sequence[torch.Tensor], bottom: torch.Tensor, top: torch.Tensor
@@ -149,20 +222,38 @@ class FFRecurrent(nn.Module):
         return [FFR.damped_state(x, h, layer.weight, layer.bias, self.damping)[0]
                 for layer, x, h in zip(self.layers, inputs, states)]
 
+    def _shared_step(self, states: Sequence[torch.Tensor], up: torch.Tensor, top: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`step` with layer 1's bottom-up term ``up`` (N, D_1) given (shared by tiled rows)."""
+        normalized = [self.normalize(s) for s in states]
+        above = [*normalized[1:], top]
+        new = []
+        for l, (layer, h) in enumerate(zip(self.layers, states)):
+            if l == 0:
+                z = self._first_preact(above[0], up)
+            else:
+                z = torch.addmm(layer.bias, torch.cat([normalized[l - 1], above[l]], dim=1), layer.weight.t())
+            new.append(FFR.damped_from_preact(z, h, self.damping))
+        return new
+
     @torch.no_grad()
     def goodness(
-        self, bottom: torch.Tensor, top: torch.Tensor, iterations: int, states: Sequence[torch.Tensor] | None = None
+        self, bottom: torch.Tensor, top: torch.Tensor, iterations: int, states=None
     ) -> torch.Tensor:
         """Goodness (iterations, B, K) float32 of every hidden layer at t = 1..iterations.
 
-        bottom: (B, D_0), top: (B, D_{K+1}); ``states`` the states at t = 0 (default: the
-        bottom-up pass of ``bottom``).
+        bottom: (B, D_0), or (N, D_0) tiled over the B rows of top: (B, D_{K+1}); ``states``
+        the states at t = 0 (a list of K tensors of B or N rows, or a :class:`BottomUp`;
+        default: the bottom-up pass of ``bottom``).
         """
         self._check(bottom, top, states)
-        states = self.initial_states(bottom) if states is None else list(states)
+        iterations = _check_iterations(iterations)
+        rows = top.shape[0]
+        states, up = self._start(bottom, rows, states)
+        if up is None:
+            bottom = self._tiled(bottom, rows)
         per_iteration = []
-        for _ in range(_check_iterations(iterations)):
-            states = self.step(states, bottom, top)
+        for _ in range(iterations):
+            states = self.step(states, bottom, top) if up is None else self._shared_step(states, up, top)
             per_iteration.append(torch.stack([FF.goodness(s, layer.goodness_kind).float()
                                               for layer, s in zip(self.layers, states)], dim=1))
         return torch.stack(per_iteration)
@@ -177,12 +268,13 @@ class FFRecurrent(nn.Module):
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        states: Sequence[torch.Tensor] | None = None,
+        states=None,
     ) -> list[torch.Tensor]:
         """Train on one batch: ``iterations`` damped iterations, then one SGD step per hidden layer.
 
-        bottom: (B, D_0), top: (B, D_{K+1}); the first ``n_pos`` rows are positive, the rest
-        negative. ``states``: the states at t = 0 (default: the bottom-up pass of ``bottom``).
+        bottom: (B, D_0), or (N, D_0) tiled over the B rows of top: (B, D_{K+1}) (module
+        docstring); the first ``n_pos`` rows are positive, the rest negative. ``states``: the
+        states at t = 0, as for :meth:`goodness` (default: the bottom-up pass of ``bottom``).
         Each layer's loss is the mean of its FF losses at t = 1..iterations and its gradient the
         mean of the local gradients (:func:`~ff_kernels.functional.recurrent.recurrent_layer_grads`),
         all computed with the weights before the update. The step is ``torch.optim.SGD(lr,
@@ -192,10 +284,15 @@ class FFRecurrent(nn.Module):
         layer losses (0-dim each).
         """
         self._check(bottom, top, states)
-        if not 0 <= n_pos <= bottom.shape[0]:
-            raise ValueError(f"FFRecurrent: n_pos must be in 0..{bottom.shape[0]} (the batch), got {n_pos}")
+        rows = top.shape[0]
+        if not 0 <= n_pos <= rows:
+            raise ValueError(f"FFRecurrent: n_pos must be in 0..{rows} (the batch), got {n_pos}")
         iterations = _check_iterations(iterations)
-        states = self.initial_states(bottom) if states is None else list(states)
+        states, up = self._start(bottom, rows, states)
+        frozen = any(not p.requires_grad for layer in self.layers for p in (layer.weight, layer.bias))
+        if up is not None and not frozen:  # the shared step writes every parameter's update in place
+            return self._shared_ff_step(bottom, top, n_pos, iterations, lr, momentum, weight_decay, states, up)
+        bottom = self._tiled(bottom, rows)
         totals = [None] * len(self.layers)  # per layer: [loss, dW, db, mean positive state, mean positive input]
         for _ in range(iterations):
             inputs = self.layer_inputs(states, bottom, top)
@@ -220,6 +317,80 @@ class FFRecurrent(nn.Module):
                 layer.apply_peer_norm_((activity / iterations, x_mean / iterations), "sgd", lr, weight_buf, bias_buf)
             losses.append(loss / iterations)
         return losses
+
+    def _shared_ff_step(self, bottom, top, n_pos, iterations, lr, momentum, weight_decay, states, up):
+        """:meth:`ff_step` with layer 1's bottom-up term shared (module docstring).
+
+        The local gradients, summed over the iterations, go straight into each layer's SGD
+        target: the momentum buffer (scaled by ``momentum`` first), or a gradient tensor without
+        momentum; layer 1's bottom-up block and bias from the deltas summed over the iterations
+        and over the rows of each image. Then weight decay, the update and peer normalization,
+        as the plain algorithm does them.
+        """
+        n = bottom.shape[0]
+        d_0 = self.sizes[0]
+        targets = []  # per layer: (weight target, bias target, weight buffer, bias buffer)
+        for layer in self.layers:
+            weight_buf, bias_buf = layer.momentum_buffers(momentum)
+            if weight_buf is not None:
+                weight_buf.mul_(momentum)
+                bias_buf.mul_(momentum)
+                targets.append((weight_buf, bias_buf, weight_buf, bias_buf))
+            else:
+                targets.append((torch.zeros_like(layer.weight), torch.zeros_like(layer.bias), None, None))
+        scale = 1.0 / iterations
+        first_delta = up.new_zeros(up.shape)  # layer 1's deltas summed over iterations and each image's rows
+        losses = [up.new_zeros(()) for _ in self.layers]
+        activity = [up.new_zeros(width) for width in self.sizes[1:-1]]
+        x_means = [up.new_zeros(1, layer.in_features) for layer in self.layers]
+        for _ in range(iterations):
+            normalized = [self.normalize(s) for s in states]
+            above = [*normalized[1:], top]
+            new_states = []
+            for l, (layer, h) in enumerate(zip(self.layers, states)):
+                weight_target, bias_target = targets[l][:2]
+                if l == 0:
+                    x = above[0]
+                    z = self._first_preact(x, up)
+                else:
+                    x = torch.cat([normalized[l - 1], above[l]], dim=1)
+                    z = torch.addmm(layer.bias, x, layer.weight.t())
+                loss, delta, state = FFR.damped_step_delta(z, h, n_pos, self.damping, layer.goodness_kind,
+                                                           layer.threshold, layer.temperature)
+                losses[l] += loss
+                if l == 0:
+                    weight_target[:, d_0:].addmm_(delta.t(), x, alpha=scale)
+                    first_delta.add_(delta.view(-1, *up.shape).sum(0))
+                    x_means[0][0, d_0:] += x[:n_pos].float().mean(0)
+                else:
+                    weight_target.addmm_(delta.t(), x, alpha=scale)
+                    bias_target.add_(delta.sum(0), alpha=scale)
+                    x_means[l] += x[:n_pos].float().mean(0, keepdim=True)
+                activity[l] += state[:n_pos].float().mean(0)
+                new_states.append(state)
+            states = new_states
+        weight_target, bias_target = targets[0][:2]
+        weight_target[:, :d_0].addmm_(first_delta.t(), bottom, alpha=scale)
+        bias_target.add_(first_delta.sum(0), alpha=scale)
+        if n_pos > 0:
+            positive_images = bottom[torch.arange(n_pos, device=bottom.device) % n]
+            x_means[0][0, :d_0] = positive_images.float().mean(0) * iterations
+        result = []
+        for layer, (weight_target, bias_target, weight_buf, bias_buf), loss, mean_h, x_mean in zip(
+                self.layers, targets, losses, activity, x_means):
+            for param, target, buf in ((layer.weight, weight_target, weight_buf), (layer.bias, bias_target, bias_buf)):
+                if buf is not None:  # buf = momentum * buf + grad (so far) + wd * param; param -= lr * buf
+                    if weight_decay:
+                        buf.add_(param, alpha=weight_decay)
+                    param.add_(buf, alpha=-lr)
+                else:  # param -= lr * (grad + wd * param)
+                    if weight_decay:
+                        target.add_(param, alpha=weight_decay)
+                    param.add_(target, alpha=-lr)
+            if layer.peer_norm is not None and n_pos > 0:
+                layer.apply_peer_norm_((mean_h / iterations, x_mean / iterations), "sgd", lr, weight_buf, bias_buf)
+            result.append(loss / iterations)
+        return result
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, damping={self.damping:g}"

@@ -29,6 +29,10 @@ class FFSequential(nn.Sequential):
     each layer's input must be the output of the one below (``in_features`` = the previous
     ``out_features``; ``in_shape`` = the previous ``out_shape``; a flat layer cannot follow a
     2-D map nor the reverse). A frozen layer (``requires_grad_(False)``) is run but not trained.
+
+    Every method takes ``preact``, the first layer's pre-activations computed by the caller
+    (see ``FFLinear.forward_with_goodness``): the first layer's GEMM is skipped. For a forward
+    pass ``x`` may then be None; a training step still needs it for the first layer's gradient.
     """
 
     def __init__(self, *args) -> None:
@@ -70,19 +74,19 @@ class FFSequential(nn.Sequential):
     def __iadd__(self, other):
         return self._changed(lambda: super(FFSequential, self).__iadd__(other))
 
-    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def activations(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-layer normalized outputs for ``x: (B, D_in)``: a list of (B, D_l)."""
         outputs = []
-        for layer in self:
-            x = layer(x)
+        for i, layer in enumerate(self):
+            x = layer(x, preact) if i == 0 and preact is not None else layer(x)
             outputs.append(x)
         return outputs
 
-    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+    def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer goodness ``(B, L)`` float32 for ``x: (B, D_in)``."""
         columns = []
-        for layer in self:
-            x, g = layer.forward_with_goodness(x)
+        for i, layer in enumerate(self):
+            x, g = layer.forward_with_goodness(x, preact) if i == 0 and preact is not None else layer.forward_with_goodness(x)
             columns.append(g)
         return torch.stack(columns, dim=1)
 
@@ -99,15 +103,17 @@ class FFSequential(nn.Sequential):
         self,
         x_pos: torch.Tensor,
         x_neg: torch.Tensor,
-        step_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], FFLayerStep],
+        step_fn: Callable[..., FFLayerStep],
         layers: Iterable[int] | None = None,
+        preact: torch.Tensor | None = None,
     ) -> list[FFLayerStep]:
         """The loop behind :meth:`ff_backward` and :meth:`ff_step`, for callers with their own step.
 
         ``step_fn(layer, x_pos, x_neg)`` trains one chosen layer on its positive (Bp, ...) and
         negative (Bn, ...) inputs and returns its :class:`~ff_kernels.ops.FFLayerStep`, whose
         pre-update ``output`` (Bp + Bn, ...) feeds the next layer. Returns the chosen layers'
-        steps, bottom first.
+        steps, bottom first. With ``preact`` (Bp + Bn, D_1), the first layer's pre-activations,
+        the first layer's call is ``step_fn(layer, x_pos, x_neg, preact=preact)``.
         """
         chosen = self._layer_indices(layers)
         n_pos = x_pos.shape[0]
@@ -115,20 +121,27 @@ class FFSequential(nn.Sequential):
         for i, layer in enumerate(self):
             if i > max(chosen):
                 break
+            first = {"preact": preact} if i == 0 and preact is not None else {}
             if i in chosen:
-                step = step_fn(layer, x_pos, x_neg)
+                step = step_fn(layer, x_pos, x_neg, **first)
                 steps.append(step)
                 x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
+            elif first:
+                out = layer(torch.cat([x_pos, x_neg]), preact)
+                x_pos, x_neg = out[:n_pos], out[n_pos:]
             else:
                 x_pos, x_neg = layer(x_pos), layer(x_neg)
         return steps
 
-    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None) -> list[torch.Tensor]:
+    def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None,
+                    preact: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Accumulate every chosen layer's local gradients; returns their losses (0-dim each).
 
-        x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows.
+        x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows; ``preact``: see the class.
         """
-        steps = self.train_steps(x_pos, x_neg, lambda layer, p, n: layer.ff_backward(p, n, return_step=True), layers)
+        steps = self.train_steps(
+            x_pos, x_neg, lambda layer, p, n, **kw: layer.ff_backward(p, n, return_step=True, **kw), layers, preact,
+        )
         return [step.loss for step in steps]
 
     def ff_step(
@@ -139,12 +152,14 @@ class FFSequential(nn.Sequential):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         layers: Iterable[int] | None = None,
+        preact: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Fused SGD step on every chosen layer (see ``FFLinear.ff_step``); returns their losses."""
         steps = self.train_steps(
             x_pos, x_neg,
-            lambda layer, p, n: layer.ff_step(p, n, lr=lr, momentum=momentum, weight_decay=weight_decay, return_step=True),
-            layers,
+            lambda layer, p, n, **kw: layer.ff_step(p, n, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                                    return_step=True, **kw),
+            layers, preact,
         )
         return [step.loss for step in steps]
 

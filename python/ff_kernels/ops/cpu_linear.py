@@ -17,11 +17,12 @@ from .cpu_features import warn_if_bf16_emulated
 from .layer_step import FFLayerStep
 
 
-def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out)."""
+def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out) (into ``out`` if given)."""
     if bias is None:
-        return torch.mm(x, weight.t()).relu_()
-    return torch.addmm(bias.to(x.dtype), x, weight.t()).relu_()
+        return torch.mm(x, weight.t(), out=out).relu_()
+    return torch.addmm(bias.to(x.dtype), x, weight.t(), out=out).relu_()
 
 
 def _row_scale(h: torch.Tensor, goodness: str) -> torch.Tensor:
@@ -56,6 +57,32 @@ def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
     return _normalized(h, scale, goodness, rms).to(x.dtype), g
+
+
+def forward_from_preact(preact, *, goodness, rms, dtype):
+    """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness float32."""
+    h = preact.relu()
+    scale = _row_scale(h, goodness)
+    g = scale if goodness == "sum" else scale.square()
+    return _normalized(h, scale, goodness, rms).to(dtype), g
+
+
+def adjacent_rows(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor | None:
+    """``torch.cat([x_pos, x_neg])`` as a view when ``x_neg``'s rows directly follow ``x_pos``'s
+    in memory (the two halves of one tensor, as FFSequential passes them on), else None."""
+    if (x_pos.dim() == 2 and x_pos.dtype == x_neg.dtype and x_pos.device == x_neg.device
+            and x_pos.shape[1] == x_neg.shape[1] and x_pos.is_contiguous() and x_neg.is_contiguous()
+            and x_pos.shape[0] > 0 and x_neg.shape[0] > 0
+            and x_neg.untyped_storage().data_ptr() == x_pos.untyped_storage().data_ptr()
+            and x_neg.storage_offset() == x_pos.storage_offset() + x_pos.numel()):
+        return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
+    return None
+
+
+def rows_together(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([x_pos, x_neg])``, without a copy when the rows are adjacent (:func:`adjacent_rows`)."""
+    joined = adjacent_rows(x_pos, x_neg)
+    return torch.cat([x_pos, x_neg]) if joined is None else joined
 
 
 def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -104,31 +131,72 @@ def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum
     param.add_(buf, alpha=-lr)
 
 
+def _with_row(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([rows, row[None]])`` (B + 1, D) in ``rows``' dtype."""
+    out = rows.new_empty(rows.shape[0] + 1, rows.shape[1])
+    out[:-1] = rows
+    out[-1] = row
+    return out
+
+
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
-    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None,
 ) -> FFLayerStep:
-    """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step."""
+    """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step.
+
+    ``preact`` (Bp + Bn, D_out): the caller's pre-activations, used instead of the forward GEMM.
+    ``peer``: peer normalization inside the step (see ``ff_linear_step``): called with the mean
+    raw activity of the positive rows, it returns the per-unit derivative p (D_out,), whose
+    rank-1 gradient ``outer(p, mean positive row)`` (and p for the bias) joins the step's
+    gradient: as one more row of the weight-gradient GEMM (float32, no mask), else added to the
+    gradient target before the parameters move. Plain torch ops: runs on any device.
+    """
     n_pos = x_pos.shape[0]
-    x = _cast(torch.cat([x_pos, x_neg]), compute_dtype)
-    h = _activities(x, _cast(weight, compute_dtype), bias)
+    x = _cast(rows_together(x_pos, x_neg), compute_dtype)
+    batch = x.shape[0]
+    # with peer normalization folded into the gradient GEMM, h gets a spare row for p (below)
+    fold = peer is not None and n_pos > 0 and mask is None and x.dtype == weight.dtype
+    h_rows = x.new_empty(batch + fold, weight.shape[0])
+    h = h_rows[:batch]
+    if preact is None:
+        _activities(x, _cast(weight, compute_dtype), bias, out=h)
+    elif preact.dtype == h.dtype:
+        torch.clamp_min(preact, 0, out=h)
+    else:  # bf16 compute: the caller's float32 pre-activations rounded once
+        h.copy_(preact).relu_()
     scale = _row_scale(h, goodness)
     g = scale if goodness == "sum" else scale.square()
-    loss = FF.ff_loss(g[:n_pos], g[n_pos:], goodness, threshold, temperature)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
 
-    coef = FF.loss_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    p = x_mean = None
+    if peer is not None and n_pos > 0:  # the raw activities, before h becomes delta
+        p = peer(h[:n_pos].mean(0, dtype=torch.float32))
+        x_mean = x[:n_pos].mean(0, dtype=torch.float32)
+
     if goodness == "sum":
         delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
     else:
         delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
     mask_w = None if mask is None else mask.to(weight.dtype)
+    rows, delta_rows = x, delta
+    if fold:  # the peer gradient as one more row of the gradient GEMM
+        h_rows[batch] = p
+        rows, delta_rows = _with_row(x, x_mean), h_rows
 
     def add_w(target, alpha, beta):
-        _add_weight_grad(target, delta, x, mask_w, alpha, beta)
+        _add_weight_grad(target, delta_rows, rows, mask_w, alpha, beta)
+        if p is not None and not fold:
+            if mask_w is None:
+                target.addr_(p.to(target.dtype), x_mean.to(target.dtype), alpha=alpha)
+            else:
+                target.add_(torch.outer(p, x_mean).to(target.dtype).mul_(mask_w), alpha=alpha)
 
     def add_b(target, alpha, beta):
         _add_bias_grad(target, delta, alpha, beta)
+        if p is not None:
+            target.add_(p.to(target.dtype), alpha=alpha)
 
     with torch.no_grad():
         if mode == "grad":

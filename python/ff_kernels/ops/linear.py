@@ -15,9 +15,9 @@ import os
 import torch
 
 from .. import functional as FF
-from . import cpu_linear, reference_linear
+from . import cpu_linear, reference_linear, validation
 from .layer_step import FFLayerStep
-from .validation import FLOAT_DTYPES, check_matrix, check_rows_pair, check_step_args, describe
+from .validation import FLOAT_DTYPES, all_finite, check_finite, check_matrix, check_rows_pair, check_step_args, describe
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -53,8 +53,27 @@ def _check_compute_dtype(layer: str, compute_dtype: torch.dtype | None, backend:
         raise ValueError(f"{layer}: compute_dtype={compute_dtype} is a mode of the 'cpu' backend; got backend {backend!r}")
 
 
+def _torch_ops_step(backend: str, preact) -> bool:
+    """Whether a step on the resolved ``backend`` runs in ops/cpu_linear.py's torch ops."""
+    return backend == "cpu" or (preact is not None and backend != "reference")
+
+
+def step_takes_peer(backend: str, device: torch.device, preact=None) -> bool:
+    """Whether :func:`ff_linear_step` can apply peer normalization inside the step (``peer=``)
+    for the layer's ``backend`` on ``device``: when the step runs in torch ops (the "cpu"
+    backend, or any but the reference with ``preact``)."""
+    return _torch_ops_step(resolve_backend(backend, device), preact)
+
+
+def _check_preact(layer: str, preact: torch.Tensor, rows: int | None, weight: torch.Tensor) -> None:
+    """``preact`` must be a finite (rows, D_out) matrix with the weight's dtype and device."""
+    check_matrix("preact", layer, preact, weight.shape[0], weight)
+    if rows is not None and preact.shape[0] != rows:
+        raise ValueError(f"{layer}: preact must have one row per input row ({rows}), got {describe(preact)}")
+
+
 def ff_linear_forward(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
@@ -64,17 +83,30 @@ def ff_linear_forward(
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
+    preact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized ReLU activities and goodness of one FF linear layer (no gradients).
 
     x: (B, D_in) float32|bfloat16, weight: (D_out, D_in), bias: (D_out,) or None,
     mask: (D_out, D_in) bool or None -> (output (B, D_out) in x's dtype, goodness (B,) float32).
+
+    ``preact``: the pre-activations ``x @ (W * mask).T + b`` (B, D_out) in the weight's dtype,
+    computed by the caller (for example from parts that many rows share); the layer then skips
+    its GEMM on every backend, and ``x`` may be None (the output then has the weight's dtype).
     """
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
-    check_matrix("x", layer, x, weight.shape[1], weight)
+    if x is not None:
+        check_matrix("x", layer, x, weight.shape[1], weight)
+    elif preact is None:
+        raise TypeError(f"{layer}: x may be None only when preact is given")
     backend = resolve_backend(backend, weight.device, layer)
     _check_compute_dtype(layer, compute_dtype, backend)
+    if preact is not None:
+        _check_preact(layer, preact, None if x is None else x.shape[0], weight)
+        with torch.no_grad():
+            return cpu_linear.forward_from_preact(preact, goodness=goodness, rms=rms,
+                                                  dtype=weight.dtype if x is None else x.dtype)
     with torch.no_grad():
         if backend == "reference":
             return reference_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
@@ -105,6 +137,8 @@ def ff_linear_step(
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
+    preact: torch.Tensor | None = None,
+    peer=None,
 ) -> FFLayerStep:
     """One FF training pass of a linear layer on a positive and a negative batch.
 
@@ -117,14 +151,33 @@ def ff_linear_step(
     place with momentum buffers ``weight_buf`` / ``bias_buf`` (required when momentum > 0),
     without writing dL/dW to memory on the fused backends.
 
+    ``preact``: the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, D_out), as for
+    :func:`ff_linear_forward`: the forward GEMM is skipped (the weight gradient still reads the
+    inputs). The fast backends use it (the Triton backend then runs the step in torch ops); the
+    reference backend recomputes the pre-activations from the inputs.
+
+    ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says the step
+    can: a function from the mean raw activity (D_out,) of the positive rows (computed with the
+    weights before the step) to the derivative p (D_out,) (``PeerNormalization.update_``). The
+    gradient ``outer(p, mean positive row) * mask`` (and p for the bias) is then part of this
+    step's gradient, as if added to ``.grad`` or to the SGD step afterwards; a step without
+    positive rows calls nothing.
+
     Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
     as they were before this step.
     """
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
     check_rows_pair(layer, x_pos, x_neg)
-    check_matrix("x_pos", layer, x_pos, weight.shape[1], weight)
-    check_matrix("x_neg", layer, x_neg, weight.shape[1], weight)
+    joined = cpu_linear.adjacent_rows(x_pos, x_neg)  # adjacent halves: one finite check for both
+    check_matrix("x_pos", layer, x_pos, weight.shape[1], weight, finite=joined is None)
+    check_matrix("x_neg", layer, x_neg, weight.shape[1], weight, finite=joined is None)
+    if joined is not None and validation.check_finite_inputs:
+        if not validation.checks_at_once(joined.device):
+            check_finite(layer, "x_pos or x_neg", joined)  # deferred: reading it would wait for the device
+        elif not all_finite(joined):
+            for name, x in (("x_pos", x_pos), ("x_neg", x_neg)):
+                check_matrix(name, layer, x, weight.shape[1], weight)  # names the bad one
     lr, momentum, weight_decay = check_step_args(
         layer, mode, temperature, lr, momentum, weight_decay,
         (("weight_buf", weight_buf, weight), ("bias_buf", bias_buf, bias)),
@@ -136,11 +189,17 @@ def ff_linear_step(
         "goodness": goodness, "threshold": threshold, "temperature": float(temperature), "rms": rms, "mask": mask, "mode": mode,
         "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
     }
+    if preact is not None:
+        _check_preact(layer, preact, x_pos.shape[0] + x_neg.shape[0], weight)
+    if peer is not None and not _torch_ops_step(backend, preact):
+        raise ValueError(f"{layer}: peer normalization inside the step needs the 'cpu' backend or preact, "
+                         f"got backend {backend!r}")
     if backend == "reference":
         return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
     with torch.no_grad():
-        if backend == "cpu":
-            return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, **kwargs)
+        if _torch_ops_step(backend, preact):
+            return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, preact=preact,
+                                         peer=peer, **kwargs)
         from . import triton_linear
 
         return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)

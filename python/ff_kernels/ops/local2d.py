@@ -5,7 +5,11 @@ The layer is defined in :mod:`ff_kernels.functional.local` (a :class:`LocalSpec`
 
 Backends:
     "reference"  functional_local.py + autograd (any device, float32 or bfloat16): the ground truth
-    "cpu"        the compiled CPU kernels (csrc/local2d_cpu.cpp), float32
+    "cpu"        the compiled CPU kernels (csrc/local2d_cpu.cpp), float32; for layers with many
+                 units per location (>= 16, e.g. footnote 8's MNIST net) one batched GEMM per
+                 step and direction instead (ops/gemm_local2d.py), which is faster there.
+                 FF_KERNELS_LOCAL2D_CPU in the environment overrides the choice at every call:
+                 "gemm" always, "rows" or "tiles" never (they pick the compiled kernels' algorithm)
     "cuda"       the compiled CUDA kernels (csrc/local2d_cuda.cu), float32
     "auto"       the compiled kernels of the tensors' device when they are built and the
                  dtype is float32, else "reference" (with a one-time warning)
@@ -13,13 +17,14 @@ Backends:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec
-from . import ext_local2d, reference_local2d, validation
+from . import ext_local2d, gemm_local2d, reference_local2d, validation
 from .layer_step import FFLayerStep
 from .validation import FLOAT_DTYPES, check_step_args, describe
 
@@ -54,6 +59,24 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, laye
     if not ext_local2d.available(device):
         raise RuntimeError(f"{layer}: backend {backend!r} needs the compiled kernels: {_unavailable(device)}")
     return backend
+
+
+def compiled_module(spec: LocalSpec, device: torch.device):
+    """The module that runs a compiled-backend op: :mod:`.gemm_local2d` or :mod:`.ext_local2d`
+    (see the module docstring)."""
+    if device.type != "cpu":
+        return ext_local2d
+    choice = os.environ.get("FF_KERNELS_LOCAL2D_CPU")
+    if choice == "gemm" or (choice not in ("rows", "tiles") and gemm_local2d.pays(spec)):
+        return gemm_local2d
+    return ext_local2d
+
+
+def step_takes_peer(spec: LocalSpec, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`ff_local2d_step` can apply peer normalization inside the step (``peer=``):
+    when the step runs as batched GEMMs (:mod:`.gemm_local2d`)."""
+    resolved = resolve_backend(backend, device, dtype)
+    return resolved == "cpu" and compiled_module(spec, device) is gemm_local2d
 
 
 def _unavailable(device: torch.device) -> str:
@@ -124,7 +147,7 @@ def ff_local2d_forward(
     with torch.no_grad():
         if backend == "reference":
             return reference_local2d.forward(x, weight, bias, spec, goodness=goodness, rms=rms)
-        return ext_local2d.forward(x, weight, bias, spec, goodness=goodness, rms=rms)
+        return compiled_module(spec, weight.device).forward(x, weight, bias, spec, goodness=goodness, rms=rms)
 
 
 def ff_local2d_step(
@@ -146,6 +169,7 @@ def ff_local2d_step(
     bias_buf: torch.Tensor | None = None,
     backend: str = "auto",
     layer: str = "FFLocal2d",
+    peer=None,
 ) -> FFLayerStep:
     """One FF training pass of a locally connected layer on a positive and a negative batch.
 
@@ -157,6 +181,12 @@ def ff_local2d_step(
     mode "sgd": apply ``torch.optim.SGD(lr, momentum, weight_decay)`` to the parameters in
     place with momentum buffers ``weight_buf`` / ``bias_buf`` (required when momentum > 0);
     the compiled backends never write dL/dW to memory. Entries outside the input map stay zero.
+
+    ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says it can be:
+    a function from the mean raw activity (C_out * L,) of the positive images (ordered like
+    ``output.flatten(1)``) to the derivative p (``PeerNormalization.update_``), whose gradient
+    (each location's window of the mean positive image times p, and p for the bias) is then
+    part of this step's.
 
     Returns :class:`FFLayerStep` (loss, goodness (Bp + Bn,), normalized output
     (Bp + Bn, C_out, H_out, W_out)) computed with the weights as they were before this step.
@@ -177,7 +207,13 @@ def ff_local2d_step(
         "goodness": goodness, "threshold": float(threshold), "temperature": float(temperature), "rms": rms, "mode": mode,
         "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
     }
+    module = None if backend == "reference" else compiled_module(spec, weight.device)
+    if peer is not None:
+        if module is not gemm_local2d:
+            raise ValueError(f"{layer}: peer normalization inside the step needs the batched-GEMM form "
+                             f"(ops/gemm_local2d.py), not backend {backend!r} for this shape")
+        kwargs["peer"] = peer
     if backend == "reference":
         return reference_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
     with torch.no_grad():
-        return ext_local2d.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)
+        return module.train_step(x_pos, x_neg, weight, bias, spec, **kwargs)

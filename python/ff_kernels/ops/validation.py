@@ -26,8 +26,9 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: torch.Tensor) -> None:
-    """Check that ``x`` is a (B, features) floating matrix on ``like``'s device with ``like``'s dtype."""
+def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: torch.Tensor, finite: bool = True) -> None:
+    """Check that ``x`` is a (B, features) floating matrix on ``like``'s device with ``like``'s dtype
+    (and finite, unless ``finite=False``: the caller checks that itself)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != features:
@@ -36,7 +37,8 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
         raise TypeError(f"{layer}: {name} must have dtype {like.dtype} (the layer's), got {describe(x)}")
     if x.device != like.device:
         raise ValueError(f"{layer}: {name} must be on {like.device} (the layer's device), got {describe(x)}")
-    check_finite(layer, name, x)
+    if finite:
+        check_finite(layer, name, x)
 
 
 def check_finite(layer: str, name: str, x: torch.Tensor) -> None:
@@ -44,7 +46,7 @@ def check_finite(layer: str, name: str, x: torch.Tensor) -> None:
     at once for a CPU tensor, deferred for one on another device (see :func:`check_on_device`)."""
     if not check_finite_inputs or x.numel() == 0:
         return
-    if _checks_at_once(x.device):
+    if checks_at_once(x.device):
         if not all_finite(x):
             raise ValueError(f"{layer}: {name} contains NaN or Inf ({describe(x)})")
         return
@@ -61,7 +63,7 @@ def check_on_device(layer: str, name: str, bad: torch.Tensor, problem: str) -> N
     run; call :func:`raise_deferred_checks` at the end of an epoch or of training for a final check.
     """
     global _unread_checks
-    if _checks_at_once(bad.device):
+    if checks_at_once(bad.device):
         if bool(bad):
             raise ValueError(f"{layer}: {name} {problem}")
         return
@@ -75,7 +77,7 @@ def check_on_device(layer: str, name: str, bad: torch.Tensor, problem: str) -> N
         raise_deferred_checks()
 
 
-def _checks_at_once(device: torch.device) -> bool:
+def checks_at_once(device: torch.device) -> bool:
     """Whether inputs on ``device`` are checked at once (reading the answer costs no wait: the CPU)."""
     return device.type == "cpu"
 

@@ -69,11 +69,12 @@ def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor
     iterations first..last; and the one-pass softmax's error."""
     _check_labels(images, labels)
     scores = []  # (N, T, 10, K)
-    softmax_errors = 0
+    softmax_wrong = torch.zeros((), dtype=torch.long, device=labels.device)  # counted on the device, read once
     for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
         x = standardize(x)
         scores.append(recipe.model.label_goodness(x, iterations).permute(2, 0, 1, 3))
-        softmax_errors += int((recipe.model.head_logits(x).argmax(1) != y).sum())
+        softmax_wrong += (recipe.model.head_logits(x).argmax(1) != y).sum()
+    softmax_errors = int(softmax_wrong)
     g = torch.cat(scores)
     depth = g.shape[-1]
 

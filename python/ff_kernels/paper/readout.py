@@ -94,9 +94,9 @@ class ReadoutFit:
 def error_rate(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows of ``features`` (N, F) whose arg-max logit differs from ``labels`` (N,)."""
     with torch.no_grad():
-        wrong = sum(int((head(x).argmax(1) != y).sum()) for x, y in
+        wrong = sum((head(x).argmax(1) != y).sum() for x, y in  # on the device, read once
                     zip(features.split(FEATURE_BATCH), labels.split(FEATURE_BATCH)))
-    return wrong / labels.shape[0]
+    return int(wrong) / labels.shape[0]
 
 
 def choose_softmax(features: torch.Tensor, labels: torch.Tensor, num_classes: int,

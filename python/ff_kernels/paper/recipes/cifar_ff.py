@@ -43,7 +43,7 @@ from ... import functional
 from ..data import hard_wrong_labels, neutral_label, random_wrong_labels
 from ..options import Option
 from .cifar_common import IMAGE_SHAPE, NUM_CLASSES, CifarConfig, CifarData, load_data, standardize
-from .cifar_ff_net import LOSSES, FFRecurrentLocal
+from .cifar_ff_net import LOSSES, FFRecurrentLocal, LocalBottomUp
 from .config import (
     DAMPING,
     GOODNESS,
@@ -114,30 +114,39 @@ class CifarFFNet(nn.Module):
         """int64 labels (B,) -> one-hot (B, 10) in the net's dtype."""
         return nn.functional.one_hot(labels, NUM_CLASSES).to(self.head.weight.dtype)
 
-    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """One-pass softmax logits (B, 10) of standardized images (B, 3, 32, 32); only the head gets gradients."""
+    def head_logits(self, images: torch.Tensor, start: LocalBottomUp | None = None) -> torch.Tensor:
+        """One-pass softmax logits (B, 10) of standardized images (B, 3, 32, 32); only the head gets gradients.
+
+        ``start``: the images' label-independent bottom-up pass (``FFRecurrentLocal.bottom_up``),
+        if already computed; with it the pass only adds the neutral label's drive.
+        """
         neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
-        states = self.net.initial_states(images, neutral)
+        if self.net.share_bottom_up:
+            start = self.net.bottom_up(images) if start is None else start
+            states = self.net.states_from(start, neutral)
+        else:
+            states = self.net.initial_states(images, neutral)
         features = torch.cat([self.net.normalize(states[i]).flatten(1) for i in self.head_indices], dim=1)
         return self.head(features.detach())
 
     @torch.no_grad()
-    def label_goodness(self, images: torch.Tensor, iterations: int) -> torch.Tensor:
+    def label_goodness(self, images: torch.Tensor, iterations: int, start: LocalBottomUp | None = None) -> torch.Tensor:
         """Every hidden layer's goodness at t = 1..``iterations`` with each label clamped, oriented so
         that higher is better: (iterations, 10, B, K) for standardized images (B, 3, 32, 32).
 
-        The net runs once on all 10 * B labelled copies of the images.
+        The net runs once on all 10 * B labelled copies of the images (the images tiled, so that
+        the copies share the label-independent work).
         """
         batch = images.shape[0]
         labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
-        g = self.net.goodness(images.repeat(NUM_CLASSES, 1, 1, 1), self.code(labels), iterations)  # (T, 10B, K)
+        g = self.net.goodness(images, self.code(labels), iterations, start)  # (T, 10B, K)
         return functional.goodness_sign(self.config.goodness) * g.view(iterations, NUM_CLASSES, batch, -1)
 
-    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def label_scores(self, images: torch.Tensor, start: LocalBottomUp | None = None) -> torch.Tensor:
         """Goodness for every label (B, 10): :meth:`label_goodness` summed over the hidden layers
-        and iterations ``score_from..score_to``."""
+        and iterations ``score_from..score_to`` (``start``: as for :meth:`head_logits`)."""
         c = self.config
-        return self.label_goodness(images, c.score_to)[c.score_from - 1:].sum((0, 3)).t()
+        return self.label_goodness(images, c.score_to, start)[c.score_from - 1:].sum((0, 3)).t()
 
 
 class CifarFF:
@@ -183,7 +192,9 @@ class CifarFF:
         """
         images = standardize(self.data.train_images[batch])
         labels = self.data.train_labels[batch]
-        logits = self.model.head_logits(images)
+        net = self.model.net
+        start = net.bottom_up(images) if net.share_bottom_up else None  # shared by the neutral, positive, negative rows
+        logits = self.model.head_logits(images, start)
         probs = torch.softmax(logits.detach(), dim=1)
         if self.config.negatives == "hard":
             wrong = hard_wrong_labels(probs, labels, generator)
@@ -192,8 +203,8 @@ class CifarFF:
         self.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(logits, labels).backward()
         codes = torch.cat([self.model.code(labels), self.model.code(wrong)])
-        losses = self.model.net.ff_backward(torch.cat([images, images]), codes, labels.shape[0],
-                                            self.config.train_iterations, self.config.train_from)
+        losses = net.ff_backward(images, codes, labels.shape[0], self.config.train_iterations, self.config.train_from,
+                                 start=start)  # images tiled over the positive and the negative rows
         self.optimizer.step()
         return torch.stack(losses).mean(), (probs.argmax(1) != labels).sum(), labels.shape[0]
 
@@ -203,11 +214,13 @@ class CifarFF:
         for every evaluation set."""
         metrics = {}
         for name, (images, labels) in self.data.eval_sets.items():
-            goodness_errors = softmax_errors = 0
+            errors = torch.zeros(2, dtype=torch.long, device=images.device)  # counted on the device, read once
             for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
                 x = standardize(x)
-                goodness_errors += int((self.model.label_scores(x).argmax(1) != y).sum())
-                softmax_errors += int((self.model.head_logits(x).argmax(1) != y).sum())
+                start = self.model.net.bottom_up(x) if self.model.net.share_bottom_up else None
+                errors[0] += (self.model.label_scores(x, start).argmax(1) != y).sum()
+                errors[1] += (self.model.head_logits(x, start).argmax(1) != y).sum()
+            goodness_errors, softmax_errors = errors.tolist()
             metrics[f"{name}_error"] = goodness_errors / len(labels)
             metrics[f"{name}_error_softmax"] = softmax_errors / len(labels)
         return metrics

@@ -16,9 +16,11 @@ classes"): the bottom-up pass that initializes the hidden layers does not depend
 so it is that single pass. A bias-free softmax, learned on its detached normalized activities
 of all hidden layers (as the supervised recipe's neutral-label softmax), gives the class
 probabilities; the negative label is drawn among the wrong classes in proportion to them. The
-pass is computed once per image and shared by the positive and the negative rows. Its errors
-are the running train error (``train_error_softmax``) and, on the evaluation set, a fast
-classifier (``<split>_error_softmax``).
+pass is computed once per image and shared by the positive and the negative rows (and by the
+10 labels at test time), and so is its layer-1 bottom-up term at every iteration
+(``FFRecurrent.share_bottom_up``). Its errors are the running train error
+(``train_error_softmax``) and, on the evaluation set, a fast classifier
+(``<split>_error_softmax``).
 
 The optimization defaults are those of the supervised recipe (Hinton's ffnew.m, see
 :class:`~ff_kernels.paper.recipes.supervised_mnist.SupervisedMNISTConfig`): SGD with momentum 0.9,
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from ... import functional
-from ...nn.recurrent import INITS, FFRecurrent
+from ...nn.recurrent import INITS, BottomUp, FFRecurrent
 from ..data import MnistSplits, hard_wrong_labels, random_wrong_labels
 from ..options import Option
 from .config import (
@@ -132,19 +134,20 @@ class RecurrentLabelNet(nn.Module):
         return self.head(features)
 
     @torch.no_grad()
-    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def label_scores(self, images: torch.Tensor, start: BottomUp | None = None) -> torch.Tensor:
         """The paper's test scores (B, 10): goodness summed over the hidden layers, averaged over
         iterations score_from..score_to, with each label clamped; oriented so higher is better.
 
         images: (B, 784); the net runs once on all 10 * B labelled copies, starting from the
-        (label-free) bottom-up pass, computed once per image.
+        (label-free) bottom-up pass, computed once per image (or ``start``, its result), whose
+        layer-1 term the copies also share at every iteration (``FFRecurrent.share_bottom_up``).
         """
         batch = images.shape[0]
         bottom = self.bottom(images)
-        states = [s.repeat(NUM_CLASSES, 1) for s in self.net.initial_states(bottom)]
+        start = self.net.bottom_up(bottom) if start is None else start
         labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
         c = self.config
-        g = self.net.goodness(bottom.repeat(NUM_CLASSES, 1), self.top(labels), c.score_to, states)  # (T, 10B, K)
+        g = self.net.goodness(bottom, self.top(labels), c.score_to, start)  # (T, 10B, K), bottom tiled
         score = g[c.score_from - 1:c.score_to].sum(2).mean(0).view(NUM_CLASSES, batch).t()
         return functional.goodness_sign(c.goodness) * score
 
@@ -196,17 +199,17 @@ class RecurrentMNIST:
         images, labels = self.train_images[batch], self.train_labels[batch]
         model = self.model
         bottom = model.bottom(images)
-        states = model.net.initial_states(bottom)
-        logits = model.head_logits(states)
+        start = model.net.bottom_up(bottom)  # shared by each image's positive and negative rows
+        logits = model.head_logits(start.states)
         probs = torch.softmax(logits.detach(), dim=1)
         wrong = self.negative_labels(probs, labels, generator)
         self.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(logits, labels).backward()
         ff = self.optimizer.param_groups[0]
-        losses = model.net.ff_step(
-            torch.cat([bottom, bottom]), torch.cat([model.top(labels), model.top(wrong)]), labels.shape[0],
+        losses = model.net.ff_step(  # bottom tiled over the positive and the negative rows
+            bottom, torch.cat([model.top(labels), model.top(wrong)]), labels.shape[0],
             self.config.iterations, lr=ff["lr"], momentum=self.config.momentum, weight_decay=ff["weight_decay"],
-            states=[torch.cat([s, s]) for s in states],
+            states=start,
         )
         self.optimizer.step()
         errors = (probs.argmax(1) != labels).sum()
@@ -216,10 +219,11 @@ class RecurrentMNIST:
     def evaluate(self) -> dict[str, float]:
         """Error rates on the evaluation set: ``<split>_error`` by the paper's goodness test and
         ``<split>_error_softmax`` by the bottom-up-pass softmax."""
-        goodness_errors = softmax_errors = 0
+        errors = torch.zeros(2, dtype=torch.long, device=self.eval_labels.device)  # on the device, read once
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
-            goodness_errors += int((self.model.label_scores(images).argmax(1) != labels).sum())
-            logits = self.model.head_logits(self.model.net.initial_states(self.model.bottom(images)))
-            softmax_errors += int((logits.argmax(1) != labels).sum())
+            start = self.model.net.bottom_up(self.model.bottom(images))
+            errors[0] += (self.model.label_scores(images, start).argmax(1) != labels).sum()
+            errors[1] += (self.model.head_logits(start.states).argmax(1) != labels).sum()
+        goodness_errors, softmax_errors = errors.tolist()
         n = self.eval_labels.shape[0]
         return {f"{self.eval_name}_error": goodness_errors / n, f"{self.eval_name}_error_softmax": softmax_errors / n}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -76,6 +77,18 @@ class SupervisedMNISTConfig(FFConfig, MnistConfig):
     compute_dtype: str | None = COMPUTE_DTYPE(None)
 
 
+class ImagePart(NamedTuple):
+    """What the rows of one image share in layer 1 (see :class:`LabelInInputNet`).
+
+    preact: (B, width) the image pixels' part of layer 1's pre-activation, unscaled:
+            ``images[:, 10:] @ W[:, 10:].T``
+    square: (B,) the image pixels' sum of squares, ``images[:, 10:].square().sum(1)``
+    """
+
+    preact: torch.Tensor
+    square: torch.Tensor
+
+
 class LabelInInputNet(nn.Module):
     """An FF stack over 784 pixels (label in the first 10) plus the neutral-label softmax.
 
@@ -83,12 +96,24 @@ class LabelInInputNet(nn.Module):
     with peer normalization when ``config.peer_norm > 0``.
     ``head``: bias-free nn.Linear, zero at the start, over the concatenated normalized outputs
     of all hidden layers but the first (all of them when depth is 1) -> 10 logits.
+
+    Shared first layer (``share_first_layer``, on by default): the label reaches the net only
+    through layer 1's 10 label pixels, and the input scaling is one factor per row. So every row
+    made from one image (neutral, positive, negative, the 10 labels of the test) has the
+    pre-activation ``z = s * (image part + label part) + b`` with the image part
+    ``images[:, 10:] @ W[:, 10:].T`` computed once per image (:meth:`image_part`), the label
+    part ``code @ W[:, :10].T`` (a row of ``W[:, :10].T`` for a one-hot label) and the row's
+    scale ``s = 1 / (sqrt(mean square of the row) + eps)`` from the image's and the code's sums
+    of squares. The layer takes ``z`` instead of running its GEMM; its weight gradient still
+    reads the full input rows. Off, every row runs through the whole GEMM (the plain
+    algorithm); both agree up to float rounding.
     """
 
     def __init__(self, config: SupervisedMNISTConfig) -> None:
         super().__init__()
         self.goodness_kind = config.goodness
         self.input_norm = config.input_norm
+        self.share_first_layer = True
         sizes = [NUM_PIXELS] + [config.width] * config.depth
         self.net = FFSequential(
             *(
@@ -117,26 +142,97 @@ class LabelInInputNet(nn.Module):
             x = x / (x.square().mean(1, keepdim=True).sqrt() + INPUT_NORM_EPS)
         return x
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Head input for x: (B, 784) -> (B, width * scored layers) float32, without gradients."""
-        with torch.no_grad():
-            outputs = self.net.activations(x)
-        return torch.cat([outputs[i].float() for i in self._scored_layers()], dim=1)
-
-    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Procedure (ii): softmax logits (B, 10) from one pass with the neutral label."""
-        neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
-        return self.head(self.features(self.inputs(images, neutral)))
+    # ------------------------------------------------------------ the shared first layer
 
     @torch.no_grad()
-    def label_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def image_part(self, images: torch.Tensor) -> ImagePart:
+        """Layer 1's work that every row of an image shares: images (B, 784) -> :class:`ImagePart`."""
+        layer = self.net[0]
+        pixels, weight = images[:, NUM_CLASSES:], layer.weight[:, NUM_CLASSES:]
+        if layer.compute_dtype not in (None, weight.dtype):  # the layer's GEMMs run in bf16: so does this one
+            preact = torch.mm(pixels.to(layer.compute_dtype), weight.to(layer.compute_dtype).t()).to(weight.dtype)
+        else:
+            preact = torch.mm(pixels, weight.t())
+        return ImagePart(preact, pixels.square().sum(1))
+
+    def _row_divisor(self, part: ImagePart, code_square: torch.Tensor) -> torch.Tensor | None:
+        """(R, B, 1) ``sqrt(mean square) + eps`` of every row (R label sets x B images) from the
+        codes' sums of squares (R, B) or (R, 1); None without input_norm."""
+        if not self.input_norm:
+            return None
+        return ((part.square + code_square) / NUM_PIXELS).sqrt().add_(INPUT_NORM_EPS).unsqueeze(-1)
+
+    @torch.no_grad()
+    def first_preacts(self, part: ImagePart, labels: torch.Tensor) -> torch.Tensor:
+        """Layer 1's pre-activations (R * B, width) of R label sets over the B images of ``part``,
+        row r * B + b holding image b with label ``labels[r, b]``; equal to ``x @ W.T + b`` of
+        those input rows (:meth:`inputs`) up to rounding.
+
+        labels: int64 classes (R, B), or (R, 1) for one class per set; or float codes (R, B, 10)
+        or (R, 1, 10) (e.g. the neutral label).
+        """
+        layer = self.net[0]
+        label_weight = layer.weight[:, :NUM_CLASSES].t()  # (10, width)
+        if labels.is_floating_point():
+            label_part, code_square = torch.matmul(labels, label_weight), labels.square().sum(2)
+        else:  # one-hot: a row of the label weights, and a sum of squares of 1
+            label_part, code_square = label_weight[labels], torch.ones(labels.shape, device=labels.device)
+        z = label_part + part.preact  # (R, B, width)
+        divisor = self._row_divisor(part, code_square)
+        if divisor is not None:
+            z.div_(divisor)
+        if layer.bias is not None:
+            z.add_(layer.bias)
+        return z.flatten(0, 1)
+
+    @torch.no_grad()
+    def training_rows(self, images: torch.Tensor, labels: torch.Tensor, wrong: torch.Tensor,
+                      part: ImagePart) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positive and negative input rows (2B, 784) (positives first, one tensor) and their
+        layer-1 pre-activations (2B, width) from the shared ``part``."""
+        both = torch.stack([labels, wrong])  # (2, B)
+        x = images.repeat(2, 1)
+        x[:, :NUM_CLASSES] = nn.functional.one_hot(both.flatten(), NUM_CLASSES).to(images.dtype)
+        divisor = self._row_divisor(part, torch.ones(both.shape, device=images.device))
+        if divisor is not None:
+            x.div_(divisor.flatten(0, 1))
+        return x, self.first_preacts(part, both)
+
+    # ------------------------------------------------------------ the two test procedures
+
+    def features(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
+        """Head input for x: (B, 784) -> (B, width * scored layers) float32, without gradients
+        (``preact``: layer 1's pre-activations, see ``FFSequential``)."""
+        with torch.no_grad():
+            outputs = self.net.activations(x, preact)
+        return torch.cat([outputs[i].float() for i in self._scored_layers()], dim=1)
+
+    def head_logits(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
+        """Procedure (ii): softmax logits (B, 10) from one pass with the neutral label.
+
+        ``part``: the images' :meth:`image_part`, if already computed (shared first layer only).
+        """
+        neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
+        if not self.share_first_layer:
+            return self.head(self.features(self.inputs(images, neutral)))
+        part = self.image_part(images) if part is None else part
+        return self.head(self.features(None, self.first_preacts(part, neutral[:1, None])))
+
+    @torch.no_grad()
+    def label_scores(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
         """Procedure (i): accumulated goodness per label (B, 10), oriented so higher is better.
 
-        images: (B, 784); the net runs once on all 10 * B labelled copies.
+        images: (B, 784); the net runs once on all 10 * B labelled copies (from the images'
+        shared :meth:`image_part`, or ``part`` if given, with the shared first layer).
         """
         batch = images.shape[0]
-        labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
-        g = self.net.goodness(self.inputs(images.repeat(NUM_CLASSES, 1), labels))  # (10 * B, L)
+        if self.share_first_layer:
+            part = self.image_part(images) if part is None else part
+            every_label = torch.arange(NUM_CLASSES, device=images.device)[:, None]  # (10, 1)
+            g = self.net.goodness(None, self.first_preacts(part, every_label))  # (10 * B, L)
+        else:
+            labels = torch.arange(NUM_CLASSES, device=images.device).repeat_interleave(batch)
+            g = self.net.goodness(self.inputs(images.repeat(NUM_CLASSES, 1), labels))  # (10 * B, L)
         total = g[:, self._scored_layers()].sum(1).view(NUM_CLASSES, batch).t()
         return functional.goodness_sign(self.goodness_kind) * total
 
@@ -203,16 +299,22 @@ class SupervisedMNIST:
         if self.parallel is not None:
             return supervised_parallel.data_parallel_step(self, batch, generator)
         images, labels = self.train_images[batch], self.train_labels[batch]
-        logits = self.model.head_logits(images)
+        model = self.model
+        part = model.image_part(images) if model.share_first_layer else None
+        logits = model.head_logits(images, part)
         probs = torch.softmax(logits.detach(), dim=1)
         wrong = self.wrong_labels(probs, labels, generator)
         self.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(logits, labels).backward()
-        x_pos, x_neg = self.model.inputs(images, labels), self.model.inputs(images, wrong)
-        if self.config.optimizer == "sgd":
-            losses = self.model.net.ff_step(x_pos, x_neg, **self.sgd_hyper())
+        if part is not None:  # the neutral, positive and negative rows share layer 1's image part
+            x, preact = model.training_rows(images, labels, wrong, part)
+            x_pos, x_neg = x.chunk(2)
         else:
-            losses = self.model.net.ff_backward(x_pos, x_neg)
+            x_pos, x_neg, preact = model.inputs(images, labels), model.inputs(images, wrong), None
+        if self.config.optimizer == "sgd":
+            losses = model.net.ff_step(x_pos, x_neg, **self.sgd_hyper(), preact=preact)
+        else:
+            losses = model.net.ff_backward(x_pos, x_neg, preact=preact)
         self.optimizer.step()
         errors = (probs.argmax(1) != labels).sum()
         return torch.stack(losses).mean(), errors, labels.shape[0]
@@ -237,10 +339,12 @@ class SupervisedMNIST:
         if self.parallel is not None:
             images = images.tensor_split(self.parallel.world_size)[self.parallel.rank]
             labels = labels.tensor_split(self.parallel.world_size)[self.parallel.rank]
-        goodness_errors = softmax_errors = 0
+        errors = torch.zeros(2, dtype=torch.long, device=labels.device)  # counted on the device, read once
         for image_batch, label_batch in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH)):
-            goodness_errors += int((self.model.label_scores(image_batch).argmax(1) != label_batch).sum())
-            softmax_errors += int((self.model.head_logits(image_batch).argmax(1) != label_batch).sum())
+            part = self.model.image_part(image_batch) if self.model.share_first_layer else None
+            errors[0] += (self.model.label_scores(image_batch, part).argmax(1) != label_batch).sum()
+            errors[1] += (self.model.head_logits(image_batch, part).argmax(1) != label_batch).sum()
+        goodness_errors, softmax_errors = errors.tolist()
         if self.parallel is not None:
             goodness_errors, softmax_errors = self.parallel.sum([goodness_errors, softmax_errors])
         n = self.eval_labels.shape[0]

@@ -1,0 +1,28 @@
+"""Helpers that let the fast FF steps run fewer tensor ops, against the plain functions."""
+
+import pytest
+import torch
+
+from ff_kernels import functional as FF
+from ff_kernels.nn import FFLinear
+
+
+@pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
+@pytest.mark.parametrize("batch,n_pos", [(1, 1), (1, 0), (5, 0), (5, 5), (7, 3), (200, 100)])
+def test_loss_and_goodness_grad_together_equal_the_two_functions(kind, batch, n_pos):
+    g = torch.rand(batch, generator=torch.Generator().manual_seed(batch)) * 40
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, kind, 20.0, 3.0)
+    # the same float32 terms, summed or scaled in another order: a few ulps
+    torch.testing.assert_close(loss, FF.ff_loss(g[:n_pos], g[n_pos:], kind, 20.0, 3.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(coef, FF.loss_goodness_grad(g, n_pos, kind, 20.0, 3.0), rtol=1e-6, atol=1e-9)
+
+
+def test_adjacent_halves_get_one_finite_check_that_still_names_the_bad_half():
+    layer = FFLinear(4, 3, backend="cpu")
+    x = torch.rand(6, 4)
+    layer.ff_step(x[:2], x[2:], lr=0.1)  # adjacent halves
+    x[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="x_neg contains NaN or Inf"):
+        layer.ff_step(x[:2], x[2:], lr=0.1)
+    with pytest.raises(ValueError, match="x_pos contains NaN or Inf"):
+        layer.ff_step(x[2:], x[:2], lr=0.1)  # not adjacent: each checked on its own
