@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from test_cifar_recipes import SMALL_FF, class_coded_data
@@ -28,12 +29,16 @@ def ff_metrics(epoch, train, test, exact):
 
 
 def row(text, learning, testing):
-    """The cells of the table row (learning, testing), without the two labels."""
+    """Our cells of the procedure (learning, testing): [depth 2 train, depth 2 test, depth 3 train,
+    depth 3 test], read from its two rows (one per depth, the paper's numbers before ours)."""
+    found = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[:2] == [learning, testing]:
-            return cells[2:]
-    raise AssertionError(f"no row {learning!r} / {testing!r} in\n{text}")
+            found[cells[2]] = cells[5:7]
+    if set(found) != {"2", "3"}:
+        raise AssertionError(f"rows of {learning!r} / {testing!r} at depths 2 and 3 not in\n{text}")
+    return found["2"] + found["3"]
 
 
 def with_known_errors(run_dir, values):
@@ -137,3 +142,20 @@ def test_a_run_saved_before_train_from_and_loss_existed_trained_from_iteration_1
     assert table1.load_run(old).ff_loss == "threshold"
     assert row(table1.table1([table1.load_run(old)]), "FF max ssq", "compute goodness for every label")[:2] == [
         "20.0", "40.0 / 41.0"]
+
+
+def test_the_papers_numbers_stand_beside_ours_as_the_paper_prints_them():
+    """Every row's paper cells equal Table 1 in the paper's text (../shared/paper), read here
+    line by line: procedure, testing procedure, hidden layers, train %, test %."""
+    paper = Path(__file__).resolve().parents[2] / "shared" / "paper" / "forward-forward-hinton-2022.txt"
+    if not paper.exists():
+        pytest.skip(f"the paper's text is not at {paper}")
+    printed = {}
+    for line in paper.read_text().splitlines():
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) == 5 and fields[0] in ("BP", "FF min ssq", "FF max ssq") and fields[2] in ("2", "3"):
+            printed[(fields[0], fields[1] or "softmax", int(fields[2]))] = (int(fields[3]), int(fields[4]))
+    assert printed == table1.PAPER
+    text = table1.table1([])
+    for (learning, testing, depth), (train_pct, test_pct) in printed.items():
+        assert f"| {learning} | {testing} | {depth} | {train_pct} | {test_pct} | — | — |" in text
