@@ -32,7 +32,7 @@ from ff_kernels.paper.cli import main
 from ff_kernels.paper.data import cifar10 as C
 from ff_kernels.paper.data import mnist_splits
 from ff_kernels.paper.guard import TrainingDiverged
-from ff_kernels.paper.readout import readout_run
+from ff_kernels.paper.readout import READOUT, ReadoutSettings, readout_run
 from ff_kernels.paper.recipes import RECIPES, mnist_recipe
 from ff_kernels.paper.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, CheckpointError, atomic_write, train
 
@@ -274,6 +274,33 @@ def test_a_parallel_run_is_refused_before_its_processes_start(mnist_dir, lock_ho
     assert main(["supervised", *tiny(mnist_dir), "--nproc", "2", "--run-dir", str(run), "--resume"]) == 1
     one_error_line(capsys, f"in use by another ff-train run: pid {process.pid}")
     assert time.perf_counter() - started < 3
+
+
+def test_a_readout_holds_the_run_lock(data, mnist_dir, tmp_path):
+    """ff-readout writes readout.json into a run folder: it takes the folder's lock, so it is refused
+    while ff-train (or another readout) holds it, and it leaves no lock file behind."""
+    cls = RECIPES["unsupervised"]
+    recipe = cls(cls.Config(width=16, depth=2, batch_size=50, train_subset=200, eval_subset=100, epochs=1), data)
+    train(recipe, tmp_path, progress=False)
+    before = snapshot(tmp_path)
+    with run_dir.RunLock(tmp_path):  # a run still writing there
+        with pytest.raises(run_dir.RunDirInUse, match=f"pid {os.getpid()}"):
+            readout_run("unsupervised", tmp_path, data_dir=str(mnist_dir))
+    assert snapshot(tmp_path) == before
+    fast = ReadoutSettings(epochs=1, weight_decays=(0.0,), holdout=50)
+    readout_run("unsupervised", tmp_path, fast, data_dir=str(mnist_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, READOUT])  # no lock file left
+
+
+def test_more_processes_than_the_machine_has_are_refused_before_starting(mnist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    many = (os.cpu_count() or 1) + 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["supervised", *tiny(mnist_dir), "--batch-size", str(100 * many), "--nproc", str(many),
+              "--run-dir", str(run)])
+    assert exit_info.value.code == 2
+    assert f"--nproc {many}: this machine has {os.cpu_count()} CPU cores" in capsys.readouterr().err
+    assert not run.exists()
 
 
 @pytest.mark.slow

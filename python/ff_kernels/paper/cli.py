@@ -170,6 +170,14 @@ def _check_world_size(parser: argparse.ArgumentParser, run: RunOptions, config) 
     if run.parallel is None and run.nproc is None:
         return
     world = run.nproc if run.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if run.nproc is not None:  # processes this command starts on this machine: one per GPU, or per CPU core
+        import torch
+
+        cuda = str(config.device).startswith("cuda")
+        available = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+        if run.nproc > available:
+            parser.error(f"--nproc {run.nproc}: this machine has {available} {'GPUs' if cuda else 'CPU cores'}; "
+                         f"start at most that many processes (more ranks across machines: torchrun)")
     if (run.parallel or "data") == "data" and config.batch_size % world:
         parser.error(f"--parallel data: the batch size ({config.batch_size}) must be a multiple of the number of "
                      f"processes ({world})")

@@ -38,6 +38,7 @@ from .guard import TrainingDiverged, dump, nonfinite_values
 from .options import Option, add_options, check_options
 from .recipes import RECIPES
 from .recipes.unsupervised_mnist import HybridFFNet, UnsupervisedMNIST
+from .run_dir import RunLock
 from .train import atomic_write, load_trained
 from .user_errors import USER_ERRORS, error_line
 
@@ -168,9 +169,18 @@ def load_run(recipe_name: str, run_dir: Path, data_dir: str | None = None):
 def readout_run(recipe_name: str, run_dir: str | Path, settings: ReadoutSettings = ReadoutSettings(),
                 data_dir: str | None = None) -> dict:
     """Fit the softmax on the frozen features of the run in ``run_dir`` (see the module doc);
-    write and return the ``readout.json`` record."""
-    started = time.perf_counter()
+    write and return the ``readout.json`` record. The run directory's lock is held meanwhile, so
+    neither an ``ff-train`` run nor another readout writes into it at the same time
+    (:class:`~ff_kernels.paper.run_dir.RunDirInUse` names the holder)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():  # load_run names what is missing; the lock would create the folder
+        return _readout(recipe_name, run_dir, settings, data_dir)
+    with RunLock(run_dir):
+        return _readout(recipe_name, run_dir, settings, data_dir)
+
+
+def _readout(recipe_name: str, run_dir: Path, settings: ReadoutSettings, data_dir: str | None) -> dict:
+    started = time.perf_counter()
     recipe, epoch = load_run(recipe_name, run_dir, data_dir)
     model = recipe.model
     train_x = frozen_features(model, recipe.train_images)
