@@ -283,9 +283,8 @@ def test_a_readout_holds_the_run_lock(data, mnist_dir, tmp_path):
     recipe = cls(cls.Config(width=16, depth=2, batch_size=50, train_subset=200, eval_subset=100, epochs=1), data)
     train(recipe, tmp_path, progress=False)
     before = snapshot(tmp_path)
-    with run_dir.RunLock(tmp_path):  # a run still writing there
-        with pytest.raises(run_dir.RunDirInUse, match=f"pid {os.getpid()}"):
-            readout_run("unsupervised", tmp_path, data_dir=str(mnist_dir))
+    with run_dir.RunLock(tmp_path), pytest.raises(run_dir.RunDirInUse, match=f"pid {os.getpid()}"):
+        readout_run("unsupervised", tmp_path, data_dir=str(mnist_dir))
     assert snapshot(tmp_path) == before
     fast = ReadoutSettings(epochs=1, weight_decays=(0.0,), holdout=50)
     readout_run("unsupervised", tmp_path, fast, data_dir=str(mnist_dir))
