@@ -217,6 +217,25 @@ MUTATIONS = [
     Mutation("cifar: test sums iterations 5-6 instead of 4-6", RECIPES + "cifar_ff.py",
              "self.label_goodness(images, c.score_to, start)[c.score_from - 1:]",
              "self.label_goodness(images, c.score_to, start)[c.score_from:]", CIFAR_TESTS),
+    # the work shared between rows (tests/test_shared_computation.py checks it against the plain computation)
+    Mutation("supervised, shared layer 1: the label's weight column left out", RECIPES + "supervised_mnist.py",
+             "z = label_part + part.preact  # (R, B, width)", "z = part.preact.expand_as(label_part).clone()",
+             ("tests/test_shared_computation.py",) + SUPERVISED_TESTS),
+    Mutation("supervised, shared layer 1: the input scaling ignores the label's pixels", RECIPES + "supervised_mnist.py",
+             "return ((part.square + code_square) / NUM_PIXELS)", "return ((part.square + 0 * code_square) / NUM_PIXELS)",
+             ("tests/test_shared_computation.py",) + SUPERVISED_TESTS),
+    Mutation("recurrent, shared bottom-up: layer 1 loses its bottom-up term", LIB + "nn/recurrent.py",
+             "z.view(-1, *up.shape).add_(up)", "z.view(-1, *up.shape).add_(up, alpha=0.0)",
+             ("tests/test_shared_computation.py",) + RECURRENT_TESTS),
+    Mutation("cifar, shared bottom-up: the label's drive left out of a one-layer net", RECIPES + "cifar_ff_net.py",
+             "return torch.relu(image_term + drive), None", "return torch.relu(image_term), None",
+             ("tests/test_shared_computation.py",) + CIFAR_TESTS),
+    Mutation("peer normalization inside the step with the sign flipped (CPU linear step)", LIB + "ops/cpu_linear.py",
+             "p = peer(h[:n_pos].mean(0, dtype=torch.float32))", "p = -peer(h[:n_pos].mean(0, dtype=torch.float32))",
+             ("tests/test_peer_norm.py", "tests/test_nn_linear.py", "tests/test_shared_computation.py")),
+    Mutation("peer normalization inside the step with the sign flipped (batched-GEMM local step)",
+             LIB + "ops/gemm_local2d.py", "peer_p = peer(h[:, :, :n_pos]", "peer_p = -peer(h[:, :, :n_pos]",
+             ("tests/test_peer_norm.py", "tests/test_local2d_gemm.py", f"{SMOKE}[local]")),
 ]
 
 
