@@ -26,11 +26,16 @@ ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_tru
 MNIST_RECIPES = ("supervised", "jitter", "unsupervised", "local", "backprop", "recurrent")
 # recipe -> flags added since the snapshot: --dataset (the IDX set: MNIST, Fashion-MNIST, KMNIST or unverified);
 # --overwrite (a fresh run in a directory that holds files) and --debug (tracebacks instead of one-line
-# errors), RunOptions of every recipe, added with the run-directory lock
+# errors), RunOptions of every recipe, added with the run-directory lock; --goodness-blocks (block-wise goodness,
+# section 5.3) of the supervised recipe and the jitter recipe built on it
+BLOCKWISE_RECIPES = ("supervised", "jitter")
 ADDED: dict[str, set[str]] = {name: {"--overwrite", "--debug"} | ({"--dataset"} if name in MNIST_RECIPES else set())
+                              | ({"--goodness-blocks"} if name in BLOCKWISE_RECIPES else set())
                               for name in SNAPSHOT}
 # recipe -> {field: default} of the fields added since the snapshot (or deliberately changed)
-CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} for name in MNIST_RECIPES}
+CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} | ({"goodness_blocks": None} if name in BLOCKWISE_RECIPES
+                                                                    else {})
+                                         for name in MNIST_RECIPES}
 
 
 def _recipe_parsers() -> dict[str, argparse.ArgumentParser]:

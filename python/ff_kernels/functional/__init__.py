@@ -152,16 +152,18 @@ def ff_loss_and_goodness_grad(
     The same values from fewer tensor ops (the fast paths call this once per layer and step):
     with ``t = -s`` for positive rows and ``t = s`` for negative ones (s the logit), the loss is
     ``mean_pos softplus(t) + mean_neg softplus(t)`` and dL/dG is
-    ``sigmoid(t) * sign / T * (-1 / n_pos or 1 / n_neg)``.
+    ``sigmoid(t) * sign / T * (-1 / n_pos or 1 / n_neg)``. Per-block goodness ``g: (B, k)``
+    gives the loss summed over blocks and dL/dG ``(B, k)``, as :func:`ff_loss` and
+    :func:`loss_goodness_grad` do.
     """
     n_neg = g.shape[0] - n_pos
     sign = goodness_sign(kind)
     t = (g - threshold) * (sign / temperature)
     t[:n_pos].neg_()
     lost = F.softplus(t)
-    loss = g.new_zeros(()) if n_pos == 0 else lost[:n_pos].mean()
+    loss = g.new_zeros(()) if n_pos == 0 else lost[:n_pos].mean(0).sum()  # (B,): .sum() of a 0-dim mean
     if n_neg:
-        loss = loss + lost[n_pos:].mean()
+        loss = loss + lost[n_pos:].mean(0).sum()
     coef = torch.sigmoid(t)
     if n_pos:
         coef[:n_pos] *= -sign / (temperature * n_pos)

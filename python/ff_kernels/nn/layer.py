@@ -35,7 +35,8 @@ class FFLayer(nn.Module):
     A subclass creates ``weight`` and ``bias`` (or None), calls :meth:`_init_ff`, and supplies:
 
     - ``_name()``: the layer's name for error messages;
-    - ``_forward_op(x)``: (normalized output, goodness (B,) float32);
+    - ``_forward_op(x)``: (normalized output, goodness (B,) float32, or (B, k) for a block-wise
+      layer, one column per block);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
     - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
       pre-activations computed by the caller (see :meth:`forward_with_goodness`);
@@ -94,7 +95,8 @@ class FFLayer(nn.Module):
 
     def forward_with_goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized output, goodness (B,) float32) of a batch ``x``.
+        """(normalized output, goodness (B,) float32) of a batch ``x``; the goodness is (B, k) for
+        a block-wise layer (FFLinear's ``blocks=k``), one column per block.
 
         ``preact`` (FFLinear): the pre-activations ``x @ W.T + b`` (B, out_features), computed by
         the caller, e.g. once for parts that several rows share; the layer's GEMM is skipped and
@@ -109,11 +111,11 @@ class FFLayer(nn.Module):
         return self.forward_with_goodness(x, preact)[0]
 
     def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
-        """Goodness (B,) float32 of each row (image) of ``x``."""
+        """Goodness (B,) float32 of each row (image) of ``x``; (B, k), per block, for a block-wise layer."""
         return self.forward_with_goodness(x, preact)[1]
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
-        """p(positive) (B,) of each row (image) of ``x``."""
+        """p(positive) (B,) of each row (image) of ``x``; (B, k), per block, for a block-wise layer."""
         return FF.positive_probability(self.goodness(x), self.goodness_kind, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..ops import BACKENDS, ff_linear_forward, ff_linear_step, step_takes_peer
 from ..ops.layer_step import FFLayerStep
-from ..ops.validation import check_mask
+from ..ops.linear import check_blocks_backend
+from ..ops.validation import check_blocks, check_mask
 from .layer import FFLayer
 from .peer_norm import PeerNormalization
 
@@ -23,7 +24,9 @@ class FFLinear(FFLayer):
         goodness: "ssq" (positives high), "neg_ssq" (the paper's "min ssq": positives low)
             or "sum" (unsquared sum of activities), see :mod:`ff_kernels.functional`.
         threshold: theta in p(positive) = sigmoid(sign * (G - theta) / T); default
-            ``out_features``, i.e. a mean squared (for "sum": mean) activity of 1.
+            ``out_features``, i.e. a mean squared (for "sum": mean) activity of 1. With
+            ``blocks=k`` it is each block's threshold, default ``out_features // k`` (the same
+            mean squared activity of 1 per unit).
         temperature: T.
         mask: optional fixed 0/1 connectivity (out_features, in_features) (footnote 13).
             Masked weights are zero at init and stay exactly zero through every update.
@@ -33,10 +36,20 @@ class FFLinear(FFLayer):
             parameters stay in their dtype.
         peer_norm: optional :class:`~ff_kernels.nn.PeerNormalization` (out_features units,
             footnote 9), a submodule moved to the layer's device; each training step adds its
-            extra gradient (see :mod:`ff_kernels.nn.peer_norm`).
+            extra gradient (see :mod:`ff_kernels.nn.peer_norm`); it works on the layer's units
+            whether or not they are in blocks.
+        blocks: None, or k dividing ``out_features``: a block-wise layer (section 5.3). Its
+            units form k contiguous blocks of ``out_features // k``; each block decides
+            positive vs negative by its own goodness, the loss is the sum of the k blocks' FF
+            losses, and each block of the output is normalized on its own, so no block's
+            goodness passes on. ``blocks=1`` is the plain layer with goodness of shape (B, 1).
+            Backends "reference", "cpu" and "auto" ("triton" refuses it; "auto" runs it in
+            torch ops on CUDA, see :mod:`ff_kernels.ops.linear`).
 
-    Shapes: ``x: (B, in_features)`` in the layer's dtype -> ``(B, out_features)``. The FF
-    methods (``forward``, ``goodness``, ``ff_backward``, ``ff_step``, ...) are :class:`FFLayer`'s.
+    Shapes: ``x: (B, in_features)`` in the layer's dtype -> ``(B, out_features)``; goodness
+    ``(B,)``, or ``(B, k)`` with ``blocks=k`` (``goodness``, ``probability``, and a step's
+    ``FFLayerStep.goodness``). The FF methods (``forward``, ``goodness``, ``ff_backward``,
+    ``ff_step``, ...) are :class:`FFLayer`'s.
     """
 
     _lazy_buffers = ("mask", "weight_momentum", "bias_momentum")
@@ -58,11 +71,16 @@ class FFLinear(FFLayer):
         device=None,
         dtype=None,
         peer_norm: PeerNormalization | None = None,
+        blocks: int | None = None,
     ) -> None:
         super().__init__()
         if int(in_features) <= 0 or int(out_features) <= 0:
             raise ValueError(f"FFLinear: in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
+        self.blocks = check_blocks(self._name(), blocks, self.out_features)
+        check_blocks_backend(self._name(), self.blocks, backend)
+        if threshold is None and self.blocks is not None:
+            threshold = self.out_features // self.blocks
         self.compute_dtype = compute_dtype
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -101,15 +119,15 @@ class FFLinear(FFLayer):
     def _op_kwargs(self) -> dict:
         return {
             "goodness": self.goodness_kind, "rms": self.rms_norm, "mask": self.mask, "backend": self.backend,
-            "compute_dtype": self.compute_dtype, "layer": self._name(),
+            "compute_dtype": self.compute_dtype, "layer": self._name(), "blocks": self.blocks,
         }
 
     def _forward_op(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) float32)."""
+        """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) or (B, blocks) float32)."""
         return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs(), preact=preact)
 
     def _step_takes_peer(self, preact=None) -> bool:
-        return step_takes_peer(self.backend, self.weight.device, preact)
+        return step_takes_peer(self.backend, self.weight.device, preact, self.blocks)
 
     def _step_op(self, x_pos, x_neg, **kwargs) -> FFLayerStep:
         return ff_linear_step(
@@ -152,5 +170,6 @@ class FFLinear(FFLayer):
         masked = "" if self.mask is None else f", mask={int(self.mask.sum())}/{self.mask.numel()}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"goodness={self.goodness_kind!r}, threshold={self.threshold:g}, temperature={self.temperature:g}{masked}"
+            f"goodness={self.goodness_kind!r}, threshold={self.threshold:g}, temperature={self.temperature:g}"
+            f"{'' if self.blocks is None else f', blocks={self.blocks}'}{masked}"
         )

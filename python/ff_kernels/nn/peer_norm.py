@@ -99,11 +99,13 @@ def mean_activity(output: torch.Tensor, goodness: torch.Tensor, kind: str, rms: 
     """Mean raw activity (N,) float32 of rows whose normalized output is ``output: (B, ...)``.
 
     ``h = output * s[:, None]`` with ``s = functional.normalization_scale(goodness (B,))``
-    undoes the layer's normalization (an all-zero row stays zero).
+    undoes the layer's normalization (an all-zero row stays zero). A block-wise layer's goodness
+    (B, k) undoes each block's normalization over its N/k units.
     """
     flat = output.flatten(1).float()
-    scale = FF.normalization_scale(goodness.float(), kind, flat.shape[1], rms)
-    return (flat * scale[:, None]).mean(0)
+    blocks = flat.unflatten(1, (goodness.shape[1], -1)) if goodness.dim() == 2 else flat.unsqueeze(1)  # (B, k, N/k)
+    scale = FF.normalization_scale(goodness.float().view(blocks.shape[:2]), kind, blocks.shape[2], rms)
+    return (blocks * scale[..., None]).flatten(1).mean(0)
 
 
 @torch.no_grad()

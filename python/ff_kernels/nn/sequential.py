@@ -83,11 +83,16 @@ class FFSequential(nn.Sequential):
         return outputs
 
     def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-layer goodness ``(B, L)`` float32 for ``x: (B, D_in)``."""
+        """Per-layer goodness ``(B, L)`` float32 for ``x: (B, D_in)``.
+
+        A block-wise layer's (B, k) goodness counts as the sum over its blocks (for every
+        goodness function that is the goodness of the whole layer's activities); call the layer
+        itself for the per-block values.
+        """
         columns = []
         for i, layer in enumerate(self):
             x, g = layer.forward_with_goodness(x, preact) if i == 0 and preact is not None else layer.forward_with_goodness(x)
-            columns.append(g)
+            columns.append(g.sum(1) if g.dim() == 2 else g)
         return torch.stack(columns, dim=1)
 
     def _layer_indices(self, layers: Iterable[int] | None) -> set[int]:

@@ -6,6 +6,10 @@ accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`
 so dW is never a separate tensor unless a mask or a dtype change needs one. With
 ``compute_dtype=torch.bfloat16`` both GEMMs run in bf16 (AMX/AVX512-BF16 where the CPU has
 them) while parameters, goodness and the optimizer stay in the parameters' dtype.
+
+Block-wise layers (``blocks=k``, see :mod:`ff_kernels.functional`): the goodness, its dL/dG
+and the normalization divisor are per block, (B, k), and each is applied to its block's D_out/k
+units; the GEMMs are the same.
 """
 
 from __future__ import annotations
@@ -25,19 +29,29 @@ def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.addmm(bias.to(x.dtype), x, weight.t(), out=out).relu_()
 
 
-def _row_scale(h: torch.Tensor, goodness: str) -> torch.Tensor:
-    """Per-row sum (``"sum"``) or length (squared goodness) of ``h``, float32 (B,)."""
+def _units(h: torch.Tensor, blocks: int | None) -> torch.Tensor:
+    """``h: (B, D)`` as the units each goodness covers: ``(B, D)``, or a view ``(B, k, D/k)`` for ``blocks=k``."""
+    return h if blocks is None else h.unflatten(1, (blocks, h.shape[1] // blocks))
+
+
+def _row_scale(h: torch.Tensor, goodness: str, blocks: int | None = None) -> torch.Tensor:
+    """Per-row sum (``"sum"``) or length (squared goodness) of ``h: (B, D)``, float32 (B,);
+    per block (B, k) for ``blocks=k``."""
+    units = _units(h, blocks)
     if goodness == "sum":
-        return h.sum(1, dtype=torch.float32)
-    return torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
+        return units.sum(-1, dtype=torch.float32)
+    return torch.linalg.vector_norm(units, dim=-1, dtype=torch.float32)
 
 
-def _normalized(h: torch.Tensor, scale: torch.Tensor, goodness: str, rms: bool) -> torch.Tensor:
-    """``h / (scale + eps)`` with the rms rescaling of :func:`functional.normalize`."""
+def _normalized(h: torch.Tensor, scale: torch.Tensor, goodness: str, rms: bool, blocks: int | None = None
+                ) -> torch.Tensor:
+    """``h / (scale + eps)`` (B, D) with the rms rescaling of :func:`functional.normalize`; ``scale``
+    is :func:`_row_scale`'s (B,), or (B, k) dividing each block of D/k units for ``blocks=k``."""
+    units = _units(h, blocks)
     if rms:
-        d = h.shape[1]
+        d = units.shape[-1]
         scale = scale / (d if goodness == "sum" else d**0.5)
-    return h * (1.0 / (scale + FF.NORM_EPS)).to(h.dtype)[:, None]
+    return (units * (1.0 / (scale + FF.NORM_EPS)).to(h.dtype)[..., None]).flatten(1)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -48,23 +62,25 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x.to(dtype)
 
 
-def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None):
-    """Normalized output (B, D_out) in x's dtype and goodness (B,) float32 of ``x: (B, D_in)``.
+def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None, blocks=None):
+    """Normalized output (B, D_out) in x's dtype and goodness (B,) float32 of ``x: (B, D_in)``;
+    with ``blocks=k`` the goodness is per block, (B, k), and each block is normalized on its own.
 
     Relies on the layer invariant that masked weights are exactly zero, so the mask costs nothing.
     """
     h = _activities(_cast(x, compute_dtype), _cast(weight, compute_dtype), bias)
-    scale = _row_scale(h, goodness)
+    scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
-    return _normalized(h, scale, goodness, rms).to(x.dtype), g
+    return _normalized(h, scale, goodness, rms, blocks).to(x.dtype), g
 
 
-def forward_from_preact(preact, *, goodness, rms, dtype):
-    """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness float32."""
+def forward_from_preact(preact, *, goodness, rms, dtype, blocks=None):
+    """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness
+    float32 (B,), or (B, k) for ``blocks=k``."""
     h = preact.relu()
-    scale = _row_scale(h, goodness)
+    scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
-    return _normalized(h, scale, goodness, rms).to(dtype), g
+    return _normalized(h, scale, goodness, rms, blocks).to(dtype), g
 
 
 def adjacent_rows(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor | None:
@@ -141,9 +157,12 @@ def _with_row(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
 
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
-    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None,
+    mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None, blocks=None,
 ) -> FFLayerStep:
     """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step.
+
+    ``blocks=k``: a block-wise layer; the step's goodness is (Bp + Bn, k) and unit j's
+    ``delta = dG/dz_j * dL/dG`` of its block.
 
     ``preact`` (Bp + Bn, D_out): the caller's pre-activations, used instead of the forward GEMM.
     ``peer``: peer normalization inside the step (see ``ff_linear_step``): called with the mean
@@ -165,20 +184,20 @@ def train_step(
         torch.clamp_min(preact, 0, out=h)
     else:  # bf16 compute: the caller's float32 pre-activations rounded once
         h.copy_(preact).relu_()
-    scale = _row_scale(h, goodness)
+    scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
-    output = _normalized(h, scale, goodness, rms).to(x_pos.dtype)
+    output = _normalized(h, scale, goodness, rms, blocks).to(x_pos.dtype)
 
     p = x_mean = None
     if peer is not None and n_pos > 0:  # the raw activities, before h becomes delta
         p = peer(h[:n_pos].mean(0, dtype=torch.float32))
         x_mean = x[:n_pos].mean(0, dtype=torch.float32)
 
-    if goodness == "sum":
-        delta = h.sign_().mul_(coef.to(h.dtype)[:, None])  # h >= 0, so sign(h) = 1[h > 0]
-    else:
-        delta = h.mul_((2.0 * coef).to(h.dtype)[:, None])
+    # delta = dG/dz * dL/dG in place of h: the row's (or block's) dL/dG over its units
+    factor = (coef if goodness == "sum" else 2.0 * coef).to(h.dtype)[..., None]
+    delta = h.sign_() if goodness == "sum" else h  # h >= 0, so sign(h) = 1[h > 0]
+    _units(delta, blocks).mul_(factor)
     mask_w = None if mask is None else mask.to(weight.dtype)
     rows, delta_rows = x, delta
     if fold:  # the peer gradient as one more row of the gradient GEMM

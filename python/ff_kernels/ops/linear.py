@@ -6,6 +6,12 @@ Backends:
     "triton"     fused Triton kernels (fftriton/); CUDA tensors, or CPU tensors when
                  TRITON_INTERPRET=1 (the test mode)
     "auto"       "triton" for CUDA tensors, "cpu" for CPU tensors
+
+Block-wise layers (``blocks=k``: goodness, loss and normalization per block of D_out/k units,
+see :mod:`ff_kernels.functional`) run on "reference" and "cpu". The fused Triton kernels reduce
+the goodness over whole rows only, so backend "triton" refuses ``blocks``, and "auto" runs a
+block-wise layer on CUDA tensors in the "cpu" backend's torch ops (which run on any device: a
+cuBLAS GEMM and a few elementwise passes instead of the fused kernels).
 """
 
 from __future__ import annotations
@@ -17,7 +23,16 @@ import torch
 from .. import functional as FF
 from . import cpu_linear, reference_linear, validation
 from .layer_step import FFLayerStep
-from .validation import FLOAT_DTYPES, all_finite, check_finite, check_matrix, check_rows_pair, check_step_args, describe
+from .validation import (
+    FLOAT_DTYPES,
+    all_finite,
+    check_blocks,
+    check_finite,
+    check_matrix,
+    check_rows_pair,
+    check_step_args,
+    describe,
+)
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -53,16 +68,25 @@ def _check_compute_dtype(layer: str, compute_dtype: torch.dtype | None, backend:
         raise ValueError(f"{layer}: compute_dtype={compute_dtype} is a mode of the 'cpu' backend; got backend {backend!r}")
 
 
-def _torch_ops_step(backend: str, preact) -> bool:
-    """Whether a step on the resolved ``backend`` runs in ops/cpu_linear.py's torch ops."""
-    return backend == "cpu" or (preact is not None and backend != "reference")
+def check_blocks_backend(layer: str, blocks: int | None, backend: str) -> None:
+    """Refuse ``blocks`` with the backend the caller named (before "auto" is resolved): the
+    fused Triton kernels have no per-block reductions (module docstring)."""
+    if blocks is not None and backend == "triton":
+        raise ValueError(f"{layer}: blocks= is supported on the 'reference' and 'cpu' backends and on 'auto' (CUDA "
+                         f"tensors then run in torch ops); the fused 'triton' kernels compute whole-row goodness only")
 
 
-def step_takes_peer(backend: str, device: torch.device, preact=None) -> bool:
+def _torch_ops_step(backend: str, preact, blocks: int | None = None) -> bool:
+    """Whether a step on the resolved ``backend`` runs in ops/cpu_linear.py's torch ops: on "cpu",
+    and on any but the reference with ``preact`` or ``blocks``."""
+    return backend == "cpu" or ((preact is not None or blocks is not None) and backend != "reference")
+
+
+def step_takes_peer(backend: str, device: torch.device, preact=None, blocks: int | None = None) -> bool:
     """Whether :func:`ff_linear_step` can apply peer normalization inside the step (``peer=``)
     for the layer's ``backend`` on ``device``: when the step runs in torch ops (the "cpu"
-    backend, or any but the reference with ``preact``)."""
-    return _torch_ops_step(resolve_backend(backend, device), preact)
+    backend, or any but the reference with ``preact`` or ``blocks``)."""
+    return _torch_ops_step(resolve_backend(backend, device), preact, blocks)
 
 
 def _check_preact(layer: str, preact: torch.Tensor, rows: int | None, weight: torch.Tensor) -> None:
@@ -84,11 +108,14 @@ def ff_linear_forward(
     compute_dtype: torch.dtype | None = None,
     layer: str = "FFLinear",
     preact: torch.Tensor | None = None,
+    blocks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized ReLU activities and goodness of one FF linear layer (no gradients).
 
     x: (B, D_in) float32|bfloat16, weight: (D_out, D_in), bias: (D_out,) or None,
     mask: (D_out, D_in) bool or None -> (output (B, D_out) in x's dtype, goodness (B,) float32).
+    ``blocks=k`` (dividing D_out): goodness (B, k) of the k blocks of D_out/k units, each block
+    of the output normalized on its own (module docstring for the backends).
 
     ``preact``: the pre-activations ``x @ (W * mask).T + b`` (B, D_out) in the weight's dtype,
     computed by the caller (for example from parts that many rows share); the layer then skips
@@ -96,6 +123,8 @@ def ff_linear_forward(
     """
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
+    blocks = check_blocks(layer, blocks, weight.shape[0])
+    check_blocks_backend(layer, blocks, backend)
     if x is not None:
         check_matrix("x", layer, x, weight.shape[1], weight)
     elif preact is None:
@@ -106,12 +135,13 @@ def ff_linear_forward(
         _check_preact(layer, preact, None if x is None else x.shape[0], weight)
         with torch.no_grad():
             return cpu_linear.forward_from_preact(preact, goodness=goodness, rms=rms,
-                                                  dtype=weight.dtype if x is None else x.dtype)
+                                                  dtype=weight.dtype if x is None else x.dtype, blocks=blocks)
     with torch.no_grad():
         if backend == "reference":
-            return reference_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
-        if backend == "cpu":
-            return cpu_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask, compute_dtype=compute_dtype)
+            return reference_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask, blocks=blocks)
+        if _torch_ops_step(backend, None, blocks):
+            return cpu_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask, compute_dtype=compute_dtype,
+                                      blocks=blocks)
         from . import triton_linear
 
         return triton_linear.forward(x, weight, bias, goodness=goodness, rms=rms, mask=mask)
@@ -139,6 +169,7 @@ def ff_linear_step(
     layer: str = "FFLinear",
     preact: torch.Tensor | None = None,
     peer=None,
+    blocks: int | None = None,
 ) -> FFLayerStep:
     """One FF training pass of a linear layer on a positive and a negative batch.
 
@@ -163,11 +194,17 @@ def ff_linear_step(
     step's gradient, as if added to ``.grad`` or to the SGD step afterwards; a step without
     positive rows calls nothing.
 
-    Returns :class:`FFLayerStep` (loss, goodness, normalized output) computed with the weights
-    as they were before this step.
+    ``blocks=k`` (dividing D_out): a block-wise layer, whose loss is the sum of its k blocks'
+    FF losses, each block of D_out/k units with its own goodness against ``threshold`` (so the
+    threshold is per block) and its own normalization (module docstring for the backends).
+
+    Returns :class:`FFLayerStep` (loss, goodness (Bp + Bn,), or (Bp + Bn, k) with ``blocks``,
+    normalized output) computed with the weights as they were before this step.
     """
     FF.check_goodness(goodness)
     _check_params(layer, weight, bias, mask)
+    blocks = check_blocks(layer, blocks, weight.shape[0])
+    check_blocks_backend(layer, blocks, backend)
     check_rows_pair(layer, x_pos, x_neg)
     joined = cpu_linear.adjacent_rows(x_pos, x_neg)  # adjacent halves: one finite check for both
     check_matrix("x_pos", layer, x_pos, weight.shape[1], weight, finite=joined is None)
@@ -189,17 +226,18 @@ def ff_linear_step(
         "goodness": goodness, "threshold": threshold, "temperature": float(temperature), "rms": rms, "mask": mask, "mode": mode,
         "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_buf": weight_buf, "bias_buf": bias_buf,
     }
+    torch_ops = _torch_ops_step(backend, preact, blocks)
     if preact is not None:
         _check_preact(layer, preact, x_pos.shape[0] + x_neg.shape[0], weight)
-    if peer is not None and not _torch_ops_step(backend, preact):
-        raise ValueError(f"{layer}: peer normalization inside the step needs the 'cpu' backend or preact, "
+    if peer is not None and not torch_ops:
+        raise ValueError(f"{layer}: peer normalization inside the step needs the 'cpu' backend, preact or blocks, "
                          f"got backend {backend!r}")
     if backend == "reference":
-        return reference_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)
+        return reference_linear.train_step(x_pos, x_neg, weight, bias, blocks=blocks, **kwargs)
     with torch.no_grad():
-        if _torch_ops_step(backend, preact):
+        if torch_ops:
             return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, preact=preact,
-                                         peer=peer, **kwargs)
+                                         peer=peer, blocks=blocks, **kwargs)
         from . import triton_linear
 
         return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)

@@ -26,6 +26,17 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_blocks(layer: str, blocks, units: int) -> int | None:
+    """``blocks`` of a block-wise layer of ``units`` units: None (off) or a positive int dividing
+    ``units`` (a bool is refused), else ValueError naming what was expected and what came."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or units % blocks:
+        raise ValueError(f"{layer}: blocks must be None or a positive int that divides the layer's {units} units, "
+                         f"got {blocks!r}")
+    return blocks
+
+
 def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: torch.Tensor, finite: bool = True) -> None:
     """Check that ``x`` is a (B, features) floating matrix on ``like``'s device with ``like``'s dtype
     (and finite, unless ``finite=False``: the caller checks that itself)."""

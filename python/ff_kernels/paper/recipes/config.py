@@ -58,6 +58,10 @@ LOCAL_BACKEND = Option("local layer kernels", choices=("auto", "reference", "cpu
 COMPUTE_DTYPE = Option("bf16 GEMMs (CPU backend); parameters stay float32", flag="--bf16", const="bfloat16",
                        choices=(None, "float32", "bfloat16"))
 PEER_NORM = Option("peer-normalization strength, 0 = off", min=0)
+GOODNESS_BLOCKS = Option("block-wise goodness (section 5.3): split each hidden layer into K blocks of width/K units, "
+                         "each with its own goodness, FF loss, threshold width/K (and temperature, if none is "
+                         "given) and normalization; a label's score sums the goodness of every block",
+                         min=1, none="off: one goodness per layer", metavar="K")
 RMS_NORM = Option("pass on activities scaled to unit length (default: unit mean square)", flag="--length-norm")
 INPUT_NORM = Option("feed the raw input (default: input rows scaled to unit mean square)")
 INIT = Option("weight initialization: normal = N(0, 1 / fan_in) with zero biases (ffnew.m), uniform = torch's",

@@ -8,6 +8,12 @@ Classification (the paper's procedure (i)): run the net once per label and pick 
 whose goodness, accumulated over all hidden layers but the first, is best (highest; lowest
 for "neg_ssq"); with a single hidden layer its goodness is used.
 
+Block-wise goodness (``goodness_blocks=K``, section 5.3, off by default): every hidden layer
+is an FFLinear with ``blocks=K``, whose K blocks of width/K units each learn by their own FF
+loss (threshold width/K) and pass on their own normalized activities. A label's score then
+sums the goodness of every block of the scored layers (``FFSequential.goodness`` sums a layer's
+blocks), which for the squared goodness is the layers' sum of squares, as without blocks.
+
 Hard negatives: the paper runs "a forward pass from a neutral label" (ten entries of 0.1)
 and feeds the normalized activities of all but the first hidden layer to a softmax that is
 learned during training. The softmax's probabilities of the wrong labels give the hard
@@ -37,6 +43,7 @@ from .config import (
     COMPUTE_DTYPE,
     DEPTH,
     EPOCHS,
+    GOODNESS_BLOCKS,
     INIT,
     INPUT_NORM,
     LINEAR_BACKEND,
@@ -75,6 +82,15 @@ class SupervisedMNISTConfig(FFConfig, MnistConfig):
     init: str = INIT("normal")  # ffnew.m
     backend: str = LINEAR_BACKEND("auto")
     compute_dtype: str | None = COMPUTE_DTYPE(None)
+    goodness_blocks: int | None = GOODNESS_BLOCKS(None)  # section 5.3 (not used for its results)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.goodness_blocks is not None and self.width % self.goodness_blocks:
+            raise ValueError(f"goodness_blocks must divide width ({self.width}), got {self.goodness_blocks}")
+        if self.goodness_blocks is not None and self.backend == "triton":
+            raise ValueError("goodness_blocks needs backend auto, cpu or reference: the fused triton kernels have "
+                             "no per-block goodness (auto runs block-wise layers on CUDA in torch ops)")
 
 
 class ImagePart(NamedTuple):
@@ -115,12 +131,14 @@ class LabelInInputNet(nn.Module):
         self.input_norm = config.input_norm
         self.share_first_layer = True
         sizes = [NUM_PIXELS] + [config.width] * config.depth
+        blocks = config.goodness_blocks
+        block_units = config.width // (blocks or 1)  # each goodness's units: its threshold, and T if none is given
         self.net = FFSequential(
             *(
-                FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature or float(d_out),
+                FFLinear(d_in, d_out, goodness=config.goodness, temperature=config.temperature or float(block_units),
                          rms_norm=config.rms_norm, backend=config.backend,
                          compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-                         peer_norm=peer_norm_for(d_out, config.peer_norm))
+                         peer_norm=peer_norm_for(d_out, config.peer_norm), blocks=blocks)
                 for d_in, d_out in itertools.pairwise(sizes)
             )
         )
