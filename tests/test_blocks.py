@@ -48,7 +48,7 @@ def twin(layer, **changes):
     settings = {"goodness": layer.goodness_kind, "temperature": layer.temperature, "rms_norm": layer.rms_norm,
                 "mask": layer.mask, "backend": layer.backend, "compute_dtype": layer.compute_dtype,
                 "blocks": layer.blocks, "threshold": layer.threshold, "peer_norm": copy.deepcopy(layer.peer_norm)} | changes
-    other = ff_kernels.FFLinear(layer.in_features, layer.out_features, **settings)
+    other = ff_kernels.FFLinear(layer.in_features, layer.out_features, device=layer.weight.device, **settings)
     other.load_state_dict(layer.state_dict())
     return other
 
@@ -208,6 +208,11 @@ def test_mask_and_frozen_bias_with_blocks():
     torch.testing.assert_close(fast.weight, ref.weight, **STEPS)
     assert torch.equal(fast.bias, bias) and torch.equal(ref.bias, bias)
     assert not fast.weight[~mask].any()
+    frozen = twin(fast).requires_grad_(False)  # all frozen: a forward pass gives the loss, summed over blocks
+    weight = frozen.weight.detach().clone()
+    step = frozen.ff_step(x_pos, x_neg, lr=0.1, return_step=True)
+    assert step.goodness.shape == (8, 3) and torch.equal(frozen.weight, weight)
+    torch.testing.assert_close(step.loss, twin(fast, backend="reference").ff_backward(x_pos, x_neg), **TIGHT)
 
 
 def test_peer_norm_inside_the_cpu_step_matches_the_reference_after_it():
@@ -330,3 +335,39 @@ def test_block_wise_supervised_run_learns_beyond_its_untrained_control(monkeypat
     finally:
         torch.set_num_threads(threads)
     assert trained <= 0.52 and control - trained >= 0.30, (trained, control)
+
+
+# ------------------------------------------------------------------ backend "auto" on CUDA
+
+
+def test_auto_on_cuda_runs_blocks_in_torch_ops_not_the_fused_kernels(monkeypatch):
+    """Where "auto" resolves to "triton" (CUDA tensors), a block-wise layer runs in the cpu backend's torch ops.
+    Simulated on the CPU: the resolution is forced to "triton" and the fused kernels fail if called."""
+    from ff_kernels.ops import linear, triton_linear
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused Triton kernels ran a block-wise layer")
+
+    layer = pair("cpu", 10, 12, 3, peer_norm=ff_kernels.PeerNormalization(12, 0.5))[0]
+    auto, plain = twin(layer, backend="auto"), twin(layer, backend="auto", blocks=None, threshold=None)
+    x_pos, x_neg = rows(4, 10, 17), rows(4, 10, 18)
+    monkeypatch.setattr(linear, "resolve_backend", lambda backend, device, layer="FFLinear": "triton")
+    monkeypatch.setattr(triton_linear, "forward", fused)
+    monkeypatch.setattr(triton_linear, "train_step", fused)
+    assert auto._step_takes_peer()  # peer normalization joins the torch-ops step, as on "cpu"
+    torch.testing.assert_close(auto.goodness(x_pos), layer.goodness(x_pos), **TIGHT)
+    torch.testing.assert_close(auto.ff_step(x_pos, x_neg, lr=0.1), layer.ff_step(x_pos, x_neg, lr=0.1), **TIGHT)
+    torch.testing.assert_close(auto.weight, layer.weight, **TIGHT)
+    with pytest.raises(AssertionError, match="fused Triton kernels ran"):
+        plain.goodness(x_pos)  # without blocks "auto" on CUDA is the fused kernels
+
+
+@pytest.mark.gpu
+def test_block_wise_layer_on_cuda_matches_the_reference():
+    fast, ref = pair("auto", 30, 40, 4, device="cuda")
+    x_pos, x_neg = rows(6, 30, 19).cuda(), rows(5, 30, 20).cuda()
+    for _ in range(3):
+        torch.testing.assert_close(fast.ff_step(x_pos, x_neg, lr=0.05, momentum=0.9),
+                                   ref.ff_step(x_pos, x_neg, lr=0.05, momentum=0.9), **STEPS)
+    torch.testing.assert_close(fast.weight, ref.weight, **STEPS)
+    torch.testing.assert_close(fast.goodness(x_pos), ref.goodness(x_pos), **STEPS)
