@@ -11,6 +11,7 @@ from .. import functional as FF
 from ..ops import validation
 from ..ops.layer_step import FFLayerStep
 from ..ops.validation import describe
+from .differentiable import LayerForward, graph_needed
 from .peer_norm import PeerNormalization, check_peer_norm, gradient_targets, mean_activity
 
 # The largest goodness (sum of squared activities) a float32 or bfloat16 layer can hold: beyond
@@ -37,6 +38,8 @@ class FFLayer(nn.Module):
     - ``_name()``: the layer's name for error messages;
     - ``_forward_op(x)``: (normalized output, goodness (B,) float32, or (B, k) for a block-wise
       layer, one column per block);
+    - ``_reference_forward(x, weight, bias)``: the same in the reference math, differentiable
+      by autograd (the backward of a forward that records a graph);
     - ``_step_op(x_pos, x_neg, **step_kwargs)``: an :class:`~ff_kernels.ops.FFLayerStep`;
     - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
       pre-activations computed by the caller (see :meth:`forward_with_goodness`);
@@ -101,8 +104,16 @@ class FFLayer(nn.Module):
         ``preact`` (FFLinear): the pre-activations ``x @ W.T + b`` (B, out_features), computed by
         the caller, e.g. once for parts that several rows share; the layer's GEMM is skipped and
         ``x`` may be None. The goodness is checked for overflow (see :meth:`_check_goodness`).
+
+        In grad mode, when ``x`` or a parameter requires grad, both results carry a graph with
+        the reference math's gradients (:mod:`ff_kernels.nn.differentiable`), like any module's
+        output; FF training itself never backpropagates through them. With ``preact`` they carry
+        none.
         """
-        output, g = self._forward_op(x, **self._preact_kwargs(preact))
+        if preact is None and graph_needed(x, self.weight, self.bias):
+            output, g = LayerForward.apply(self, x, self.weight, self.bias)
+        else:
+            output, g = self._forward_op(x, **self._preact_kwargs(preact))
         self._check_goodness(g, x if x is not None else preact)
         return output, g
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import BACKENDS, ff_linear_forward, ff_linear_step, step_takes_peer
+from ..ops import BACKENDS, ff_linear_forward, ff_linear_step, reference_linear, step_takes_peer
 from ..ops.layer_step import FFLayerStep
 from ..ops.linear import check_blocks_backend
 from ..ops.validation import check_blocks, check_mask
@@ -125,6 +125,11 @@ class FFLinear(FFLayer):
     def _forward_op(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, in_features) -> (normalized output (B, out_features), goodness (B,) or (B, blocks) float32)."""
         return ff_linear_forward(x, self.weight, self.bias, **self._op_kwargs(), preact=preact)
+
+    def _reference_forward(self, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_op` in the reference math, differentiable by autograd."""
+        return reference_linear.forward(x, weight, bias, goodness=self.goodness_kind, rms=self.rms_norm,
+                                        mask=self.mask, blocks=self.blocks)
 
     def _step_takes_peer(self, preact=None) -> bool:
         return step_takes_peer(self.backend, self.weight.device, preact, self.blocks)

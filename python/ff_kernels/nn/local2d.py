@@ -7,6 +7,7 @@ from torch import nn
 
 from ..functional import local as FFL
 from ..functional.local import LocalSpec
+from ..ops import reference_local2d
 from ..ops.layer_step import FFLayerStep
 from ..ops.local2d import BACKENDS, ff_local2d_forward, ff_local2d_step, step_takes_peer
 from ..ops.validation import describe
@@ -139,6 +140,10 @@ class FFLocal2d(FFLayer):
         """x: (B, C_in, H_in, W_in) -> (normalized output (B, C_out, H_out, W_out), goodness (B,) float32)."""
         self._check_input("x", x)
         return ff_local2d_forward(x, self.weight, self.bias, self.spec, **self._op_kwargs())
+
+    def _reference_forward(self, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_op` in the reference math, differentiable by autograd."""
+        return reference_local2d.forward(x, weight, bias, self.spec, goodness=self.goodness_kind, rms=self.rms_norm)
 
     def _step_takes_peer(self) -> bool:
         return step_takes_peer(self.spec, self.backend, self.weight.device, self.weight.dtype)
