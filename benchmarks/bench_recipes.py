@@ -14,7 +14,9 @@ on a machine whose speed drifts):
   algorithm without sharing (the paper's, row by row); ``own floor`` those of the shared
   algorithm, which skips some of them. Locally connected layers count as one dense GEMM with
   the same multiply-adds: as many rows, the layer's outputs as columns and its mean valid
-  fan-in as the inner size.
+  fan-in as the inner size; the local recipe's ``own floor`` holds the same multiply-adds at
+  the layers' own shapes, one GEMM per location (window size by units per location), run as
+  one batched GEMM per layer and direction.
 
 and evaluation throughput in images per second: goodness over labels (supervised, jitter,
 recurrent, cifar: each image with all 10 labels; the recurrent net over the recipe's
@@ -52,13 +54,15 @@ NUM_PIXELS = 784
 class Gemm(NamedTuple):
     """One GEMM of a step: ``fwd`` (m, k) @ (n, k).T (a layer's forward, x @ W.T), ``wgrad``
     (m, n).T @ (m, k) (a weight gradient, delta.T @ x) or ``dgrad`` (m, n) @ (n, k) (backprop's
-    input gradient), ``count`` times."""
+    input gradient), ``count`` times: ``count`` calls, or with ``batched`` one batched GEMM
+    (``torch.bmm``) of ``count`` independent ones, as a locally connected layer's locations are."""
 
     kind: str
     m: int
     k: int
     n: int
     count: int = 1
+    batched: bool = False
 
     @property
     def macs(self) -> int:
@@ -70,23 +74,25 @@ def gemm_floor(gemms: list[Gemm], device: str, dtype=torch.float32) -> Callable[
     ops = []
     cache = {}
     for g in gemms:
-        key = (g.kind, g.m, g.k, g.n)
+        key = (g.kind, g.m, g.k, g.n, g.count if g.batched else 0)
         if key not in cache:
-            a_rows = torch.rand(g.m, g.k, device=device, dtype=dtype)  # x (m, k)
-            w = torch.rand(g.n, g.k, device=device, dtype=dtype)  # W (n, k)
-            d = torch.rand(g.m, g.n, device=device, dtype=dtype)  # delta (m, n)
+            batch = (g.count,) if g.batched else ()
+            mm = torch.bmm if g.batched else torch.mm
+            a_rows = torch.rand(*batch, g.m, g.k, device=device, dtype=dtype)  # x (m, k)
+            w = torch.rand(*batch, g.n, g.k, device=device, dtype=dtype)  # W (n, k)
+            d = torch.rand(*batch, g.m, g.n, device=device, dtype=dtype)  # delta (m, n)
             if g.kind == "fwd":
-                out = torch.empty(g.m, g.n, device=device, dtype=dtype)
-                cache[key] = (lambda a=a_rows, w=w, out=out: torch.mm(a, w.t(), out=out))
+                out = torch.empty(*batch, g.m, g.n, device=device, dtype=dtype)
+                cache[key] = (lambda a=a_rows, w=w, out=out, mm=mm: mm(a, w.mT, out=out))
             elif g.kind == "wgrad":
-                out = torch.empty(g.n, g.k, device=device, dtype=dtype)
-                cache[key] = (lambda a=a_rows, d=d, out=out: torch.mm(d.t(), a, out=out))
+                out = torch.empty(*batch, g.n, g.k, device=device, dtype=dtype)
+                cache[key] = (lambda a=a_rows, d=d, out=out, mm=mm: mm(d.mT, a, out=out))
             elif g.kind == "dgrad":
-                out = torch.empty(g.m, g.k, device=device, dtype=dtype)
-                cache[key] = (lambda d=d, w=w, out=out: torch.mm(d, w, out=out))
+                out = torch.empty(*batch, g.m, g.k, device=device, dtype=dtype)
+                cache[key] = (lambda d=d, w=w, out=out, mm=mm: mm(d, w, out=out))
             else:
                 raise ValueError(g.kind)
-        ops += [cache[key]] * g.count
+        ops += [cache[key]] * (1 if g.batched else g.count)
 
     def run():
         for op in ops:
@@ -240,13 +246,23 @@ def _hybrid_case(name: str, device: str, width: int = 2000, depth: int = 4) -> C
         for layer in fast.model.net:
             fan_in, outs = _local_dense_equivalent(layer.spec)
             floor += [Gemm("fwd", 2 * batch_size, fan_in, outs), Gemm("wgrad", 2 * batch_size, fan_in, outs)]
+        # the same multiply-adds at the layers' own shapes: one GEMM per location, batched
+        own_floor = []
+        for layer in fast.model.net:
+            spec = layer.spec
+            own_floor += [Gemm(kind, 2 * batch_size, spec.block_size, spec.out_channels, spec.num_locations, True)
+                          for kind in ("fwd", "wgrad")]
         head_in = sum(layer.spec.out_features for layer in list(fast.model.net)[-fast.config.head_layers:])
         shape = "footnote 8: " + " -> ".join(str(layer.spec.out_features) for layer in fast.model.net)
     else:
+        own_floor = None
         floor = _dense_ff_floor([NUM_PIXELS] + [width] * depth, 2 * batch_size)
         head_in = width * min(fast.config.head_layers, depth)
         shape = f"{depth}x{width}"
-    floor += [Gemm("fwd", batch_size, head_in, NUM_CLASSES), Gemm("wgrad", batch_size, head_in, NUM_CLASSES)]
+    head = [Gemm("fwd", batch_size, head_in, NUM_CLASSES), Gemm("wgrad", batch_size, head_in, NUM_CLASSES)]
+    floor += head
+    if own_floor is not None:
+        own_floor += head
     eval_images = data.eval_images.to(device)
 
     def features(recipe):
@@ -260,7 +276,7 @@ def _hybrid_case(name: str, device: str, width: int = 2000, depth: int = 4) -> C
             model.outputs_and_goodness(model.inputs(hybrid_negatives(eval_images, generator, recipe.config.blur_steps)))
         return run
 
-    return Case(name, shape, batch_size, _step_fn(fast, batch, device), floor,
+    return Case(name, shape, batch_size, _step_fn(fast, batch, device), floor, own_floor=own_floor,
                 reference=_step_fn(reference, batch, device),
                 evals=[("softmax + images vs hybrids", eval_images.shape[0],
                         {"step": features(fast), "reference": features(reference)})])

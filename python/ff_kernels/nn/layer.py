@@ -110,7 +110,7 @@ class FFLayer(nn.Module):
         output; FF training itself never backpropagates through them. With ``preact`` they carry
         none.
         """
-        if preact is None and graph_needed(x, self.weight, self.bias):
+        if preact is None and isinstance(x, torch.Tensor) and graph_needed(x, self.weight, self.bias):
             output, g = LayerForward.apply(self, x, self.weight, self.bias)
         else:
             output, g = self._forward_op(x, **self._preact_kwargs(preact))
@@ -211,7 +211,8 @@ class FFLayer(nn.Module):
             raise ValueError(f"{self._name()}: x_pos and x_neg must have the same row shape, dtype and device, "
                              f"got x_pos {describe(x_pos)} and x_neg {describe(x_neg)}")
         n_pos = x_pos.shape[0]
-        output, g = self.forward_with_goodness(torch.cat([x_pos, x_neg]))
+        with torch.no_grad():
+            output, g = self.forward_with_goodness(torch.cat([x_pos, x_neg]))
         loss = FF.ff_loss(g[:n_pos], g[n_pos:], self.goodness_kind, self.threshold, self.temperature)
         return FFLayerStep(loss.detach(), g, output)
 

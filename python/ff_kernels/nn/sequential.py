@@ -131,11 +131,13 @@ class FFSequential(nn.Sequential):
                 step = step_fn(layer, x_pos, x_neg, **first)
                 steps.append(step)
                 x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
-            elif first:
-                out = layer(torch.cat([x_pos, x_neg]), preact)
-                x_pos, x_neg = out[:n_pos], out[n_pos:]
-            else:
-                x_pos, x_neg = layer(x_pos), layer(x_neg)
+            else:  # a layer below the chosen ones only feeds them (no graph: FF steps are local)
+                with torch.no_grad():
+                    if first:
+                        out = layer(torch.cat([x_pos, x_neg]), preact)
+                        x_pos, x_neg = out[:n_pos], out[n_pos:]
+                    else:
+                        x_pos, x_neg = layer(x_pos), layer(x_neg)
         return steps
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None,
