@@ -101,7 +101,7 @@ if torch.cuda.is_available():
     print(f"gpu {p.name}, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
 print("CUDA_HOME", cpp_extension.CUDA_HOME)
 for name in ("triton", "numpy", "pytest", "xdist", "pytest_timeout", "pytest_benchmark", "hypothesis",
-             "safetensors", "tqdm", "matplotlib", "ninja", "setuptools", "pybind11"):
+             "tqdm", "matplotlib", "ninja", "setuptools", "pybind11"):
     try:
         print(f"  {name} {getattr(importlib.import_module(name), '__version__', 'present')}")
     except Exception as err:  # an absent package is a fact to record
