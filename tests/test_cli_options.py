@@ -29,8 +29,10 @@ MNIST_RECIPES = ("supervised", "jitter", "unsupervised", "local", "backprop", "r
 # errors), RunOptions of every recipe, added with the run-directory lock
 ADDED: dict[str, set[str]] = {name: {"--overwrite", "--debug"} | ({"--dataset"} if name in MNIST_RECIPES else set())
                               for name in SNAPSHOT}
+ADDED["cifar"] |= {"--input-norm"}  # each standardized image scaled to unit mean square (off by default)
 # recipe -> {field: default} of the fields added since the snapshot (or deliberately changed)
 CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} for name in MNIST_RECIPES}
+CHANGED["cifar"] = {"input_norm": False}
 
 
 def _recipe_parsers() -> dict[str, argparse.ArgumentParser]:

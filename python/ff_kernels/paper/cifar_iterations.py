@@ -35,7 +35,7 @@ import torch
 from .. import functional
 from ..ops.validation import describe
 from .options import Option, add_options, check_options
-from .recipes.cifar_common import CifarData, standardize
+from .recipes.cifar_common import CifarData
 from .recipes.cifar_ff import LABEL_BATCH, CifarFF
 from .train import CheckpointError, load_trained
 
@@ -78,7 +78,7 @@ def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor
     scores = []  # (N, T, 10, K)
     softmax_wrong = torch.zeros((), dtype=torch.long, device=labels.device)  # counted on the device, read once
     for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
-        x = standardize(x)
+        x = recipe.inputs(x)
         scores.append(recipe.model.label_goodness(x, iterations).permute(2, 0, 1, 3))
         softmax_wrong += (recipe.model.head_logits(x).argmax(1) != y).sum()
     softmax_errors = int(softmax_wrong)
@@ -101,7 +101,7 @@ def label_logits(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, it
     clamped, on uint8 ``images`` (N, 3, 32, 32) with int64 ``labels`` (N,): (iterations, 10, N, K) float64."""
     _check_labels(images, labels)
     net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
-    return torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(standardize(x), iterations),
+    return torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(recipe.inputs(x), iterations),
                                                 net.goodness_kind, net.threshold, net.temperature).double()
                       for x in images.split(LABEL_BATCH)], dim=2)
 
