@@ -111,4 +111,41 @@ def test_main_prints_the_logit_levels(trained_run, monkeypatch, capsys):
     assert cifar_iterations.main([str(run_dir), "--images", "20", "--iterations", "3", "--ranges", "1-3", "--logits"]) == 0
     out = capsys.readouterr().out
     assert "| iteration | layer | mean logit, true label |" in out
-    assert out.count("\n| 3 | ") == 2  # iteration 3, layers 1 and 2
+    assert out.count("\n| 3 | ") == 4  # iteration 3, layers 1 and 2, in the levels and the spread tables
+
+
+def test_logit_spread_matches_the_goodness_of_run(trained_run, monkeypatch):
+    run_dir, data = trained_run
+    recipe = loaded(run_dir, data, monkeypatch)
+    images, labels = data.eval_sets["test"]
+    spread = cifar_iterations.logit_spread(recipe, images, labels, 2)
+    logit = recipe.model.net.threshold - goodness_of_run(recipe, images, 2)  # (t, image, label, layer)
+    assert spread.shape == (2, 2, 4)
+    assert spread[..., 0] == pytest.approx(logit.mean(2).std(1), rel=1e-5, abs=1e-3)
+    assert spread[..., 1] == pytest.approx(logit.std(2).mean(1), rel=1e-5, abs=1e-3)
+    assert spread[..., 2] == pytest.approx((logit.abs() > cifar_iterations.SATURATED).double().mean((1, 2)))
+    same = torch.zeros(2, 2, dtype=torch.float64)  # share of (true, wrong) pairs of an image on one side
+    for i, y in enumerate(labels.tolist()):
+        for wrong in range(10):
+            if wrong != y:
+                same += ((logit[:, i, y] > 0) == (logit[:, i, wrong] > 0)).double()
+    assert spread[..., 3] == pytest.approx(same / (9 * len(labels)))
+    with pytest.raises(ValueError, match=r"labels must be int64 \(20,\), one per image, got"):
+        cifar_iterations.logit_spread(recipe, images, labels[:19], 2)
+
+
+def test_main_reads_the_validation_set_and_prints_the_spread(trained_run, monkeypatch, capsys):
+    run_dir, data = trained_run
+    images, labels = data.eval_sets["test"]
+    held_out = type(data)(data.train_images, data.train_labels,
+                          {"train": data.eval_sets["train"], "validation": (images, labels)})
+    monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: held_out)
+    assert cifar_iterations.main([str(run_dir), "--set", "validation", "--images", "20", "--iterations", "3",
+                                  "--ranges", "1-3", "--logits"]) == 0
+    out = capsys.readouterr().out
+    assert "validation, first 20 images" in out
+    assert "| iteration | layer | std across images |" in out
+    assert out.count("\n| 3 | ") == 4  # iteration 3, layers 1 and 2, in both tables
+    monkeypatch.setattr(cifar_ff, "load_data", lambda config, device: data)
+    assert cifar_iterations.main([str(run_dir), "--set", "validation"]) == 1
+    assert "no 'validation' set" in capsys.readouterr().err

@@ -250,3 +250,23 @@ def test_ff_recipe_builds_its_net_with_the_configured_loss():
     assert recipe.model.net.loss == "pairwise"
     loss, _, n = recipe.train_step(torch.arange(4), torch.Generator().manual_seed(0))
     assert n == 4 and torch.isfinite(loss)
+
+
+def test_input_norm_scales_each_image_to_unit_mean_square_in_training_and_evaluation(monkeypatch):
+    data = class_coded_data(10)
+    plain = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=data)
+    scaled = CifarFF(CifarFFConfig(depth=2, input_norm=True, **SMALL_FF), data=data)
+    images = data.train_images[:4]
+    torch.testing.assert_close(plain.inputs(images), standardize(images))
+    x = standardize(images)
+    expected = x / x.square().mean((1, 2, 3), keepdim=True).sqrt()
+    torch.testing.assert_close(scaled.inputs(images), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.inputs(images).square().mean((1, 2, 3)), torch.ones(4), rtol=1e-5, atol=0)
+    seen = []  # what the net gets in a training step and in evaluation
+    bottom_up = scaled.model.net.bottom_up
+    monkeypatch.setattr(scaled.model.net, "bottom_up", lambda images: seen.append(images) or bottom_up(images))
+    scaled.train_step(torch.arange(4), torch.Generator().manual_seed(0))
+    scaled.evaluate()
+    assert len(seen) >= 2
+    for batch in seen:
+        torch.testing.assert_close(batch.square().mean((1, 2, 3)), torch.ones(len(batch)), rtol=1e-5, atol=0)

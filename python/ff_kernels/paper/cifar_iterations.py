@@ -3,14 +3,21 @@
     python -m ff_kernels.paper.cifar_iterations RUN_DIR [--images 1000] [--set test] [--iterations 10] [--logits]
 
 loads the checkpoint of an ``ff-train cifar`` run, runs the first ``--images`` images of an
-evaluation set ("test", "test_exact" or "train") with each of the 10 labels for ``--iterations``
+evaluation set ("test", "test_exact", "train", or "validation" for a run trained with
+``--validation``) with each of the 10 labels for ``--iterations``
 damped iterations, and prints the error of the "compute goodness for every label" test
 procedure with the goodness summed over each range of iterations (``--ranges``, e.g.
 ``1-3,4-6``), for every hidden layer alone and for all of them. The recipe's own procedure is
 all layers over iterations ``score_from..score_to`` (the paper's 4-6), marked in the table; the
 last line gives the one-pass softmax's error on the same images. ``--logits`` adds what each
 layer's FF loss sees at every iteration: the mean logit of p(positive) with the true and with the
-wrong labels, and the share of each on the right side of the threshold.
+wrong labels, and the share of each on the right side of the threshold; and a second table of
+how the logits spread: across images (the standard deviation of an image's mean logit over its
+10 labels), across an image's labels (the standard deviation over them, averaged over images),
+the share of rows with |logit| > 5 (the loss's sigmoid saturated: such a row weighs all or
+nothing), and the share of (true, wrong) label pairs of one image whose rows sit on the same side
+of the threshold (for such a pair a saturated threshold loss moves one row only: it shifts the
+image's goodness level instead of separating its labels).
 
 A net trained on its FF losses at iterations 1..N (``--train-iterations N``) may tell the
 labels apart at those iterations and not later: this shows where.
@@ -28,7 +35,7 @@ import torch
 from .. import functional
 from ..ops.validation import describe
 from .options import Option, add_options, check_options
-from .recipes.cifar_common import CifarData, standardize
+from .recipes.cifar_common import CifarData
 from .recipes.cifar_ff import LABEL_BATCH, CifarFF
 from .train import CheckpointError, load_trained
 
@@ -71,7 +78,7 @@ def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor
     scores = []  # (N, T, 10, K)
     softmax_wrong = torch.zeros((), dtype=torch.long, device=labels.device)  # counted on the device, read once
     for x, y in zip(images.split(LABEL_BATCH), labels.split(LABEL_BATCH)):
-        x = standardize(x)
+        x = recipe.inputs(x)
         scores.append(recipe.model.label_goodness(x, iterations).permute(2, 0, 1, 3))
         softmax_wrong += (recipe.model.head_logits(x).argmax(1) != y).sum()
     softmax_errors = int(softmax_wrong)
@@ -89,20 +96,51 @@ def iteration_errors(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor
 
 
 @torch.no_grad()
-def logit_levels(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
+def label_logits(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The logit of p(positive) (what each layer's FF loss sees) of every image with every label
+    clamped, on uint8 ``images`` (N, 3, 32, 32) with int64 ``labels`` (N,): (iterations, 10, N, K) float64."""
+    _check_labels(images, labels)
+    net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
+    return torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(recipe.inputs(x), iterations),
+                                                net.goodness_kind, net.threshold, net.temperature).double()
+                      for x in images.split(LABEL_BATCH)], dim=2)
+
+
+@torch.no_grad()
+def logit_levels(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
     """What each layer's FF loss sees at every iteration, on uint8 ``images`` (N, 3, 32, 32) with
     int64 ``labels`` (N,): (iterations, K, 4) float64 holding, per iteration and hidden layer, the
     mean logit of p(positive) with the true label clamped, its mean with each wrong label, and the
     share of true-label and of wrong-label rows on the right side of the threshold (logit > 0
-    and < 0)."""
+    and < 0). ``logits``: :func:`label_logits` of the same arguments, if already computed."""
     _check_labels(images, labels)
-    net, sign = recipe.model.net, functional.goodness_sign(recipe.config.goodness)
-    logits = torch.cat([functional.positive_logit(sign * recipe.model.label_goodness(standardize(x), iterations),
-                                                  net.goodness_kind, net.threshold, net.temperature).double()
-                        for x in images.split(LABEL_BATCH)], dim=2)  # (T, 10, N, K)
+    logits = label_logits(recipe, images, labels, iterations) if logits is None else logits  # (T, 10, N, K)
     true = torch.nn.functional.one_hot(labels, logits.shape[1]).t().bool()  # (10, N)
     pos, neg = logits[:, true], logits[:, ~true]  # (T, N, K), (T, 9N, K)
     return torch.stack([pos.mean(1), neg.mean(1), (pos > 0).double().mean(1), (neg < 0).double().mean(1)], dim=2)
+
+
+SATURATED = 5.0  # |logit| above which sigmoid is within 0.7% of 0 or 1
+
+
+@torch.no_grad()
+def logit_spread(recipe: CifarFF, images: torch.Tensor, labels: torch.Tensor, iterations: int,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+    """How the logits of :func:`label_logits` spread, per iteration and hidden layer: (iterations, K, 4)
+    float64 holding the standard deviation across images of an image's mean logit over the 10
+    labels, the standard deviation across an image's 10 labels (averaged over the images), the
+    share of rows (all labels) with |logit| > :data:`SATURATED`, and the share of (true label,
+    wrong label) pairs of one image whose two rows are on the same side of the threshold."""
+    _check_labels(images, labels)
+    logits = label_logits(recipe, images, labels, iterations) if logits is None else logits  # (T, 10, N, K)
+    true = torch.nn.functional.one_hot(labels, logits.shape[1]).t().bool()  # (10, N)
+    pos = logits[:, true]  # (T, N, K)
+    t, _, n, k = logits.shape
+    neg = logits.transpose(1, 2)[:, ~true.t()].view(t, n, -1, k)  # (T, N, 9, K): each image's wrong labels
+    same_side = ((pos.unsqueeze(2) > 0) == (neg > 0)).double().mean((1, 2))
+    return torch.stack([logits.mean(1).std(1), logits.std(1).mean(1), (logits.abs() > SATURATED).double().mean((1, 2)),
+                        same_side], dim=2)
 
 
 def format_levels(levels: torch.Tensor) -> str:
@@ -113,6 +151,18 @@ def format_levels(levels: torch.Tensor) -> str:
     for t, per_layer in enumerate(levels.tolist()):
         for k, (pos, neg, pos_right, neg_right) in enumerate(per_layer):
             lines.append(f"| {t + 1} | {k + 1} | {pos:.1f} | {neg:.1f} | {100 * pos_right:.1f} | {100 * neg_right:.1f} |")
+    return "\n".join(lines)
+
+
+def format_spread(spread: torch.Tensor) -> str:
+    """The output of :func:`logit_spread` as a markdown table (logits to 1 decimal, shares in percent)."""
+    header = ("| iteration | layer | std across images | std across an image's labels | "
+              f"saturated (abs logit > {SATURATED:g}) % | true/wrong pairs on one side % |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for t, per_layer in enumerate(spread.tolist()):
+        for k, (images, labels, saturated, same_side) in enumerate(per_layer):
+            lines.append(f"| {t + 1} | {k + 1} | {images:.1f} | {labels:.1f} | {100 * saturated:.1f} | "
+                         f"{100 * same_side:.1f} |")
     return "\n".join(lines)
 
 
@@ -134,12 +184,12 @@ class IterationsCommand:
 
     run_dir: str = Option("an ff-train cifar run directory (config.json, checkpoint.pt)", positional=True)()
     images: int = Option("first N images of the set", min=1)(1000)
-    set: str = Option("the evaluation set", choices=("test", "test_exact", "train"))("test")
+    set: str = Option("the evaluation set", choices=("test", "test_exact", "train", "validation"))("test")
     iterations: int = Option("iterations to run", min=1)(10)
     ranges: str = Option("iteration ranges to score")(DEFAULT_RANGES)
     data_dir: str | None = Option("CIFAR-10 folder", none="the one saved in the run's config")(None)
     logits: bool = Option("also print each layer's mean logit of p(positive) at every iteration, for the true "
-                          "and the wrong labels: what its FF loss sees")(False)
+                          "and the wrong labels: what its FF loss sees, and how the logits spread across images and labels")(False)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -159,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = data.eval_sets[args.set]
         images, labels = images[:args.images], labels[:args.images]
         table, softmax_error = iteration_errors(recipe, images, labels, args.iterations, ranges)
-        levels = logit_levels(recipe, images, labels, args.iterations) if args.logits else None
+        levels = spread = None
+        if args.logits:
+            logits = label_logits(recipe, images, labels, args.iterations)
+            levels = logit_levels(recipe, images, labels, args.iterations, logits)
+            spread = logit_spread(recipe, images, labels, args.iterations, logits)
     except (OSError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -171,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlogit of p(positive) = {functional.goodness_sign(c.goodness):+g} * (G - {recipe.model.net.threshold:g}) / "
               f"{recipe.model.net.temperature:g}; 'right side': > 0 for the true label, < 0 for a wrong one\n")
         print(format_levels(levels))
+        print()
+        print(format_spread(spread))
     return 0
 
 
