@@ -18,7 +18,9 @@ echo "== build the wheel"
 CFLAGS="-g0 ${CFLAGS:-}" .venv/bin/pip wheel -q --no-build-isolation --no-deps -w "$work/dist" . 2>&1 | grep -v "^WARNING: Location" || true
 wheel=$(ls "$work"/dist/ff_kernels-*.whl)
 echo "built $(basename "$wheel")"
-unzip -l "$wheel" | grep -q "ff_kernels/_C" || { echo "the wheel has no compiled extension ff_kernels._C"; exit 1; }
+# the listing first: with pipefail, `unzip | grep -q` fails when grep exits before unzip has written all
+listing=$(unzip -l "$wheel")
+grep -q "ff_kernels/_C" <<<"$listing" || { echo "the wheel has no compiled extension ff_kernels._C"; exit 1; }
 
 echo "== install it into a fresh venv"
 "${PYTHON:-python3}" -m venv "$work/venv"
