@@ -75,7 +75,7 @@ def _eq4_step64(x, w, b, target, kind, threshold, temperature, mask=None):
 
 def _eq4_ff_step(layer: FFLinear, x: torch.Tensor, target: float):
     """``layer.ff_step`` on the single row x at the learning rate that brings its goodness to target."""
-    g = layer.goodness(x).double()
+    g = layer.goodness(x).detach().double()
     positive = _side(layer.goodness_kind, g, target)
     lr = FF.target_goodness_lr(
         g, target, x.double().square().sum(-1), layer.goodness_kind, layer.threshold, layer.temperature,
@@ -218,9 +218,11 @@ def test_fflinear_one_update_reaches_target_goodness(backend, kind, bias):
     layer = FFLinear(48, 40, bias=bias, goodness=kind, threshold=6.0, temperature=2.0, backend=backend)
     for factor in (2.5, 0.5, 1.7):
         x = FF.normalize(torch.relu(torch.randn(1, 48, generator=gen)), kind)
-        target = factor * float(layer.goodness(x))
+        with torch.no_grad():  # goodness values only (grad mode would record a graph)
+            target = factor * float(layer.goodness(x))
         _eq4_ff_step(layer, x, target)
-        assert abs(float(layer.goodness(x)) / target - 1) < FP32_RTOL
+        with torch.no_grad():
+            assert abs(float(layer.goodness(x)) / target - 1) < FP32_RTOL
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -308,7 +310,8 @@ def test_fflinear_ff_step_leaves_normalized_output_unchanged(backend, kind, rms)
     layer = FFLinear(40, 36, goodness=kind, threshold=4.0, rms_norm=rms, backend=backend)
     x = FF.normalize(torch.relu(torch.randn(1, 40, generator=gen)), kind)
     step = layer.ff_step(x, x[:0], lr=2.0, return_step=True)
-    y_after, g_after = layer.forward_with_goodness(x)
+    with torch.no_grad():
+        y_after, g_after = layer.forward_with_goodness(x)
     g_before = float(step.goodness[0])
     assert max(float(g_after) / g_before, g_before / float(g_after)) > 1.5
     n, scale = g_before**0.5, (float(g_after) / g_before) ** 0.5
