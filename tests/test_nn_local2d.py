@@ -45,7 +45,8 @@ def make_layer(backend="cpu", kind="ssq", seed=0, **kwargs):
     """A layer whose threshold sits at the mean goodness of the test images, so no sigmoid saturates."""
     torch.manual_seed(seed)
     layer = ff_kernels.FFLocal2d(**GEOMETRY, goodness=kind, temperature=0.5, backend=backend, **kwargs)
-    layer.threshold = float(layer.goodness(torch.cat(images())).mean())
+    with torch.no_grad():
+        layer.threshold = float(layer.goodness(torch.cat(images())).mean())
     return layer
 
 
