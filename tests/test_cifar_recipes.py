@@ -270,3 +270,28 @@ def test_input_norm_scales_each_image_to_unit_mean_square_in_training_and_evalua
     assert len(seen) >= 2
     for batch in seen:
         torch.testing.assert_close(batch.square().mean((1, 2, 3)), torch.ones(len(batch)), rtol=1e-5, atol=0)
+
+
+def test_label_scale_multiplies_the_label_drive_and_nothing_else():
+    """The label reaches the net only through ``label @ label_weight.T``, which is linear: a net
+    with the label vectors times g must give what a plain net gives with its label weights
+    times g, in the goodness of every label and in the softmax's neutral-label pass."""
+    data = class_coded_data(10)
+    scale = 3.0
+    scaled = CifarFF(CifarFFConfig(depth=2, label_scale=scale, **SMALL_FF), data=data)
+    plain = CifarFF(CifarFFConfig(depth=2, **SMALL_FF), data=data)
+    plain.model.load_state_dict(scaled.model.state_dict())
+    with torch.no_grad():
+        plain.model.net.label_weight.mul_(scale)
+        plain.model.head.weight.normal_()  # a head that is not zero, so that its logits compare
+        scaled.model.head.weight.copy_(plain.model.head.weight)
+    images = scaled.inputs(data.train_images[:5])
+    labels = torch.tensor([0, 3, 9, 1, 3])
+    torch.testing.assert_close(scaled.model.code(labels), scale * plain.model.code(labels), rtol=0, atol=0)
+    torch.testing.assert_close(scaled.model.label_goodness(images, 6), plain.model.label_goodness(images, 6),
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(scaled.model.head_logits(images), plain.model.head_logits(images), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and the scale does change the net's answer when the weights are the same
+        plain.model.net.label_weight.div_(scale)
+    assert not torch.allclose(scaled.model.label_goodness(images, 6), plain.model.label_goodness(images, 6),
+                              rtol=1e-3, atol=1e-2)

@@ -32,12 +32,13 @@ BLOCKWISE_RECIPES = ("supervised", "jitter")
 ADDED: dict[str, set[str]] = {name: {"--overwrite", "--debug"} | ({"--dataset"} if name in MNIST_RECIPES else set())
                               | ({"--goodness-blocks"} if name in BLOCKWISE_RECIPES else set())
                               for name in SNAPSHOT}
-ADDED["cifar"] |= {"--input-norm"}  # each standardized image scaled to unit mean square (off by default)
+ADDED["cifar"] |= {"--input-norm",  # each standardized image scaled to unit mean square (off by default)
+                   "--label-scale"}  # the label vectors' size (1 by default: a plain one-hot label)
 # recipe -> {field: default} of the fields added since the snapshot (or deliberately changed)
 CHANGED: dict[str, dict[str, object]] = {name: {"dataset": None} | ({"goodness_blocks": None} if name in BLOCKWISE_RECIPES
                                                                     else {})
                                          for name in MNIST_RECIPES}
-CHANGED["cifar"] = {"input_norm": False}
+CHANGED["cifar"] = {"input_norm": False, "label_scale": 1.0}
 
 
 def _recipe_parsers() -> dict[str, argparse.ArgumentParser]:

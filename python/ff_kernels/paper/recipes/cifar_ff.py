@@ -30,7 +30,8 @@ The paper gives the architecture, weight decay and the test procedures only. The
 settings are those of the supervised MNIST recipe (Hinton's ffnew.m, see
 :class:`~ff_kernels.paper.recipes.supervised_mnist.SupervisedMNISTConfig`); images are standardized per
 channel (``input_norm``, not the default: then scaled per image to unit mean square, as ffnew.m
-scales its MNIST rows); the label enters as a one-hot vector (neutral: 0.1 each).
+scales its MNIST rows); the label enters as a one-hot vector (neutral: 0.1 each), times
+``label_scale`` (default 1; not in the paper).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ INPUT_NORM_EPS = 1e-6
 LABEL_BATCH = 100  # images per evaluation chunk: the net runs on 10 labelled copies of each
 TRAIN_ITERATIONS = Option("training: FF losses at iterations up to N after the bottom-up pass", min=1)
 TRAIN_FROM = Option("training: first iteration with an FF loss", min=1)
+LABEL_SCALE = Option("the label input's size: one-hot (and neutral) label vectors times this factor", above=0)
 LOSS = Option("threshold: each row's goodness against the threshold (the paper's); pairwise: softplus of the "
               "goodness difference between an image's true- and wrong-label rows (not in the paper)", choices=LOSSES)
 
@@ -86,6 +88,7 @@ class CifarFFConfig(FFConfig, CifarConfig):
     # not in the paper for CIFAR-10 (ffnew.m scales MNIST input rows so); off: the paper's setup as we had it
     input_norm: bool = INPUT_NORM.but(help="scale each standardized image to unit mean square before the net "
                                            "(default: standardized per channel only)")(False)
+    label_scale: float = LABEL_SCALE(1.0)  # not in the paper: 1 = a plain one-hot label
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,8 +120,8 @@ class CifarFFNet(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     def code(self, labels: torch.Tensor) -> torch.Tensor:
-        """int64 labels (B,) -> one-hot (B, 10) in the net's dtype."""
-        return nn.functional.one_hot(labels, NUM_CLASSES).to(self.head.weight.dtype)
+        """int64 labels (B,) -> one-hot (B, 10) times ``label_scale``, in the net's dtype."""
+        return nn.functional.one_hot(labels, NUM_CLASSES).to(self.head.weight.dtype) * self.config.label_scale
 
     def head_logits(self, images: torch.Tensor, start: LocalBottomUp | None = None) -> torch.Tensor:
         """One-pass softmax logits (B, 10) of standardized images (B, 3, 32, 32); only the head gets gradients.
@@ -126,7 +129,7 @@ class CifarFFNet(nn.Module):
         ``start``: the images' label-independent bottom-up pass (``FFRecurrentLocal.bottom_up``),
         if already computed; with it the pass only adds the neutral label's drive.
         """
-        neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
+        neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype) * self.config.label_scale
         if self.net.share_bottom_up:
             start = self.net.bottom_up(images) if start is None else start
             states = self.net.states_from(start, neutral)
