@@ -64,7 +64,8 @@ class Case:
                                               backend=backend, peer_norm=peer_norm)
         self.x_pos = torch.rand(6, *self.shape, generator=gen)
         self.x_neg = torch.rand(5, *self.shape, generator=gen)
-        self.layer.threshold = float(self.layer.goodness(torch.cat([self.x_pos, self.x_neg])).mean())
+        with torch.no_grad():  # a number, not a graph (the layer's forward is differentiable)
+            self.layer.threshold = float(self.layer.goodness(torch.cat([self.x_pos, self.x_neg])).mean())
         if peer:  # a running mean from earlier steps, so the momentum term is exercised
             self.layer.peer_norm.running_mean.copy_(torch.rand(n_units, generator=gen))
 

@@ -226,6 +226,7 @@ def test_supervised_training_with_the_shared_first_layer_follows_the_plain_one(c
     assert shared.evaluate() == plain.evaluate()
 
 
+@pytest.mark.filterwarnings("ignore:compute_dtype=torch.bfloat16 on a CPU without")  # expected on such CPUs
 def test_supervised_bf16_shared_first_layer_runs_its_gemm_in_bf16():
     shared, plain = supervised_pair(compute_dtype="bfloat16")
     images = shared.eval_images[:5]
