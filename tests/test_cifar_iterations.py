@@ -85,13 +85,19 @@ def test_bad_ranges_are_refused(text):
         cifar_iterations.parse_ranges(text, 10)
 
 
-def test_logit_levels_match_the_goodness_of_run(trained_run, monkeypatch):
+def logits_of_run(trained_run, monkeypatch):
+    """The trained run's recipe, test images and labels, and the logit of p(positive) at
+    iterations 1-2 computed from its goodness: (t, image, label, layer); min ssq at
+    temperature 1, so positive when G < N."""
     run_dir, data = trained_run
     recipe = loaded(run_dir, data, monkeypatch)
     images, labels = data.eval_sets["test"]
+    return recipe, images, labels, recipe.model.net.threshold - goodness_of_run(recipe, images, 2)
+
+
+def test_logit_levels_match_the_goodness_of_run(trained_run, monkeypatch):
+    recipe, images, labels, logit = logits_of_run(trained_run, monkeypatch)
     levels = cifar_iterations.logit_levels(recipe, images, labels, 2)
-    # min ssq, temperature 1: positive when G < N
-    logit = recipe.model.net.threshold - goodness_of_run(recipe, images, 2)  # (t, image, label, layer)
     true = torch.nn.functional.one_hot(labels, 10).bool()
     pos, neg = logit[:, true], logit[:, ~true]  # (t, N, layer), (t, 9N, layer)
     assert levels.shape == (2, 2, 4)
@@ -115,11 +121,8 @@ def test_main_prints_the_logit_levels(trained_run, monkeypatch, capsys):
 
 
 def test_logit_spread_matches_the_goodness_of_run(trained_run, monkeypatch):
-    run_dir, data = trained_run
-    recipe = loaded(run_dir, data, monkeypatch)
-    images, labels = data.eval_sets["test"]
+    recipe, images, labels, logit = logits_of_run(trained_run, monkeypatch)
     spread = cifar_iterations.logit_spread(recipe, images, labels, 2)
-    logit = recipe.model.net.threshold - goodness_of_run(recipe, images, 2)  # (t, image, label, layer)
     assert spread.shape == (2, 2, 4)
     assert spread[..., 0] == pytest.approx(logit.mean(2).std(1), rel=1e-5, abs=1e-3)
     assert spread[..., 1] == pytest.approx(logit.std(2).mean(1), rel=1e-5, abs=1e-3)
