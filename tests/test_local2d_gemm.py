@@ -118,3 +118,34 @@ def test_fused_sgd_with_peer_norm_follows_the_reference_layer(monkeypatch, case,
 
 def ff_peer(units):
     return PeerNormalization(units, strength=0.2)
+
+
+def _layouts(x):
+    """``x`` stored three ways: contiguous, channels-last, and a strided view of a larger tensor."""
+    wide = torch.zeros(*x.shape[:3], 2 * x.shape[3])
+    wide[..., ::2] = x
+    return {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "strided": wide[..., ::2]}
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES[:5], ids=IDS[:5])
+def test_every_input_layout_gives_the_same_step_and_a_channels_last_output(monkeypatch, case):
+    """The batched-GEMM form reads contiguous, channels-last (its own output's layout) and other
+    strided inputs, also mixed between the halves, to the same bits; it writes channels-last."""
+    monkeypatch.setenv("FF_KERNELS_LOCAL2D_CPU", "gemm")
+    spec, n_pos, n_neg = case
+    x_pos, x_neg, w, b = make_case(spec, max(n_pos, 1), n_neg, seed=5)
+    pos_layouts, neg_layouts = _layouts(x_pos), _layouts(x_neg)
+    results = {}
+    for pos_name, neg_name in [(name, name) for name in pos_layouts] + [("channels_last", "contiguous")]:
+        wb = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+        step = ff_local2d_step(pos_layouts[pos_name], neg_layouts[neg_name], *wb, spec,
+                               threshold=threshold_for("ssq", spec), temperature=3.0, backend="cpu")
+        out, g = ff_local2d_forward(pos_layouts[pos_name], w, b, spec, backend="cpu")
+        results[pos_name, neg_name] = (step.loss, step.goodness, step.output, wb[0].grad, wb[1].grad, out, g)
+        assert spec.out_height * spec.out_width == 1 or step.output.is_contiguous(memory_format=torch.channels_last)
+    first = results["contiguous", "contiguous"]
+    for key, values in results.items():
+        for name, a, b_ in zip(("loss", "goodness", "output", "dw", "db", "forward", "forward goodness"), values, first,
+                               strict=True):
+            assert torch.equal(a, b_), f"{key}: {name} differs from the contiguous inputs'"

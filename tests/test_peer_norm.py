@@ -237,3 +237,36 @@ def test_errors():
         ff_kernels.PeerNormalization(4, strength=-1.0)
     with pytest.raises(ValueError, match=r"activity_mean must have shape \(4,\)"):
         ff_kernels.PeerNormalization(4).update_(torch.zeros(5))
+
+
+@pytest.mark.filterwarnings("ignore:compute_dtype=torch.bfloat16 on a CPU without")
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-compute"])
+def test_cpu_step_adds_exactly_the_rank_one_peer_gradient(compute_dtype, masked):
+    """The CPU step's peer term is outer(p, mean positive row) (and p for the bias), whether it
+    rides on the gradient GEMM (float32) or is added after it (bf16 compute, the GEMM in bf16):
+    the gradients with and without a fixed p differ by exactly that, up to float32 rounding."""
+    from ff_kernels import ops
+
+    gen = torch.Generator().manual_seed(5)
+    x_pos, x_neg = torch.rand(7, 20, generator=gen), torch.rand(5, 20, generator=gen)
+    mask = random_mask(16, 20, gen) if masked else None
+    weight = (torch.rand(16, 20, generator=gen) - 0.4) * 0.7
+    weight = weight if mask is None else weight * mask
+    bias = torch.randn(16, generator=gen) * 0.1
+    p = torch.randn(16, generator=gen)
+
+    def grads(peer):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        with torch.no_grad():
+            ops.ff_linear_step(x_pos, x_neg, w, b, threshold=4.0, temperature=2.0, mask=mask, backend="cpu",
+                               compute_dtype=compute_dtype, peer=peer)
+        return w.grad, b.grad
+
+    (dw_peer, db_peer), (dw, db) = grads(lambda mean_h: p), grads(None)
+    rows = x_pos if compute_dtype is None else x_pos.to(compute_dtype).float()  # the rows the GEMM sees
+    want_dw = torch.outer(p, rows.mean(0))
+    want_dw = want_dw if mask is None else want_dw * mask
+    assert scale_of(want_dw) > 0.3 * scale_of(dw), "degenerate case: the peer term is a small share"
+    close(dw_peer - dw, want_dw, rel=REL * scale_of(dw) / scale_of(want_dw) + REL)
+    close(db_peer - db, p, rel=REL * scale_of(db) / scale_of(p) + REL)

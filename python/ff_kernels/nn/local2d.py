@@ -51,6 +51,9 @@ class FFLocal2d(FFLayer):
     and kept exactly zero by every update; ``bias`` (L, C_out).
 
     Shapes: ``x: (B, C_in, H_in, W_in)`` in the layer's dtype -> ``(B, C_out, H_out, W_out)``.
+    Inputs may be contiguous or ``torch.channels_last``. On the CPU, where the layer runs as one
+    GEMM per location (:mod:`ff_kernels.ops.gemm_local2d`), outputs are channels-last views (the
+    values and shape are the same; use ``.reshape``/``.flatten``, not ``.view``, to flatten them).
     Flat ``(B, C_in * H_in * W_in)`` rows are rejected, not reshaped. :class:`FFSequential`
     stacks FFLocal2d layers whose maps chain; it does not flatten, so it cannot put an FFLinear
     after them (use :meth:`to_dense` for an all-dense equivalent).

@@ -147,14 +147,6 @@ def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum
     param.add_(buf, alpha=-lr)
 
 
-def _with_row(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([rows, row[None]])`` (B + 1, D) in ``rows``' dtype."""
-    out = rows.new_empty(rows.shape[0] + 1, rows.shape[1])
-    out[:-1] = rows
-    out[-1] = row
-    return out
-
-
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
     mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None, blocks=None,
@@ -168,16 +160,13 @@ def train_step(
     ``peer``: peer normalization inside the step (see ``ff_linear_step``): called with the mean
     raw activity of the positive rows, it returns the per-unit derivative p (D_out,), whose
     rank-1 gradient ``outer(p, mean positive row)`` (and p for the bias) joins the step's
-    gradient: as one more row of the weight-gradient GEMM (float32, no mask), else added to the
+    gradient: as p / Bp added to every positive row of delta, so the weight-gradient GEMM and
+    the bias sum carry it, or, when delta is in a lower compute dtype, added in float32 to the
     gradient target before the parameters move. Plain torch ops: runs on any device.
     """
     n_pos = x_pos.shape[0]
     x = _cast(rows_together(x_pos, x_neg), compute_dtype)
-    batch = x.shape[0]
-    # with peer normalization folded into the gradient GEMM, h gets a spare row for p (below)
-    fold = peer is not None and n_pos > 0 and mask is None and x.dtype == weight.dtype
-    h_rows = x.new_empty(batch + fold, weight.shape[0])
-    h = h_rows[:batch]
+    h = x.new_empty(x.shape[0], weight.shape[0])
     if preact is None:
         _activities(x, _cast(weight, compute_dtype), bias, out=h)
     elif preact.dtype == h.dtype:
@@ -189,24 +178,26 @@ def train_step(
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     output = _normalized(h, scale, goodness, rms, blocks).to(x_pos.dtype)
 
-    p = x_mean = None
-    if peer is not None and n_pos > 0:  # the raw activities, before h becomes delta
+    p = None
+    if peer is not None and n_pos > 0:  # from the raw activities, before h becomes delta
         p = peer(h[:n_pos].mean(0, dtype=torch.float32))
-        x_mean = x[:n_pos].mean(0, dtype=torch.float32)
 
     # delta = dG/dz * dL/dG in place of h: the row's (or block's) dL/dG over its units
     factor = (coef if goodness == "sum" else 2.0 * coef).to(h.dtype)[..., None]
     delta = h.sign_() if goodness == "sum" else h  # h >= 0, so sign(h) = 1[h > 0]
     _units(delta, blocks).mul_(factor)
+    # outer(p, mean positive row) = sum over positive rows of outer(p / Bp, row): the peer
+    # gradient rides on the gradient GEMM (and the bias sum) as p / Bp on each positive delta
+    # row, unless delta is in a lower compute dtype than p (then it is added in float32)
+    fold = p is not None and delta.dtype == weight.dtype
+    if fold:
+        delta[:n_pos].add_(p.to(delta.dtype), alpha=1.0 / n_pos)
+    x_mean = x[:n_pos].mean(0, dtype=torch.float32) if p is not None and not fold else None
     mask_w = None if mask is None else mask.to(weight.dtype)
-    rows, delta_rows = x, delta
-    if fold:  # the peer gradient as one more row of the gradient GEMM
-        h_rows[batch] = p
-        rows, delta_rows = _with_row(x, x_mean), h_rows
 
     def add_w(target, alpha, beta):
-        _add_weight_grad(target, delta_rows, rows, mask_w, alpha, beta)
-        if p is not None and not fold:
+        _add_weight_grad(target, delta, x, mask_w, alpha, beta)
+        if x_mean is not None:
             if mask_w is None:
                 target.addr_(p.to(target.dtype), x_mean.to(target.dtype), alpha=alpha)
             else:
@@ -214,7 +205,7 @@ def train_step(
 
     def add_b(target, alpha, beta):
         _add_bias_grad(target, delta, alpha, beta)
-        if p is not None:
+        if x_mean is not None:
             target.add_(p.to(target.dtype), alpha=alpha)
 
     with torch.no_grad():

@@ -7,17 +7,23 @@ grids of 128 to 512 units), that is a batch of L well-shaped GEMMs, and BLAS's b
 runs them near the speed of one dense GEMM with as many multiply-adds; the compiled kernels
 (csrc/), made for wide maps of few units per location (CIFAR-10's 32x32x3), are slower there.
 
-Layout: the windows of a batch are gathered once per step, image by image, as (B, L, K) (zero
-where a window leaves the map); seen as ``P`` (L, K, B) (a strided view, no copy):
+Layout: the windows of a batch are gathered once per step, image by image, as P (B, L, K)
+(zero where a window leaves the map), and the activities are rows h (B, L * C_out) in
+location-major order, (H_out, W_out, C_out):
 
-    h     = relu(W @ P + b)        (L, C_out, B)    one batched GEMM
-    dW    = delta @ P.T            (L, C_out, K)    one batched GEMM, into .grad or the SGD target
+    h[:, l]  = relu(P[:, l] @ W[l].T + b[l])    (L, B, C_out)    one batched GEMM
+    dW       = delta[:, l].T @ P[:, l]          (L, C_out, K)    one batched GEMM, into .grad or the SGD target
 
-and the output (B, C_out, H_out, W_out) is h transposed. Entries of W outside the map meet
-zeros of P, so they do not change z, and their gradient is exactly zero (the layers keep those
-weights zero). The step's large temporaries (the windows, h and the delta) live in buffers kept
-from call to call (per thread, shape and dtype): a fresh multi-megabyte tensor each step costs
-the page faults of new memory, which here cost more than the gather itself. float32 or bfloat16, any device. Same arguments and results as
+so the goodness and the normalization read contiguous rows, and the output
+(B, C_out, H_out, W_out) is a channels-last view of them (same shape and values as a contiguous
+one; ``.contiguous()`` gives the other order). Inputs may be contiguous or channels-last (read
+without a copy either way: the gather index follows the layout), or any other strides (copied
+once). Entries of W outside the map meet zeros of P, so they do not change z, and their gradient
+is exactly zero (the layers keep those weights zero). The step's large temporaries (the windows
+and h, which becomes the delta) live in buffers kept from call to call (per thread, shape and
+dtype): a fresh multi-megabyte tensor each step costs the page faults of new memory, which here
+cost more than the gather itself. float32 or bfloat16, any device. Same arguments and results
+(shapes and values) as
 :mod:`ff_kernels.ops.ext_local2d` (see :mod:`ff_kernels.ops.local2d` for when it is used).
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import threading
 
 import torch
@@ -62,17 +69,47 @@ def pays(spec: LocalSpec) -> bool:
     return spec.out_channels >= MIN_OUT_CHANNELS
 
 
-def windows(x: torch.Tensor, spec: LocalSpec) -> torch.Tensor:
-    """Every location's window of ``x: (B, C_in, H_in, W_in)`` as P (L, K, B), zeros outside the
-    map: a view of the gathered (B, L, K)."""
-    batch = x.shape[0]
-    flat = x.reshape(batch, -1)
-    index = _window_index(spec, x.device)
-    if not _all_inside(spec, x.device):  # windows that leave the map read a zero column past the image
-        flat = torch.cat([flat, flat.new_zeros(batch, 1)], dim=1)
-    gathered = workspace("windows", (batch, spec.num_locations * spec.block_size), x)
-    torch.index_select(flat, 1, index.reshape(-1), out=gathered)
-    return gathered.view(batch, spec.num_locations, spec.block_size).permute(1, 2, 0)
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x: (B, C, H, W)`` is stored channels-last (``torch.channels_last``) and not also
+    contiguous (the two orders agree when C == 1 or H * W == 1)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def image_rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x: (B, C, H, W)`` as rows (B, C * H * W) and whether they are in channels-last (H, W, C)
+    order: a view when x is contiguous or channels-last, else a contiguous copy."""
+    features = math.prod(x.shape[1:])
+    if channels_last(x):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], features), True
+    return x.reshape(x.shape[0], features), False
+
+
+def as_output(rows: torch.Tensor, spec: LocalSpec) -> torch.Tensor:
+    """Rows (B, L * C_out) in location-major (H_out, W_out, C_out) order as the output
+    (B, C_out, H_out, W_out), a channels-last view."""
+    return rows.view(rows.shape[0], spec.out_height, spec.out_width, spec.out_channels).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_index_channels_last(spec: LocalSpec, device: torch.device) -> torch.Tensor:
+    """:func:`_window_index` for inputs read in channels-last order: (L, K) int64 flat index
+    (row * W_in + col) * C_in + c, ``spec.in_features`` outside the map."""
+    index = _window_index(spec, device)
+    plane = spec.in_height * spec.in_width
+    moved = (index % plane) * spec.in_channels + index // plane
+    return torch.where(index < spec.in_features, moved, spec.in_features)
+
+
+def windows(rows: torch.Tensor, spec: LocalSpec, in_channels_last: bool) -> torch.Tensor:
+    """Every location's window of the image rows (B, C_in * H_in * W_in) (channel-major, or
+    channels-last when ``in_channels_last``) as (B, L, K), zeros outside the map."""
+    batch = rows.shape[0]
+    index = (_window_index_channels_last if in_channels_last else _window_index)(spec, rows.device)
+    if not _all_inside(spec, rows.device):  # windows that leave the map read a zero column past the image
+        rows = torch.cat([rows, rows.new_zeros(batch, 1)], dim=1)
+    gathered = workspace("windows", (batch, spec.num_locations * spec.block_size), rows)
+    torch.index_select(rows, 1, index.reshape(-1), out=gathered)
+    return gathered.view(batch, spec.num_locations, spec.block_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,29 +118,43 @@ def _all_inside(spec: LocalSpec, device: torch.device) -> bool:
 
 
 def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """relu(W @ P + b) (L, C_out, B), written into ``out``."""
+    """relu(P @ W.T + b) of the windows p (B, L, K), written into the rows ``out`` (B, L * C_out)."""
+    batch, locations = p.shape[0], p.shape[1]
+    per_location = out.view(batch, locations, -1).transpose(0, 1)  # (L, B, C_out), rows L * C_out apart
     if bias is None:
-        torch.bmm(weight, p, out=out)
+        torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=per_location)
     else:
-        torch.baddbmm(bias.unsqueeze(2), weight, p, out=out)
+        torch.baddbmm(bias.unsqueeze(1), p.transpose(0, 1), weight.transpose(1, 2), out=per_location)
     return out.relu_()
 
 
 def _goodness_and_output(h: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool):
-    """Goodness (B,) float32 and the normalized output (B, C_out, H_out, W_out) of h (L, C_out, B)."""
-    g = (h if goodness == "sum" else h.square()).sum((0, 1), dtype=torch.float32)
+    """Goodness (B,) float32 and the normalized output (B, C_out, H_out, W_out) (channels-last)
+    of the activity rows h (B, L * C_out)."""
+    if goodness == "sum":
+        g = h.sum(1, dtype=torch.float32)
+    else:
+        g = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square_()
     divisor = FF.normalization_scale(g, goodness, spec.out_features, rms)
-    output = h.new_empty(h.shape[2], *spec.output_shape)
-    torch.div(h.permute(2, 1, 0), divisor.to(h.dtype)[:, None, None], out=output.view(h.shape[2], h.shape[1], -1))
-    return g, output
+    return g, as_output(torch.div(h, divisor.to(h.dtype)[:, None]), spec)
 
 
 def forward(x, weight, bias, spec, *, goodness, rms):
-    """Normalized output (B, C_out, H_out, W_out) and goodness (B,) float32."""
-    p = windows(x, spec)
-    h = _activities(p, weight, bias, workspace("h", (weight.shape[0], weight.shape[1], p.shape[2]), weight))
+    """Normalized output (B, C_out, H_out, W_out) (channels-last) and goodness (B,) float32."""
+    rows, in_channels_last = image_rows(x)
+    p = windows(rows, spec, in_channels_last)
+    h = _activities(p, weight, bias, workspace("h", (p.shape[0], spec.out_features), weight))
     g, output = _goodness_and_output(h, spec, goodness, rms)
     return output, g
+
+
+def _step_rows(x_pos: torch.Tensor, x_neg: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The positive then negative images as one block of rows (B, C_in * H_in * W_in) (without a
+    copy when they are adjacent in memory) and whether it is in channels-last order."""
+    if channels_last(x_pos) != channels_last(x_neg):
+        x_neg = x_neg.contiguous(memory_format=torch.channels_last if channels_last(x_pos) else torch.contiguous_format)
+    (pos, in_channels_last), (neg, _) = image_rows(x_pos), image_rows(x_neg)
+    return rows_together(pos, neg), in_channels_last
 
 
 def train_step(
@@ -113,38 +164,29 @@ def train_step(
     """One FF pass on (Bp, C_in, H_in, W_in) positives and (Bn, ...) negatives; see ops.local2d.ff_local2d_step.
 
     ``peer``: peer normalization inside the step (see ``ff_local2d_step``); its gradient, the
-    mean positive image's windows times p at every location, is one more image of the
-    gradient GEMM.
+    mean positive image's windows times p at every location, rides on the gradient GEMM as
+    p / Bp added to every positive row's delta.
     """
-    n_pos, batch = x_pos.shape[0], x_pos.shape[0] + x_neg.shape[0]
-    x = rows_together(x_pos.reshape(n_pos, spec.in_features), x_neg.reshape(x_neg.shape[0], spec.in_features))
-    x_mean = x[:n_pos].mean(0, dtype=torch.float32) if peer is not None and n_pos > 0 else None
-    if x_mean is not None:  # one more image: the mean positive one
-        x_ext = workspace("x", (batch + 1, spec.in_features), x)
-        x_ext[:batch] = x
-        x_ext[batch] = x_mean
-        x = x_ext
-    p = windows(x.view(-1, *spec.input_shape), spec)  # (L, K, B or B + 1)
-    columns = p.shape[2]  # the delta gets the peer column next to the images' (below)
-    full = workspace("h", (weight.shape[0], weight.shape[1], columns), weight)
-    h = _activities(p[:, :, :batch], weight, bias, full if columns == batch else full[:, :, :batch])
+    n_pos = x_pos.shape[0]
+    x, in_channels_last = _step_rows(x_pos, x_neg)
+    p = windows(x, spec, in_channels_last)  # (B, L, K)
+    h = _activities(p, weight, bias, workspace("h", (x.shape[0], spec.out_features), weight))  # (B, L * C_out)
     g, output = _goodness_and_output(h, spec, goodness, rms)
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     peer_p = None
-    if x_mean is not None:  # (L, C_out) like the bias, from p (C_out * L,) ordered like output.flatten(1)
-        peer_p = peer(h[:, :, :n_pos].mean(2, dtype=torch.float32).t().reshape(-1))
-        peer_p = peer_p.view(spec.out_channels, spec.num_locations).t().to(h.dtype)
-    coef = coef.to(h.dtype)
+    if peer is not None and n_pos > 0:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
+        mean_h = h[:n_pos].mean(0, dtype=torch.float32).view(spec.num_locations, spec.out_channels)
+        peer_p = peer(mean_h.t().reshape(-1)).view(spec.out_channels, spec.num_locations).t().reshape(-1)
+    coef = coef.to(h.dtype)[:, None]
     if goodness == "sum":  # dG/dz = 1[h > 0]
         delta = h.sign_().mul_(coef)
     else:  # dG/dz = 2h
         delta = h.mul_(2.0 * coef)
-    bias_delta = delta.sum(2)
-    if peer_p is not None:
-        full[:, :, batch] = peer_p
-        delta = full
-        bias_delta.add_(peer_p)
-    pt = p.transpose(1, 2)  # (L, B, K)
+    if peer_p is not None:  # p times the mean positive window = p / Bp on every positive row's delta
+        delta[:n_pos].add_(peer_p.to(h.dtype), alpha=1.0 / n_pos)
+    bias_delta = delta.sum(0).view(spec.bias_shape)
+    delta = delta.view(-1, spec.num_locations, spec.out_channels).permute(1, 2, 0)  # (L, C_out, B)
+    pt = p.transpose(0, 1)  # (L, B, K)
     with torch.no_grad():
         if mode == "grad":
             for param in (weight, bias):

@@ -28,6 +28,7 @@ Observations on the CPU are in docs/defaults.md.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +122,15 @@ class HybridFFNet(nn.Module):
         return x.reshape(x.shape[0], *self.input_shape)
 
     def head_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """Concatenated detached float32 outputs of the head's layers: (B, head input)."""
-        return torch.cat([outputs[i].detach().flatten(1).float() for i in self.head_indices], dim=1)
+        """Concatenated detached float32 outputs of the head's layers, each flattened like
+        ``.flatten(1)``: (B, head input), written in one copy per layer whatever the outputs'
+        memory layout (FFLocal2d's CPU outputs are channels-last)."""
+        chosen = [outputs[i].detach() for i in self.head_indices]
+        sizes = [math.prod(o.shape[1:]) for o in chosen]
+        features = chosen[0].new_empty(chosen[0].shape[0], sum(sizes), dtype=torch.float32)
+        for o, part in zip(chosen, features.split(sizes, dim=1), strict=True):
+            part.view(o.shape).copy_(o)
+        return features
 
     @torch.no_grad()
     def outputs_and_goodness(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
