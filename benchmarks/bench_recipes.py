@@ -191,8 +191,10 @@ def case_supervised(device: str, width: int = 2000, depth: int = 4, name: str = 
     floor = _forward_floor(sizes, batch_size) + head + _dense_ff_floor(sizes, 2 * batch_size)
     image = NUM_PIXELS - NUM_CLASSES
     # shared: layer 1's image columns once per image (the neutral, positive and negative rows
-    # share them; a row's label adds a column of W); its weight gradient still reads every row
-    own = ([Gemm("fwd", batch_size, image, width), Gemm("wgrad", 2 * batch_size, NUM_PIXELS, width)]
+    # share them; a row's label adds a column of W); its weight gradient reads the pixels of each
+    # positive/negative pair once (label_columns), plus the label columns of the negative rows
+    own = ([Gemm("fwd", batch_size, image, width), Gemm("wgrad", batch_size, NUM_PIXELS, width),
+            Gemm("wgrad", batch_size, NUM_CLASSES, width)]
            + _forward_floor(sizes[1:], batch_size) + head + _dense_ff_floor(sizes[1:], 2 * batch_size))
     eval_images = data.eval_images.to(device)
 

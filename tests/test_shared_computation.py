@@ -1,6 +1,8 @@
 """Work shared between rows, checked against the plain computation.
 
 - ``preact``: FFLinear / FFSequential take the first layer's pre-activations from the caller.
+- ``label_columns``: positive and negative rows that differ only in their label columns; the
+  weight gradient reads the shared columns once.
 - The supervised recipe's shared first layer (``LabelInInputNet.share_first_layer``): the
   image part of layer 1's GEMM once per image, the label part and the row scale per row.
 - FFRecurrent's shared bottom-up term (``share_bottom_up``): layer 1's bottom-up term once per
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ff_kernels.nn import FFLinear, FFLocal2d, FFSequential
+from ff_kernels.nn import FFLinear, FFLocal2d, FFSequential, PeerNormalization
 from ff_kernels.nn.recurrent import BottomUp, FFRecurrent
 from ff_kernels.ops import ext_local2d
 from ff_kernels.ops.cpu_linear import rows_together
@@ -38,6 +40,9 @@ def close(got, want, scale=None, rtol=1e-5, msg=None):
 
 def assert_states_close(a: torch.nn.Module, b: torch.nn.Module, rtol=1e-5) -> None:
     for (name, got), want in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if not want.is_floating_point():  # a mask
+            assert torch.equal(got, want), name
+            continue
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(float(want.abs().max()), 1e-6), msg=name)
 
 
@@ -62,8 +67,9 @@ def test_rows_together_is_a_view_of_adjacent_halves_and_a_copy_otherwise():
 def make_linear(d_in, d_out, backend="cpu", seed=0, **kwargs):
     torch.manual_seed(seed)
     layer = FFLinear(d_in, d_out, backend=backend, **kwargs)
-    with torch.no_grad():
-        layer.bias.normal_(0.0, 0.3)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.normal_(0.0, 0.3)
     return layer
 
 
@@ -153,6 +159,102 @@ def test_preact_is_checked_and_refused_by_layers_without_it():
     local = FFLocal2d(1, 6, 2, kernel=3)
     with pytest.raises(TypeError, match="does not take precomputed pre-activations"):
         local.forward_with_goodness(torch.zeros(2, 1, 6, 6), torch.zeros(2, 32))
+
+
+# ----------------------------------------------------------------------------- label_columns
+
+
+def paired_rows(n, d_in, k, seed=0):
+    """n positive rows and n negative rows equal to them past their first k columns (a label)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_pos = torch.rand(n, d_in, generator=gen)
+    x_neg = x_pos.clone()
+    x_neg[:, :k] = torch.rand(n, k, generator=gen)
+    return x_pos, x_neg
+
+
+LABEL_CASES = {
+    "plain": {}, "masked": {"mask": "random"}, "peer": {"peer_norm": "yes"}, "no-bias": {"bias": False},
+    "blocks": {"blocks": 3}, "sum": {"goodness": "sum"},
+}
+
+
+@pytest.mark.parametrize("mode", ["sgd", "grad"])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_step_with_label_columns_equals_the_step_without(case, n, mode):
+    """The paired weight gradient, (delta_pos + delta_neg).T @ x_pos plus the label columns'
+    correction, adds the same products in another order: float32 rounding apart."""
+    kwargs = dict(LABEL_CASES[case])
+    if kwargs.get("mask") == "random":
+        kwargs["mask"] = torch.rand(9, 30, generator=torch.Generator().manual_seed(1)) < 0.6
+    if kwargs.pop("peer_norm", None):
+        kwargs["peer_norm"] = PeerNormalization(9, strength=0.5)
+    plain, paired = make_linear(30, 9, **kwargs), make_linear(30, 9, **kwargs)
+    if "peer_norm" in kwargs:
+        paired.peer_norm = PeerNormalization(9, strength=0.5)
+    for step in range(2):  # the second step also sees the momentum buffers
+        x_pos, x_neg = paired_rows(n, 30, 4, seed=step)
+        if mode == "sgd":
+            want = plain.ff_step(x_pos, x_neg, **SGD, return_step=True)
+            got = paired.ff_step(x_pos, x_neg, **SGD, return_step=True, label_columns=4)
+        else:
+            want = plain.ff_backward(x_pos, x_neg, return_step=True)
+            got = paired.ff_backward(x_pos, x_neg, return_step=True, label_columns=4)
+        for a, b in zip(got, want):  # the same forward pass; after a step, on weights a rounding apart
+            close(a, b, rtol=0 if step == 0 else 1e-5)
+    assert_states_close(paired, plain)
+    if mode == "grad":
+        scale = plain.weight.grad.abs().max()
+        close(paired.weight.grad, plain.weight.grad, scale=scale)
+        assert float(scale) > 0, "degenerate case: no gradient"
+
+
+@pytest.mark.filterwarnings("ignore:compute_dtype=torch.bfloat16 on a CPU without")
+def test_step_with_label_columns_in_bf16_compute_agrees_to_bf16_rounding():
+    """bf16 GEMMs: delta_pos + delta_neg is rounded to bf16 once more (relative 2^-8)."""
+    plain, paired = (make_linear(30, 9, compute_dtype=torch.bfloat16) for _ in range(2))
+    x_pos, x_neg = paired_rows(6, 30, 4)
+    plain.ff_backward(x_pos, x_neg)
+    paired.ff_backward(x_pos, x_neg, label_columns=4)
+    close(paired.weight.grad, plain.weight.grad, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layers", [None, [0], [1]])
+def test_sequential_passes_label_columns_to_the_first_layer_only(layers):
+    """Layer 2's inputs are layer 1's outputs, not pairs: it must not get label_columns (its
+    check would refuse them)."""
+    def net():
+        torch.manual_seed(3)
+        return FFSequential(FFLinear(12, 8, backend="cpu"), FFLinear(8, 6, backend="cpu"))
+
+    plain, paired = net(), net()
+    x_pos, x_neg = paired_rows(3, 12, 2)
+    want = plain.ff_step(x_pos, x_neg, **SGD, layers=layers)
+    got = paired.ff_step(x_pos, x_neg, **SGD, layers=layers, label_columns=2)
+    close(torch.stack(got), torch.stack(want))
+    assert_states_close(paired, plain)
+    close(torch.stack(paired.ff_backward(x_pos, x_neg, layers=layers, label_columns=2)),
+          torch.stack(plain.ff_backward(x_pos, x_neg, layers=layers)))
+
+
+def test_label_columns_are_checked_and_refused_by_layers_without_them():
+    layer = make_linear(6, 4)
+    x_pos, x_neg = paired_rows(3, 6, 2)
+    with pytest.raises(ValueError, match=r"x_neg must equal x_pos past the first 1 columns \(label_columns\)"):
+        layer.ff_step(x_pos, x_neg, lr=0.1, label_columns=1)
+    with pytest.raises(ValueError, match="label_columns needs as many negative rows as positive ones"):
+        layer.ff_step(x_pos, x_neg[:2], lr=0.1, label_columns=2)
+    with pytest.raises(ValueError, match=r"label_columns must be in \[0, 6\] \(the row width\), got 7"):
+        layer.ff_backward(x_pos, x_neg, label_columns=7)
+    with pytest.raises(TypeError, match="label_columns must be an int or None, got bool"):
+        layer.ff_backward(x_pos, x_neg, label_columns=True)
+    before = layer.weight.detach().clone()
+    assert torch.equal(layer.weight, before)  # nothing moved on a refused step
+    local = FFLocal2d(1, (4, 4), 2, kernel=3, backend="reference")
+    images = torch.rand(2, 1, 4, 4)
+    with pytest.raises(TypeError, match=r"FFLocal2d.*does not take label_columns"):
+        local.ff_step(images, images, lr=0.1, label_columns=1)
 
 
 # ----------------------------------------------------------------------------- the supervised recipe

@@ -96,6 +96,13 @@ class FFLayer(nn.Module):
             raise TypeError(f"{self._name()}: this layer does not take precomputed pre-activations (preact)")
         return {"preact": preact}
 
+    def _label_columns_kwargs(self, label_columns: int | None) -> dict:
+        if label_columns is None:
+            return {}
+        if not self._takes_preact:
+            raise TypeError(f"{self._name()}: this layer does not take label_columns (rows paired by label)")
+        return {"label_columns": label_columns}
+
     def forward_with_goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalized output, goodness (B,) float32) of a batch ``x``; the goodness is (B, k) for
@@ -130,7 +137,8 @@ class FFLayer(nn.Module):
         return FF.positive_probability(self.goodness(x), self.goodness_kind, self.threshold, self.temperature)
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, return_step: bool = False,
-                    apply_peer_norm: bool = True, preact: torch.Tensor | None = None):
+                    apply_peer_norm: bool = True, preact: torch.Tensor | None = None,
+                    label_columns: int | None = None):
         """Accumulate the local FF gradients into ``.weight.grad`` / ``.bias.grad``.
 
         x_pos: positive rows (Bp, ...), x_neg: negative rows (Bn, ...). The gradients equal those
@@ -144,16 +152,22 @@ class FFLayer(nn.Module):
 
         ``preact`` (FFLinear): the pre-activations of ``cat([x_pos, x_neg])`` (Bp + Bn, out_features)
         computed by the caller; the forward GEMM is skipped (the gradient still reads the inputs).
+
+        ``label_columns`` (FFLinear): each positive row and the negative row at the same index
+        are one input with two labels in its first ``label_columns`` columns (the paper's
+        supervised FF; Bp = Bn, the rest equal, checked): the weight gradient then reads the
+        shared columns once, a GEMM of half the rows (see ``ops.ff_linear_step``).
         """
         self._check_step_inputs(x_pos, x_neg)
         extra = self._preact_kwargs(preact)
+        paired = self._label_columns_kwargs(label_columns)
         frozen = self._frozen_parameters()
         if len(frozen) == len(self._parameters_to_train()):
             step = self._forward_step(x_pos, x_neg)
         else:
             peer = self._peer_kwargs(apply_peer_norm, **extra)
             with _KeepFrozen(frozen, "grad"):
-                step = self._step_op(x_pos, x_neg, mode="grad", **extra, **peer)
+                step = self._step_op(x_pos, x_neg, mode="grad", **extra, **paired, **peer)
                 if apply_peer_norm and not peer:
                     self._peer_norm_step(step, x_pos, "grad")
         return step if return_step else step.loss
@@ -167,12 +181,13 @@ class FFLayer(nn.Module):
         weight_decay: float = 0.0,
         return_step: bool = False,
         preact: torch.Tensor | None = None,
+        label_columns: int | None = None,
     ):
         """One fused FF update: ``ff_backward`` + ``torch.optim.SGD(lr, momentum, weight_decay).step()``.
 
         The gradient never reaches ``.grad``; the momentum buffers live in this module (and its
-        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step. ``preact``:
-        as for :meth:`ff_backward`.
+        state_dict). With ``peer_norm`` its extra gradient is part of the SGD step. ``preact``
+        and ``label_columns``: as for :meth:`ff_backward`.
         """
         self._check_step_inputs(x_pos, x_neg)
         frozen = self._frozen_parameters()
@@ -181,12 +196,13 @@ class FFLayer(nn.Module):
             return step if return_step else step.loss
         weight_buf, bias_buf = self.momentum_buffers(momentum)
         extra = self._preact_kwargs(preact)
+        paired = self._label_columns_kwargs(label_columns)
         peer = self._peer_kwargs(True, **extra)
         buffers = {"weight": weight_buf, "bias": bias_buf}
         with _KeepFrozen(frozen, "sgd", {name: buffers[name] for name in frozen}):
             step = self._step_op(
                 x_pos, x_neg, mode="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay,
-                weight_buf=weight_buf, bias_buf=bias_buf, **extra, **peer,
+                weight_buf=weight_buf, bias_buf=bias_buf, **extra, **paired, **peer,
             )
             if not peer:
                 self._peer_norm_step(step, x_pos, "sgd", lr, weight_buf, bias_buf)

@@ -111,6 +111,7 @@ class FFSequential(nn.Sequential):
         step_fn: Callable[..., FFLayerStep],
         layers: Iterable[int] | None = None,
         preact: torch.Tensor | None = None,
+        label_columns: int | None = None,
     ) -> list[FFLayerStep]:
         """The loop behind :meth:`ff_backward` and :meth:`ff_step`, for callers with their own step.
 
@@ -118,7 +119,9 @@ class FFSequential(nn.Sequential):
         negative (Bn, ...) inputs and returns its :class:`~ff_kernels.ops.FFLayerStep`, whose
         pre-update ``output`` (Bp + Bn, ...) feeds the next layer. Returns the chosen layers'
         steps, bottom first. With ``preact`` (Bp + Bn, D_1), the first layer's pre-activations,
-        the first layer's call is ``step_fn(layer, x_pos, x_neg, preact=preact)``.
+        the first layer's call is ``step_fn(layer, x_pos, x_neg, preact=preact)``; likewise
+        ``label_columns`` (see ``FFLinear.ff_backward``) goes to the first layer only, as only its
+        inputs hold the labels.
         """
         chosen = self._layer_indices(layers)
         n_pos = x_pos.shape[0]
@@ -128,7 +131,8 @@ class FFSequential(nn.Sequential):
                 break
             first = {"preact": preact} if i == 0 and preact is not None else {}
             if i in chosen:
-                step = step_fn(layer, x_pos, x_neg, **first)
+                paired = {"label_columns": label_columns} if i == 0 and label_columns is not None else {}
+                step = step_fn(layer, x_pos, x_neg, **first, **paired)
                 steps.append(step)
                 x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
             else:  # a layer below the chosen ones only feeds them (no graph: FF steps are local)
@@ -141,13 +145,15 @@ class FFSequential(nn.Sequential):
         return steps
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None,
-                    preact: torch.Tensor | None = None) -> list[torch.Tensor]:
+                    preact: torch.Tensor | None = None, label_columns: int | None = None) -> list[torch.Tensor]:
         """Accumulate every chosen layer's local gradients; returns their losses (0-dim each).
 
-        x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows; ``preact``: see the class.
+        x_pos: (Bp, D_in) positive rows, x_neg: (Bn, D_in) negative rows; ``preact`` and
+        ``label_columns``: see :meth:`train_steps`.
         """
         steps = self.train_steps(
             x_pos, x_neg, lambda layer, p, n, **kw: layer.ff_backward(p, n, return_step=True, **kw), layers, preact,
+            label_columns,
         )
         return [step.loss for step in steps]
 
@@ -160,13 +166,14 @@ class FFSequential(nn.Sequential):
         weight_decay: float = 0.0,
         layers: Iterable[int] | None = None,
         preact: torch.Tensor | None = None,
+        label_columns: int | None = None,
     ) -> list[torch.Tensor]:
         """Fused SGD step on every chosen layer (see ``FFLinear.ff_step``); returns their losses."""
         steps = self.train_steps(
             x_pos, x_neg,
             lambda layer, p, n, **kw: layer.ff_step(p, n, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                                     return_step=True, **kw),
-            layers, preact,
+            layers, preact, label_columns,
         )
         return [step.loss for step in steps]
 

@@ -147,9 +147,22 @@ def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum
     param.add_(buf, alpha=-lr)
 
 
+def _add_paired_weight_grad(target, delta, x, n_pos, label_columns, mask, alpha: float, beta: float) -> None:
+    """:func:`_add_weight_grad` for Bp = Bn rows x (2Bp, D_in) whose positive and negative rows
+    agree past their first ``label_columns`` columns: ``delta.T @ x`` as
+    ``(delta_pos + delta_neg).T @ x_pos`` (a GEMM of half the rows) plus
+    ``delta_neg.T @ (x_neg - x_pos)`` on the first ``label_columns`` columns."""
+    _add_weight_grad(target, delta[:n_pos] + delta[n_pos:], x[:n_pos], mask, alpha, beta)
+    if label_columns:
+        labels = slice(0, label_columns)
+        _add_weight_grad(target[:, labels], delta[n_pos:], x[n_pos:, labels] - x[:n_pos, labels],
+                         None if mask is None else mask[:, labels], alpha)
+
+
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
     mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None, blocks=None,
+    label_columns=None,
 ) -> FFLayerStep:
     """One FF pass on (Bp, D_in) positives and (Bn, D_in) negatives; see ops.linear.ff_linear_step.
 
@@ -163,6 +176,10 @@ def train_step(
     gradient: as p / Bp added to every positive row of delta, so the weight-gradient GEMM and
     the bias sum carry it, or, when delta is in a lower compute dtype, added in float32 to the
     gradient target before the parameters move. Plain torch ops: runs on any device.
+
+    ``label_columns`` (validated by the caller): Bp = Bn and each positive row equals its
+    negative row past its first ``label_columns`` columns; the weight gradient then reads the
+    shared columns once (:func:`_add_paired_weight_grad`).
     """
     n_pos = x_pos.shape[0]
     x = _cast(rows_together(x_pos, x_neg), compute_dtype)
@@ -196,7 +213,10 @@ def train_step(
     mask_w = None if mask is None else mask.to(weight.dtype)
 
     def add_w(target, alpha, beta):
-        _add_weight_grad(target, delta, x, mask_w, alpha, beta)
+        if label_columns is None:
+            _add_weight_grad(target, delta, x, mask_w, alpha, beta)
+        else:
+            _add_paired_weight_grad(target, delta, x, n_pos, label_columns, mask_w, alpha, beta)
         if x_mean is not None:
             if mask_w is None:
                 target.addr_(p.to(target.dtype), x_mean.to(target.dtype), alpha=alpha)

@@ -28,6 +28,7 @@ from .validation import (
     all_finite,
     check_blocks,
     check_finite,
+    check_label_columns,
     check_matrix,
     check_rows_pair,
     check_step_args,
@@ -170,6 +171,7 @@ def ff_linear_step(
     preact: torch.Tensor | None = None,
     peer=None,
     blocks: int | None = None,
+    label_columns: int | None = None,
 ) -> FFLayerStep:
     """One FF training pass of a linear layer on a positive and a negative batch.
 
@@ -198,6 +200,12 @@ def ff_linear_step(
     FF losses, each block of D_out/k units with its own goodness against ``threshold`` (so the
     threshold is per block) and its own normalization (module docstring for the backends).
 
+    ``label_columns``: the positive and negative rows come in pairs, the same input with
+    another label in its first ``label_columns`` columns (the paper's supervised FF): Bp = Bn
+    and ``x_pos[:, label_columns:]`` equals ``x_neg[:, label_columns:]`` (checked). The torch-ops
+    step then computes the weight gradient from the shared columns once, a GEMM of Bp rows
+    instead of Bp + Bn; the other backends ignore it (their result is the same).
+
     Returns :class:`FFLayerStep` (loss, goodness (Bp + Bn,), or (Bp + Bn, k) with ``blocks``,
     normalized output) computed with the weights as they were before this step.
     """
@@ -206,6 +214,7 @@ def ff_linear_step(
     blocks = check_blocks(layer, blocks, weight.shape[0])
     check_blocks_backend(layer, blocks, backend)
     check_rows_pair(layer, x_pos, x_neg)
+    label_columns = check_label_columns(layer, label_columns, x_pos, x_neg)
     joined = cpu_linear.adjacent_rows(x_pos, x_neg)  # adjacent halves: one finite check for both
     check_matrix("x_pos", layer, x_pos, weight.shape[1], weight, finite=joined is None)
     check_matrix("x_neg", layer, x_neg, weight.shape[1], weight, finite=joined is None)
@@ -237,7 +246,7 @@ def ff_linear_step(
     with torch.no_grad():
         if torch_ops:
             return cpu_linear.train_step(x_pos, x_neg, weight, bias, compute_dtype=compute_dtype, preact=preact,
-                                         peer=peer, blocks=blocks, **kwargs)
+                                         peer=peer, blocks=blocks, label_columns=label_columns, **kwargs)
         from . import triton_linear
 
         return triton_linear.train_step(x_pos, x_neg, weight, bias, **kwargs)

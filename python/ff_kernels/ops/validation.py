@@ -139,6 +139,29 @@ def check_rows_pair(layer: str, x_pos: torch.Tensor, x_neg: torch.Tensor) -> Non
         raise ValueError(f"{layer}: both x_pos and x_neg are empty; an FF step needs at least one row")
 
 
+def check_label_columns(layer: str, label_columns, x_pos: torch.Tensor, x_neg: torch.Tensor) -> int | None:
+    """``label_columns`` as an int (or None): pairs of rows (label in the input) must be Bp = Bn
+    rows that agree past their first ``label_columns`` columns. Checked at once on the CPU,
+    deferred elsewhere (see :func:`check_on_device`)."""
+    if label_columns is None:
+        return None
+    if isinstance(label_columns, bool) or not isinstance(label_columns, int):
+        raise TypeError(f"{layer}: label_columns must be an int or None, got {type(label_columns).__name__}")
+    if not 0 <= label_columns <= x_pos.shape[1]:
+        raise ValueError(f"{layer}: label_columns must be in [0, {x_pos.shape[1]}] (the row width), got {label_columns}")
+    if x_pos.shape[0] != x_neg.shape[0]:
+        raise ValueError(f"{layer}: label_columns needs as many negative rows as positive ones, "
+                         f"got x_pos {describe(x_pos)} and x_neg {describe(x_neg)}")
+    rest_pos, rest_neg = x_pos[:, label_columns:], x_neg[:, label_columns:]
+    problem = f"must equal x_pos past the first {label_columns} columns (label_columns)"
+    if checks_at_once(x_pos.device):
+        if not torch.equal(rest_pos, rest_neg):
+            raise ValueError(f"{layer}: x_neg {problem}")
+    else:
+        check_on_device(layer, "x_neg", (rest_pos != rest_neg).any(), problem)
+    return label_columns
+
+
 def check_mask(layer: str, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Return ``mask`` as a bool tensor after checking its shape and that it holds only 0/1."""
     if not isinstance(mask, torch.Tensor):

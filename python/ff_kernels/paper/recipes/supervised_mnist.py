@@ -324,15 +324,19 @@ class SupervisedMNIST:
         wrong = self.wrong_labels(probs, labels, generator)
         self.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(logits, labels).backward()
+        shared = {}
         if part is not None:  # the neutral, positive and negative rows share layer 1's image part
             x, preact = model.training_rows(images, labels, wrong, part)
             x_pos, x_neg = x.chunk(2)
+            # and a positive row equals its negative one past the label: layer 1's weight gradient
+            # reads the image columns once
+            shared = {"preact": preact, "label_columns": NUM_CLASSES}
         else:
-            x_pos, x_neg, preact = model.inputs(images, labels), model.inputs(images, wrong), None
+            x_pos, x_neg = model.inputs(images, labels), model.inputs(images, wrong)
         if self.config.optimizer == "sgd":
-            losses = model.net.ff_step(x_pos, x_neg, **self.sgd_hyper(), preact=preact)
+            losses = model.net.ff_step(x_pos, x_neg, **self.sgd_hyper(), **shared)
         else:
-            losses = model.net.ff_backward(x_pos, x_neg, preact=preact)
+            losses = model.net.ff_backward(x_pos, x_neg, **shared)
         self.optimizer.step()
         errors = (probs.argmax(1) != labels).sum()
         return torch.stack(losses).mean(), errors, labels.shape[0]
