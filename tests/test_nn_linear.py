@@ -37,12 +37,20 @@ def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
     assert w.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("fused_sgd", [False, True], ids=["two-passes", "fused-sgd-pass"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ff_step_equals_ff_backward_plus_torch_sgd(backend):
+def test_ff_step_equals_ff_backward_plus_torch_sgd(backend, fused_sgd, masked, monkeypatch):
+    """``fused_sgd``: the CPU step's one-pass update (torch's fused SGD kernel), used from
+    FUSED_SGD_MIN weights on, here for this small layer too."""
+    from ff_kernels.ops import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "FUSED_SGD_MIN", 0 if fused_sgd else 1 << 62)
     torch.manual_seed(1)
     device = device_for(backend)
-    fused = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device)
-    plain = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device)
+    mask = (torch.rand(16, 30) < 0.7).to(device) if masked else None
+    fused = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device, mask=mask)
+    plain = ff_kernels.FFLinear(30, 16, threshold=2.0, backend=backend, device=device, mask=mask)
     plain.load_state_dict(fused.state_dict())
     opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     for seed in range(4):

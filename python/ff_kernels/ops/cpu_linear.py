@@ -2,8 +2,9 @@
 
 Per step it runs one GEMM for the positive and negative rows together (bias fused by
 ``addmm``), a few passes over the (B, D_out) activities, and one weight-gradient GEMM that
-accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with beta 1),
-so dW is never a separate tensor unless a mask or a dtype change needs one. With
+accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with the
+momentum as beta), so dW is never a separate tensor unless a mask, a dtype change or weight
+decay (then torch's fused SGD pass, see :func:`sgd_update`) needs one. With
 ``compute_dtype=torch.bfloat16`` both GEMMs run in bf16 (AMX/AVX512-BF16 where the CPU has
 them) while parameters, goodness and the optimizer stay in the parameters' dtype.
 
@@ -19,6 +20,9 @@ import torch
 from .. import functional as FF
 from .cpu_features import warn_if_bf16_emulated
 from .layer_step import FFLayerStep
+from .workspace import workspace
+
+FUSED_SGD_MIN = 1 << 16  # parameter size from which torch's fused SGD pass replaces the two passes below
 
 
 def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -104,7 +108,8 @@ def rows_together(x_pos: torch.Tensor, x_neg: torch.Tensor) -> torch.Tensor:
 def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1.0) -> None:
     """``target = beta * target + alpha * (delta.T @ x) * mask``: (D_out, B) @ (B, D_in).
 
-    One GEMM writing into ``target`` when there is no mask and no dtype change.
+    One GEMM writing into ``target`` when there is no mask and no dtype change. Beta 0
+    overwrites ``target`` whatever it holds (NaN included).
     """
     if mask is None and delta.dtype == target.dtype:
         target.addmm_(delta.t(), x, beta=beta, alpha=alpha)
@@ -112,15 +117,21 @@ def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1
     grad = torch.mm(delta.t(), x)
     if mask is not None:
         grad.mul_(mask)
-    if beta != 1.0:
-        target.mul_(beta)
+    _scale(target, beta)
     target.add_(grad, alpha=alpha)
+
+
+def _scale(target: torch.Tensor, beta: float) -> None:
+    """``target *= beta``; beta 0 zeroes it whatever it holds."""
+    if beta == 0.0:
+        target.zero_()
+    elif beta != 1.0:
+        target.mul_(beta)
 
 
 def _add_bias_grad(target, delta, alpha: float = 1.0, beta: float = 1.0) -> None:
     """``target = beta * target + alpha * delta.sum(0)``."""
-    if beta != 1.0:
-        target.mul_(beta)
+    _scale(target, beta)
     target.add_(delta.sum(0, dtype=torch.float32), alpha=alpha)
 
 
@@ -131,15 +142,27 @@ def _accumulate_grad(param: torch.Tensor, add) -> None:
     add(param.grad, 1.0, 1.0)
 
 
-def _sgd(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha, beta)``.
+def sgd_update(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum: float,
+               weight_decay: float) -> None:
+    """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha, beta)``
+    (``target = beta * target + alpha * grad``; beta 0 overwrites ``target`` whatever it holds).
 
-    With a buffer: ``buf = momentum * buf + grad + wd * param; param -= lr * buf`` (the
-    momentum decay rides on the gradient GEMM as its beta). Without (momentum 0):
-    ``param = (1 - lr * wd) * param - lr * grad``.
+    Without a buffer (momentum 0): ``param = (1 - lr * wd) * param - lr * grad``, the gradient
+    GEMM writing into the parameter. With one: ``buf = momentum * buf + grad + wd * param;
+    param -= lr * buf``; without weight decay the momentum decay rides on the gradient GEMM as its
+    beta, then one pass updates param. With weight decay, a float32 parameter of at least
+    ``FUSED_SGD_MIN`` entries gets its gradient in a workspace and torch's fused SGD kernel does
+    the decay, the momentum and the update in one pass over param, grad and buf (instead of
+    the GEMM into buf and two passes over param and buf).
     """
     if buf is None:
         add(param, -lr, 1.0 - lr * weight_decay)
+        return
+    if weight_decay and param.dtype == torch.float32 and param.numel() >= FUSED_SGD_MIN:
+        grad = workspace("sgd_grad", param.shape, param)
+        add(grad, 1.0, 0.0)
+        torch._fused_sgd_([param], [grad], [buf], weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
         return
     add(buf, 1.0, momentum)
     if weight_decay:
@@ -234,7 +257,7 @@ def train_step(
             if bias is not None:
                 _accumulate_grad(bias, add_b)
         else:
-            _sgd(weight, weight_buf, add_w, lr, momentum, weight_decay)
+            sgd_update(weight, weight_buf, add_w, lr, momentum, weight_decay)
             if bias is not None:
-                _sgd(bias, bias_buf, add_b, lr, momentum, weight_decay)
+                sgd_update(bias, bias_buf, add_b, lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)

@@ -29,38 +29,18 @@ cost more than the gather itself. float32 or bfloat16, any device. Same argument
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
-import threading
 
 import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
-from .cpu_linear import rows_together
+from .cpu_linear import rows_together, sgd_update
 from .layer_step import FFLayerStep
+from .workspace import workspace
 
 MIN_OUT_CHANNELS = 16  # units per location from which the batched GEMMs beat the compiled CPU kernels
-WORKSPACES = 16  # buffers kept per thread (the least recently used one goes first)
-
-_local = threading.local()
-
-
-def workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A buffer of ``shape`` with ``like``'s dtype and device, the same one for every call with the
-    same name, shape, dtype and device on this thread (contents undefined)."""
-    cache = getattr(_local, "buffers", None)
-    if cache is None:
-        cache = _local.buffers = collections.OrderedDict()
-    key = (name, tuple(shape), like.dtype, like.device)
-    buffer = cache.pop(key, None)
-    if buffer is None:
-        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
-        while len(cache) >= WORKSPACES:
-            cache.popitem(last=False)
-    cache[key] = buffer
-    return buffer
 
 
 def pays(spec: LocalSpec) -> bool:
@@ -196,21 +176,17 @@ def train_step(
             if bias is not None:
                 bias.grad.add_(bias_delta)
         else:
-            _sgd(weight, weight_buf, lambda target, alpha, beta: target.baddbmm_(delta, pt, beta=beta, alpha=alpha),
-                 lr, momentum, weight_decay)
+            sgd_update(weight, weight_buf, lambda target, alpha, beta: target.baddbmm_(delta, pt, beta=beta, alpha=alpha),
+                       lr, momentum, weight_decay)
             if bias is not None:
-                _sgd(bias, bias_buf, lambda target, alpha, beta: target.mul_(beta).add_(bias_delta, alpha=alpha),
-                     lr, momentum, weight_decay)
+                sgd_update(bias, bias_buf, lambda target, alpha, beta: _scaled_add(target, bias_delta, alpha, beta),
+                           lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)
 
 
-def _sgd(param, buf, add, lr: float, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD (dampening 0) with the gradient added by ``add(target, alpha, beta)``
-    (``target = beta * target + alpha * grad``), as the CPU linear op does it."""
-    if buf is None:
-        add(param, -lr, 1.0 - lr * weight_decay)
-        return
-    add(buf, 1.0, momentum)
-    if weight_decay:
-        buf.add_(param, alpha=weight_decay)
-    param.add_(buf, alpha=-lr)
+def _scaled_add(target: torch.Tensor, value: torch.Tensor, alpha: float, beta: float) -> None:
+    """``target = beta * target + alpha * value`` (beta 0 overwrites target whatever it holds)."""
+    if beta == 0.0:
+        torch.mul(value, alpha, out=target)
+    else:
+        target.mul_(beta).add_(value, alpha=alpha)
