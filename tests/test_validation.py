@@ -91,3 +91,63 @@ def test_huge_finite_values_are_not_mistaken_for_inf(layer):
     assert output.shape == (2, 4)  # the op's NaN/Inf check lets them through
     with pytest.raises(ValueError, match=r"goodness .* overflows float32"):
         layer(x)  # the layer then says why every output row would be zeros
+
+
+def _checked_widths(monkeypatch) -> list[int]:
+    """Record the width of every tensor the ops check for NaN/Inf from now on."""
+    from ff_kernels.ops import linear as ops_linear
+    from ff_kernels.ops import validation
+
+    widths = []
+    real_all_finite = validation.all_finite
+
+    def spy(x):
+        widths.append(x.shape[-1])
+        return real_all_finite(x)
+
+    monkeypatch.setattr(validation, "all_finite", spy)
+    monkeypatch.setattr(ops_linear, "all_finite", spy)
+    return widths
+
+
+@pytest.mark.parametrize("call", ["ff_step", "ff_backward", "activations", "goodness"])
+def test_sequential_checks_only_its_own_inputs(monkeypatch, call):
+    """A layer above the first gets the normalized output of a layer whose goodness was finite:
+    FFSequential does not check it again (validation.trusted_inputs); the first layer's inputs
+    are checked."""
+    torch.manual_seed(0)
+    net = ff_kernels.FFSequential(ff_kernels.FFLinear(12, 8, backend="cpu"), ff_kernels.FFLinear(8, 6, backend="cpu"),
+                                  ff_kernels.FFLinear(6, 5, backend="cpu"))
+    x = torch.rand(6, 12)
+    widths = _checked_widths(monkeypatch)
+    if call == "ff_step":
+        net.ff_step(x[:3], x[3:], lr=0.1)
+    elif call == "ff_backward":
+        net.ff_backward(x[:3], x[3:])
+    else:
+        getattr(net, call)(x)
+    assert widths and set(widths) == {12}
+
+
+def test_sequential_checks_the_output_of_a_diverged_layer():
+    """A layer whose weights hold NaN puts out NaN with NaN goodness: the layer above checks its
+    inputs again and names the problem."""
+    net = ff_kernels.FFSequential(ff_kernels.FFLinear(12, 8, backend="cpu"), ff_kernels.FFLinear(8, 6, backend="cpu"))
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    x = torch.rand(6, 12)
+    with pytest.raises(ValueError, match=r"FFLinear\(8, 6\): x_pos contains NaN or Inf"):
+        net.ff_step(x[:3], x[3:], lr=0.1)
+
+
+def test_trusted_inputs_skip_the_input_checks_only_inside():
+    from ff_kernels.ops import validation
+
+    layer = ff_kernels.FFLinear(4, 3, backend="cpu")
+    bad = torch.tensor([[float("nan"), 0.0, 0.0, 0.0]])
+    with validation.trusted_inputs():
+        layer(bad)  # not checked: the caller vouches for its inputs
+        with validation.trusted_inputs(False):  # nesting keeps the trust
+            layer(bad)
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        layer(bad)

@@ -242,7 +242,7 @@ class FFLayer(nn.Module):
         """
         _finite(self._name(), "threshold", self.threshold)
         _finite(self._name(), "temperature", self.temperature)
-        if not validation.check_finite_inputs:
+        if not validation.checking_inputs():
             return
         x_norm = 0.0
         for x in (x_pos, x_neg):
@@ -360,6 +360,20 @@ class FFLayer(nn.Module):
                 with torch.inference_mode(False):
                     setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def output_is_checked(layer: nn.Module, output: torch.Tensor, goodness: torch.Tensor | None = None) -> bool:
+    """Whether ``layer``'s ``output`` may feed the next layer unchecked (``validation.trusted_inputs``).
+
+    An FFLayer's normalized output is finite and of bounded length when its goodness is finite.
+    ``goodness``: a training step's, read here; None after a forward pass, which checked its own
+    goodness (:meth:`FFLayer._check_goodness`). Only on the CPU, where the checks run at once
+    (elsewhere reading would wait for the device), and while the checks are on.
+    """
+    if not (isinstance(layer, FFLayer) and validation.check_finite_inputs
+            and validation.checks_at_once(output.device)):
+        return False
+    return goodness is None or bool(torch.isfinite(goodness).all())
 
 
 def _finite(layer: str, name: str, value) -> float:

@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..ops import validation
 from ..ops.layer_step import FFLayerStep
+from .layer import output_is_checked
 
 FF_METHODS = ("forward_with_goodness", "ff_backward", "ff_step")  # what FFSequential calls on a layer
 
@@ -77,9 +79,12 @@ class FFSequential(nn.Sequential):
     def activations(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-layer normalized outputs for ``x: (B, D_in)``: a list of (B, D_l)."""
         outputs = []
+        checked = False  # the layer below put out x with finite goodness: no need to check it again
         for i, layer in enumerate(self):
-            x = layer(x, preact) if i == 0 and preact is not None else layer(x)
+            with validation.trusted_inputs(checked):
+                x = layer(x, preact) if i == 0 and preact is not None else layer(x)
             outputs.append(x)
+            checked = output_is_checked(layer, x)
         return outputs
 
     def goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,9 +95,13 @@ class FFSequential(nn.Sequential):
         itself for the per-block values.
         """
         columns = []
+        checked = False
         for i, layer in enumerate(self):
-            x, g = layer.forward_with_goodness(x, preact) if i == 0 and preact is not None else layer.forward_with_goodness(x)
+            with validation.trusted_inputs(checked):
+                x, g = (layer.forward_with_goodness(x, preact) if i == 0 and preact is not None
+                        else layer.forward_with_goodness(x))
             columns.append(g.sum(1) if g.dim() == 2 else g)
+            checked = output_is_checked(layer, x)
         return torch.stack(columns, dim=1)
 
     def _layer_indices(self, layers: Iterable[int] | None) -> set[int]:
@@ -121,27 +130,32 @@ class FFSequential(nn.Sequential):
         steps, bottom first. With ``preact`` (Bp + Bn, D_1), the first layer's pre-activations,
         the first layer's call is ``step_fn(layer, x_pos, x_neg, preact=preact)``; likewise
         ``label_columns`` (see ``FFLinear.ff_backward``) goes to the first layer only, as only its
-        inputs hold the labels.
+        inputs hold the labels. A layer's inputs that are the outputs of an FF layer whose goodness
+        was finite are not checked again for NaN/Inf (``validation.trusted_inputs``, CPU).
         """
         chosen = self._layer_indices(layers)
         n_pos = x_pos.shape[0]
         steps = []
+        checked = False  # the inputs are the checked outputs of the layer below (no need to check them again)
         for i, layer in enumerate(self):
             if i > max(chosen):
                 break
             first = {"preact": preact} if i == 0 and preact is not None else {}
             if i in chosen:
                 paired = {"label_columns": label_columns} if i == 0 and label_columns is not None else {}
-                step = step_fn(layer, x_pos, x_neg, **first, **paired)
+                with validation.trusted_inputs(checked):
+                    step = step_fn(layer, x_pos, x_neg, **first, **paired)
                 steps.append(step)
                 x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
+                checked = output_is_checked(layer, step.output, step.goodness)
             else:  # a layer below the chosen ones only feeds them (no graph: FF steps are local)
-                with torch.no_grad():
+                with torch.no_grad(), validation.trusted_inputs(checked):
                     if first:
                         out = layer(torch.cat([x_pos, x_neg]), preact)
                         x_pos, x_neg = out[:n_pos], out[n_pos:]
                     else:
                         x_pos, x_neg = layer(x_pos), layer(x_neg)
+                checked = output_is_checked(layer, x_pos)
         return steps
 
     def ff_backward(self, x_pos: torch.Tensor, x_neg: torch.Tensor, layers: Iterable[int] | None = None,

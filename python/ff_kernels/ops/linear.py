@@ -218,7 +218,7 @@ def ff_linear_step(
     joined = cpu_linear.adjacent_rows(x_pos, x_neg)  # adjacent halves: one finite check for both
     check_matrix("x_pos", layer, x_pos, weight.shape[1], weight, finite=joined is None)
     check_matrix("x_neg", layer, x_neg, weight.shape[1], weight, finite=joined is None)
-    if joined is not None and validation.check_finite_inputs:
+    if joined is not None and validation.checking_inputs():
         if not validation.checks_at_once(joined.device):
             check_finite(layer, "x_pos or x_neg", joined)  # deferred: reading it would wait for the device
         elif not all_finite(joined):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 
@@ -15,6 +17,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 check_finite_inputs = True
 # Device-side check flags are read (one wait for the device) every this many checks.
 finite_check_interval = 256
+_trust = threading.local()  # .on: the inputs of the ops called now are known finite (trusted_inputs)
 
 # (layer, input name, problem, device) -> 0-dim bool tensor on that device: the problem was seen there.
 _deferred_failures: dict[tuple[str, str, str, torch.device], torch.Tensor] = {}
@@ -52,10 +55,31 @@ def check_matrix(name: str, layer: str, x: torch.Tensor, features: int, like: to
         check_finite(layer, name, x)
 
 
+def checking_inputs() -> bool:
+    """Whether the op inputs are checked now: ``check_finite_inputs`` is on and this thread is
+    not inside :func:`trusted_inputs`."""
+    return check_finite_inputs and not getattr(_trust, "on", False)
+
+
+@contextlib.contextmanager
+def trusted_inputs(trusted: bool = True):
+    """Within (when ``trusted``), this thread's FF layers and ops skip the NaN/Inf and overflow
+    checks of their inputs (x, x_pos, x_neg; not preact or parameters). For inputs that are known
+    finite and of bounded length: the normalized outputs of a layer whose goodness was finite
+    (see ``nn.layer.output_is_checked``), which FFSequential feeds to the layer above."""
+    previous = getattr(_trust, "on", False)
+    _trust.on = previous or trusted
+    try:
+        yield
+    finally:
+        _trust.on = previous
+
+
 def check_finite(layer: str, name: str, x: torch.Tensor) -> None:
-    """Raise ValueError if ``x`` holds a NaN or Inf (nothing while ``check_finite_inputs`` is off):
-    at once for a CPU tensor, deferred for one on another device (see :func:`check_on_device`)."""
-    if not check_finite_inputs or x.numel() == 0:
+    """Raise ValueError if ``x`` holds a NaN or Inf (nothing while the inputs are not checked, see
+    :func:`checking_inputs`): at once for a CPU tensor, deferred for one on another device (see
+    :func:`check_on_device`)."""
+    if not checking_inputs() or x.numel() == 0:
         return
     if checks_at_once(x.device):
         if not all_finite(x):

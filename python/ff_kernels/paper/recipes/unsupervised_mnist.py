@@ -36,6 +36,8 @@ from torch import nn
 
 from ... import functional
 from ...nn import FFLinear, FFSequential
+from ...nn.layer import output_is_checked
+from ...ops import validation
 from ..data import MnistSplits, hybrid_negatives
 from ..data.hybrid import BLUR_STEPS
 from ..options import Option
@@ -136,10 +138,13 @@ class HybridFFNet(nn.Module):
     def outputs_and_goodness(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward pass: per-layer normalized outputs and goodness (B, L) float32."""
         outputs, columns = [], []
+        checked = False  # as in FFSequential: a layer's checked output is not checked again above it
         for layer in self.net:
-            x, g = layer.forward_with_goodness(x)
+            with validation.trusted_inputs(checked):
+                x, g = layer.forward_with_goodness(x)
             outputs.append(x)
             columns.append(g)
+            checked = output_is_checked(layer, x)
         return outputs, torch.stack(columns, dim=1)
 
     def positive_probability(self, goodness: torch.Tensor) -> torch.Tensor:
@@ -220,14 +225,17 @@ class UnsupervisedMNIST:
         hyper = self.sgd_hyper() if self.config.optimizer == "sgd" else None
         n_pos = x_pos.shape[0]
         losses, outputs = [], []
+        checked = False  # as in FFSequential: a layer's checked output is not checked again above it
         for layer in self.model.net:
-            if hyper is not None:
-                step = layer.ff_step(x_pos, x_neg, **hyper, return_step=True)
-            else:
-                step = layer.ff_backward(x_pos, x_neg, return_step=True)
+            with validation.trusted_inputs(checked):
+                if hyper is not None:
+                    step = layer.ff_step(x_pos, x_neg, **hyper, return_step=True)
+                else:
+                    step = layer.ff_backward(x_pos, x_neg, return_step=True)
             losses.append(step.loss)
             x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
             outputs.append(x_pos)
+            checked = output_is_checked(layer, step.output, step.goodness)
         return losses, outputs
 
     def train_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
