@@ -7,14 +7,26 @@ from ff_kernels import functional as FF
 from ff_kernels.nn import FFLinear
 
 
+@pytest.mark.parametrize("blocks", [None, 3])
 @pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
 @pytest.mark.parametrize("batch,n_pos", [(1, 1), (1, 0), (5, 0), (5, 5), (7, 3), (200, 100)])
-def test_loss_and_goodness_grad_together_equal_the_two_functions(kind, batch, n_pos):
-    g = torch.rand(batch, generator=torch.Generator().manual_seed(batch)) * 40
+def test_loss_and_goodness_grad_together_equal_the_two_functions(kind, batch, n_pos, blocks):
+    shape = (batch,) if blocks is None else (batch, blocks)  # per-block goodness (B, k)
+    g = torch.rand(shape, generator=torch.Generator().manual_seed(batch)) * 40
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, kind, 20.0, 3.0)
     # the same float32 terms, summed or scaled in another order: a few ulps
     torch.testing.assert_close(loss, FF.ff_loss(g[:n_pos], g[n_pos:], kind, 20.0, 3.0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(coef, FF.loss_goodness_grad(g, n_pos, kind, 20.0, 3.0), rtol=1e-6, atol=1e-9)
+
+
+def test_loss_and_goodness_grad_constants_made_in_inference_mode_serve_autograd_later():
+    g = torch.rand(6) * 40
+    with torch.inference_mode():
+        FF.ff_loss_and_goodness_grad(g, 3, "ssq", 20.0, 3.0)  # keeps this split's per-row constants
+    g.requires_grad_(True)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, 3, "ssq", 20.0, 3.0)
+    loss.backward()
+    torch.testing.assert_close(g.grad, coef.detach(), rtol=1e-6, atol=1e-9)
 
 
 def test_adjacent_halves_get_one_finite_check_that_still_names_the_bad_half():

@@ -49,6 +49,8 @@ and obvious.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -152,24 +154,35 @@ def ff_loss_and_goodness_grad(
     The same values from fewer tensor ops (the fast paths call this once per layer and step):
     with ``t = -s`` for positive rows and ``t = s`` for negative ones (s the logit), the loss is
     ``mean_pos softplus(t) + mean_neg softplus(t)`` and dL/dG is
-    ``sigmoid(t) * sign / T * (-1 / n_pos or 1 / n_neg)``. Per-block goodness ``g: (B, k)``
+    ``sigmoid(t) * sign / T * (-1 / n_pos or 1 / n_neg)``, both from per-row constants kept
+    per batch split (:func:`_row_weights`). Per-block goodness ``g: (B, k)``
     gives the loss summed over blocks and dL/dG ``(B, k)``, as :func:`ff_loss` and
     :func:`loss_goodness_grad` do.
     """
-    n_neg = g.shape[0] - n_pos
     sign = goodness_sign(kind)
-    t = (g - threshold) * (sign / temperature)
-    t[:n_pos].neg_()
-    lost = F.softplus(t)
-    loss = g.new_zeros(()) if n_pos == 0 else lost[:n_pos].mean(0).sum()  # (B,): .sum() of a 0-dim mean
-    if n_neg:
-        loss = loss + lost[n_pos:].mean(0).sum()
-    coef = torch.sigmoid(t)
-    if n_pos:
-        coef[:n_pos] *= -sign / (temperature * n_pos)
-    if n_neg:
-        coef[n_pos:] *= sign / (temperature * n_neg)
+    logit_scale, mean_weight = _row_weights(g.shape[0], n_pos, sign / temperature, g.dtype, g.device)
+    if g.dim() == 2:  # per-block goodness: the row's weights for each of its blocks
+        logit_scale, mean_weight = logit_scale[:, None], mean_weight[:, None]
+    t = torch.sub(g, threshold).mul_(logit_scale)  # -s for positive rows, s for negative ones
+    loss = F.softplus(t).mul_(mean_weight).sum()
+    coef = torch.sigmoid(t).mul_(logit_scale).mul_(mean_weight)
     return loss, coef
+
+
+@functools.lru_cache(maxsize=64)
+def _row_weights(rows: int, n_pos: int, signed_inverse_temperature: float, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row constants of :func:`ff_loss_and_goodness_grad` (both (rows,)): the logit's factor,
+    ``-sign / T`` for the ``n_pos`` positive rows and ``sign / T`` for the negative ones, and the
+    means' weights, ``1 / n_pos`` and ``1 / n_neg``."""
+    n_neg = rows - n_pos
+    with torch.inference_mode(False):  # normal tensors, usable in and out of inference mode
+        logit_scale = torch.full((rows,), signed_inverse_temperature, dtype=dtype, device=device)
+        logit_scale[:n_pos] = -signed_inverse_temperature
+        mean_weight = torch.empty(rows, dtype=dtype, device=device)
+        mean_weight[:n_pos] = 1.0 / max(n_pos, 1)
+        mean_weight[n_pos:] = 1.0 / max(n_neg, 1)
+    return logit_scale, mean_weight
 
 
 def pairwise_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:

@@ -294,8 +294,8 @@ class FFLayer(nn.Module):
         """
         if not momentum > 0:
             return None, None
-        with torch.inference_mode(False):  # normal tensors even under inference mode: usable after it
-            if self.weight_momentum is None:
+        if self.weight_momentum is None:
+            with torch.inference_mode(False):  # normal tensors even under inference mode: usable after it
                 self.weight_momentum = torch.zeros_like(self.weight)
                 if self.bias is not None:
                     self.bias_momentum = torch.zeros_like(self.bias)

@@ -195,11 +195,14 @@ class LabelInInputNet(nn.Module):
             label_part, code_square = torch.matmul(labels, label_weight), labels.square().sum(2)
         else:  # one-hot: a row of the label weights, and a sum of squares of 1
             label_part, code_square = label_weight[labels], torch.ones(labels.shape, device=labels.device)
-        z = label_part + part.preact  # (R, B, width)
+        rows = (labels.shape[0], *part.preact.shape)  # (R, B, width); the label part is a fresh tensor
+        z = label_part.add_(part.preact) if label_part.shape == rows else label_part + part.preact
         divisor = self._row_divisor(part, code_square)
-        if divisor is not None:
+        if divisor is not None and layer.bias is not None:  # z / divisor + bias in one pass
+            torch.addcdiv(layer.bias, z, divisor, out=z)
+        elif divisor is not None:
             z.div_(divisor)
-        if layer.bias is not None:
+        elif layer.bias is not None:
             z.add_(layer.bias)
         return z.flatten(0, 1)
 
