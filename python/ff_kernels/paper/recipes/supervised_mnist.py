@@ -120,9 +120,10 @@ class LabelInInputNet(nn.Module):
     ``images[:, 10:] @ W[:, 10:].T`` computed once per image (:meth:`image_part`), the label
     part ``code @ W[:, :10].T`` (a row of ``W[:, :10].T`` for a one-hot label) and the row's
     scale ``s = 1 / (sqrt(mean square of the row) + eps)`` from the image's and the code's sums
-    of squares. The layer takes ``z`` instead of running its GEMM; its weight gradient still
-    reads the full input rows. Off, every row runs through the whole GEMM (the plain
-    algorithm); both agree up to float rounding.
+    of squares. The layer takes ``z`` instead of running its GEMM; its weight gradient reads
+    the pixels of each positive/negative pair once (``label_columns``: the two rows are one
+    image with two labels and the same scale). Off, every row runs through the whole GEMMs
+    (the plain algorithm); both agree up to float rounding.
     """
 
     def __init__(self, config: SupervisedMNISTConfig) -> None:
