@@ -101,3 +101,19 @@ def test_no_host_sync_in_a_cuda_step(layer_kind, mode):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
     validation.raise_deferred_checks()
+
+
+def test_label_columns_mismatch_is_deferred_off_the_cpu(deferred, monkeypatch):
+    """label_columns' check (rows equal past the label columns) takes the same deferred path."""
+    monkeypatch.setattr(validation, "finite_check_interval", 100)  # read only when asked
+    layer = ff_kernels.FFLinear(8, 4)
+    x_pos = torch.rand(2, 8)
+    x_neg = x_pos.clone()
+    x_neg[:, :2] = 0.5
+    layer.ff_step(x_pos, x_neg, lr=0.1, label_columns=2)
+    validation.raise_deferred_checks()  # pairs: nothing to report
+    x_neg[1, 5] += 1.0
+    layer.ff_step(x_pos, x_neg, lr=0.1, label_columns=2)  # queued, no wait
+    with pytest.raises(ValueError, match=r"FFLinear\(8, 4\): x_neg must equal x_pos past the first 2 columns "
+                                         r"\(label_columns\) \(cpu\)"):
+        validation.raise_deferred_checks()
