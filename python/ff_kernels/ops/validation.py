@@ -63,10 +63,12 @@ def checking_inputs() -> bool:
 
 @contextlib.contextmanager
 def trusted_inputs(trusted: bool = True):
-    """Within (when ``trusted``), this thread's FF layers and ops skip the NaN/Inf and overflow
-    checks of their inputs (x, x_pos, x_neg; not preact or parameters). For inputs that are known
-    finite and of bounded length: the normalized outputs of a layer whose goodness was finite
-    (see ``nn.layer.output_is_checked``), which FFSequential feeds to the layer above."""
+    """Within (when ``trusted``), this thread's FF layers and ops skip the NaN/Inf checks of their
+    input tensors (:func:`check_finite`: x, x_pos, x_neg, preact) and the layers' overflow bound;
+    the checks of parameters, shapes and hyper-parameters stay. For inputs that are known finite
+    and of bounded length: the normalized outputs of a layer whose goodness was finite (see
+    ``nn.layer.output_is_checked``), which FFSequential feeds to the layer above (a ``preact``
+    only ever goes to the first layer, which is never trusted)."""
     previous = getattr(_trust, "on", False)
     _trust.on = previous or trusted
     try:
