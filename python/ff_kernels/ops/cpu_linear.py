@@ -117,22 +117,23 @@ def _add_weight_grad(target, delta, x, mask, alpha: float = 1.0, beta: float = 1
     grad = torch.mm(delta.t(), x)
     if mask is not None:
         grad.mul_(mask)
-    _scale(target, beta)
-    target.add_(grad, alpha=alpha)
+    scaled_add_(target, grad, alpha, beta)
 
 
-def _scale(target: torch.Tensor, beta: float) -> None:
-    """``target *= beta``; beta 0 zeroes it whatever it holds."""
+def scaled_add_(target: torch.Tensor, value: torch.Tensor, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``target = beta * target + alpha * value`` in place; beta 0 overwrites ``target`` whatever
+    it holds (NaN included), as BLAS's beta does."""
     if beta == 0.0:
-        target.zero_()
-    elif beta != 1.0:
+        torch.mul(value, alpha, out=target)
+        return
+    if beta != 1.0:
         target.mul_(beta)
+    target.add_(value, alpha=alpha)
 
 
 def _add_bias_grad(target, delta, alpha: float = 1.0, beta: float = 1.0) -> None:
     """``target = beta * target + alpha * delta.sum(0)``."""
-    _scale(target, beta)
-    target.add_(delta.sum(0, dtype=torch.float32), alpha=alpha)
+    scaled_add_(target, delta.sum(0, dtype=torch.float32), alpha, beta)
 
 
 def _accumulate_grad(param: torch.Tensor, add) -> None:

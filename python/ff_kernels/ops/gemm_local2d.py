@@ -36,7 +36,7 @@ import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
-from .cpu_linear import rows_together, sgd_update
+from .cpu_linear import rows_together, scaled_add_, sgd_update
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
@@ -179,14 +179,6 @@ def train_step(
             sgd_update(weight, weight_buf, lambda target, alpha, beta: target.baddbmm_(delta, pt, beta=beta, alpha=alpha),
                        lr, momentum, weight_decay)
             if bias is not None:
-                sgd_update(bias, bias_buf, lambda target, alpha, beta: _scaled_add(target, bias_delta, alpha, beta),
+                sgd_update(bias, bias_buf, lambda target, alpha, beta: scaled_add_(target, bias_delta, alpha, beta),
                            lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)
-
-
-def _scaled_add(target: torch.Tensor, value: torch.Tensor, alpha: float, beta: float) -> None:
-    """``target = beta * target + alpha * value`` (beta 0 overwrites target whatever it holds)."""
-    if beta == 0.0:
-        torch.mul(value, alpha, out=target)
-    else:
-        target.mul_(beta).add_(value, alpha=alpha)
