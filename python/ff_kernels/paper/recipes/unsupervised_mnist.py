@@ -219,24 +219,17 @@ class UnsupervisedMNIST:
         return [b for b in batches if b.numel() >= 2]
 
     def _ff_update(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every FF layer's update (fused SGD, or gradients for Adam) like FFSequential.ff_step /
-        ff_backward; returns (losses, the positive rows' normalized outputs per layer), the
-        outputs computed with the weights before the update."""
-        hyper = self.sgd_hyper() if self.config.optimizer == "sgd" else None
+        """Every FF layer's update (fused SGD, or gradients for Adam) through
+        FFSequential.train_steps, as ff_step / ff_backward do; returns (losses, the positive rows'
+        normalized outputs per layer), the outputs computed with the weights before the update."""
+        if self.config.optimizer == "sgd":
+            hyper = self.sgd_hyper()
+            steps = self.model.net.train_steps(
+                x_pos, x_neg, lambda layer, p, n: layer.ff_step(p, n, **hyper, return_step=True))
+        else:
+            steps = self.model.net.train_steps(x_pos, x_neg, lambda layer, p, n: layer.ff_backward(p, n, return_step=True))
         n_pos = x_pos.shape[0]
-        losses, outputs = [], []
-        checked = False  # as in FFSequential: a layer's checked output is not checked again above it
-        for layer in self.model.net:
-            with validation.trusted_inputs(checked):
-                if hyper is not None:
-                    step = layer.ff_step(x_pos, x_neg, **hyper, return_step=True)
-                else:
-                    step = layer.ff_backward(x_pos, x_neg, return_step=True)
-            losses.append(step.loss)
-            x_pos, x_neg = step.output[:n_pos], step.output[n_pos:]
-            outputs.append(x_pos)
-            checked = output_is_checked(layer, step.output, step.goodness)
-        return losses, outputs
+        return [step.loss for step in steps], [step.output[:n_pos] for step in steps]
 
     def train_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One update on the rows ``batch`` (index tensor): FF layers on images vs hybrids, the
