@@ -62,7 +62,7 @@ class PeerNormalization(nn.Module):
     def derivative(self) -> torch.Tensor:
         """p (N,) float32: ``strength * (r - mean(r))``."""
         r = self.running_mean.float()
-        return self.strength * (r - r.mean())
+        return (r - r.mean()).mul_(self.strength)
 
     @torch.no_grad()
     def update_(self, activity_mean: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,8 @@ class PeerNormalization(nn.Module):
                 f"PeerNormalization({self.num_units}): activity_mean must have shape ({self.num_units},), "
                 f"got {tuple(activity_mean.shape)}"
             )
-        new = self.momentum * self.running_mean.float() + (1.0 - self.momentum) * activity_mean.float()
-        self.running_mean.copy_(new)
+        # r + (1 - momentum) (a - r), exact at momentum 0 (torch.lerp returns the end point at weight 1)
+        self.running_mean.lerp_(activity_mean.to(self.running_mean.dtype), 1.0 - self.momentum)
         return self.derivative()
 
     def extra_repr(self) -> str:

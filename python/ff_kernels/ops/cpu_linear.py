@@ -131,11 +131,6 @@ def scaled_add_(target: torch.Tensor, value: torch.Tensor, alpha: float = 1.0, b
     target.add_(value, alpha=alpha)
 
 
-def _add_bias_grad(target, delta, alpha: float = 1.0, beta: float = 1.0) -> None:
-    """``target = beta * target + alpha * delta.sum(0)``."""
-    scaled_add_(target, delta.sum(0, dtype=torch.float32), alpha, beta)
-
-
 def _accumulate_grad(param: torch.Tensor, add) -> None:
     """``param.grad += grad`` where ``add(target, alpha, beta)`` adds the gradient into ``target``."""
     if param.grad is None:
@@ -169,6 +164,18 @@ def sgd_update(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, mo
     if weight_decay:
         buf.add_(param, alpha=weight_decay)
     param.add_(buf, alpha=-lr)
+
+
+def sgd_update_with(param: torch.Tensor, buf: torch.Tensor | None, grad: torch.Tensor, lr: float, momentum: float,
+                    weight_decay: float) -> None:
+    """:func:`sgd_update` with the gradient at hand as a tensor of param's shape (a bias's row
+    sum): one call of torch's fused SGD kernel for a float32 parameter with a momentum buffer,
+    else :func:`sgd_update` adding ``grad``."""
+    if buf is not None and param.dtype == torch.float32 and grad.dtype == torch.float32:
+        torch._fused_sgd_([param], [grad], [buf], weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+        return
+    sgd_update(param, buf, lambda target, alpha, beta: scaled_add_(target, grad, alpha, beta), lr, momentum, weight_decay)
 
 
 def _add_paired_weight_grad(target, delta, x, n_pos, label_columns, mask, alpha: float, beta: float) -> None:
@@ -247,18 +254,17 @@ def train_step(
             else:
                 target.add_(torch.outer(p, x_mean).to(target.dtype).mul_(mask_w), alpha=alpha)
 
-    def add_b(target, alpha, beta):
-        _add_bias_grad(target, delta, alpha, beta)
-        if x_mean is not None:
-            target.add_(p.to(target.dtype), alpha=alpha)
+    def bias_grad() -> torch.Tensor:  # (D_out,) float32
+        grad = delta.sum(0, dtype=torch.float32)
+        return grad if x_mean is None else grad.add_(p)
 
     with torch.no_grad():
         if mode == "grad":
             _accumulate_grad(weight, add_w)
             if bias is not None:
-                _accumulate_grad(bias, add_b)
+                _accumulate_grad(bias, lambda target, alpha, beta: scaled_add_(target, bias_grad(), alpha, beta))
         else:
             sgd_update(weight, weight_buf, add_w, lr, momentum, weight_decay)
             if bias is not None:
-                sgd_update(bias, bias_buf, add_b, lr, momentum, weight_decay)
+                sgd_update_with(bias, bias_buf, bias_grad(), lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)

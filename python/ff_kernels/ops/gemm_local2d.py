@@ -8,15 +8,17 @@ runs them near the speed of one dense GEMM with as many multiply-adds; the compi
 (csrc/), made for wide maps of few units per location (CIFAR-10's 32x32x3), are slower there.
 
 Layout: the windows of a batch are gathered once per step, image by image, as P (B, L, K)
-(zero where a window leaves the map), and the activities are rows h (B, L * C_out) in
-location-major order, (H_out, W_out, C_out):
+(zero where a window leaves the map), and the activities are location-major, h (L, B, C_out):
 
-    h[:, l]  = relu(P[:, l] @ W[l].T + b[l])    (L, B, C_out)    one batched GEMM
-    dW       = delta[:, l].T @ P[:, l]          (L, C_out, K)    one batched GEMM, into .grad or the SGD target
+    h[l]     = relu(P[:, l] @ W[l].T + b[l])    (L, B, C_out)    one batched GEMM, contiguous output
+    dW       = h'[l].T @ P[:, l]                (L, C_out, K)    one batched GEMM, into .grad or the SGD target
 
-so the goodness and the normalization read contiguous rows, and the output
-(B, C_out, H_out, W_out) is a channels-last view of them (same shape and values as a contiguous
-one; ``.contiguous()`` gives the other order). Inputs may be contiguous or channels-last (read
+(h' the delta, written over h). Each location's GEMM writes its own contiguous block, which
+BLAS runs as a true batched GEMM; rows (B, L * C_out) would make it one strided GEMM per
+location, slower on more than one thread. The normalized output is written once as rows
+(B, L * C_out) in (H_out, W_out, C_out) order, so the output (B, C_out, H_out, W_out) is a
+channels-last view of them (same shape and values as a contiguous one; ``.contiguous()`` gives
+the other order). Inputs may be contiguous or channels-last (read
 without a copy either way: the gather index follows the layout), or any other strides (copied
 once). Entries of W outside the map meet zeros of P, so they do not change z, and their gradient
 is exactly zero (the layers keep those weights zero). The step's large temporaries (the windows
@@ -36,7 +38,7 @@ import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
-from .cpu_linear import rows_together, scaled_add_, sgd_update
+from .cpu_linear import rows_together, sgd_update, sgd_update_with
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
@@ -97,33 +99,35 @@ def _all_inside(spec: LocalSpec, device: torch.device) -> bool:
     return bool((_window_index(spec, device) < spec.in_features).all())
 
 
-def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """relu(P @ W.T + b) of the windows p (B, L, K), written into the rows ``out`` (B, L * C_out)."""
-    batch, locations = p.shape[0], p.shape[1]
-    per_location = out.view(batch, locations, -1).transpose(0, 1)  # (L, B, C_out), rows L * C_out apart
+def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """relu(P @ W.T + b) of the windows p (B, L, K) as (L, B, C_out), in a reused buffer."""
+    locations, batch, out_channels = weight.shape[0], p.shape[0], weight.shape[1]
+    out = workspace("local_h", (locations, batch, out_channels), weight)
     if bias is None:
-        torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=per_location)
+        torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=out)
     else:
-        torch.baddbmm(bias.unsqueeze(1), p.transpose(0, 1), weight.transpose(1, 2), out=per_location)
+        torch.baddbmm(bias.unsqueeze(1), p.transpose(0, 1), weight.transpose(1, 2), out=out)
     return out.relu_()
 
 
 def _goodness_and_output(h: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool):
     """Goodness (B,) float32 and the normalized output (B, C_out, H_out, W_out) (channels-last)
-    of the activity rows h (B, L * C_out)."""
+    of the location-major activities h (L, B, C_out)."""
     if goodness == "sum":
-        g = h.sum(1, dtype=torch.float32)
+        g = h.sum(2, dtype=torch.float32).sum(0)
     else:
-        g = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square_()
+        g = torch.linalg.vector_norm(h, dim=2, dtype=torch.float32).square_().sum(0)
     divisor = FF.normalization_scale(g, goodness, spec.out_features, rms)
-    return g, as_output(torch.div(h, divisor.to(h.dtype)[:, None]), spec)
+    locations, batch, out_channels = h.shape
+    rows = h.new_empty(batch, spec.out_features)
+    torch.div(h.transpose(0, 1), divisor.to(h.dtype)[:, None, None], out=rows.view(batch, locations, out_channels))
+    return g, as_output(rows, spec)
 
 
 def forward(x, weight, bias, spec, *, goodness, rms):
     """Normalized output (B, C_out, H_out, W_out) (channels-last) and goodness (B,) float32."""
     rows, in_channels_last = image_rows(x)
-    p = windows(rows, spec, in_channels_last)
-    h = _activities(p, weight, bias, workspace("h", (p.shape[0], spec.out_features), weight))
+    h = _activities(windows(rows, spec, in_channels_last), weight, bias)
     g, output = _goodness_and_output(h, spec, goodness, rms)
     return output, g
 
@@ -150,22 +154,27 @@ def train_step(
     n_pos = x_pos.shape[0]
     x, in_channels_last = _step_rows(x_pos, x_neg)
     p = windows(x, spec, in_channels_last)  # (B, L, K)
-    h = _activities(p, weight, bias, workspace("h", (x.shape[0], spec.out_features), weight))  # (B, L * C_out)
+    h = _activities(p, weight, bias)  # (L, B, C_out)
     g, output = _goodness_and_output(h, spec, goodness, rms)
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
     peer_p = None
     if peer is not None and n_pos > 0:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
-        mean_h = h[:n_pos].mean(0, dtype=torch.float32).view(spec.num_locations, spec.out_channels)
-        peer_p = peer(mean_h.t().reshape(-1)).view(spec.out_channels, spec.num_locations).t().reshape(-1)
-    coef = coef.to(h.dtype)[:, None]
+        mean_h = h[:, :n_pos].mean(1, dtype=torch.float32)  # (L, C_out)
+        peer_p = peer(mean_h.t().reshape(-1)).view(spec.out_channels, spec.num_locations).t()
     if goodness == "sum":  # dG/dz = 1[h > 0]
-        delta = h.sign_().mul_(coef)
+        factor = coef.to(h.dtype)[:, None]
+        h.sign_()
     else:  # dG/dz = 2h
-        delta = h.mul_(2.0 * coef)
-    if peer_p is not None:  # p times the mean positive window = p / Bp on every positive row's delta
-        delta[:n_pos].add_(peer_p.to(h.dtype), alpha=1.0 / n_pos)
-    bias_delta = delta.sum(0).view(spec.bias_shape)
-    delta = delta.view(-1, spec.num_locations, spec.out_channels).permute(1, 2, 0)  # (L, C_out, B)
+        factor = (2.0 * coef).to(h.dtype)[:, None]
+    delta = h  # (L, B, C_out), written over h
+    if peer_p is None:
+        delta.mul_(factor)
+    else:  # p times the mean positive window = p / Bp on every positive row's delta, in the same pass
+        positive = delta[:, :n_pos]
+        torch.addcmul((peer_p / n_pos).to(h.dtype).unsqueeze(1), positive, factor[:n_pos], out=positive)
+        delta[:, n_pos:].mul_(factor[n_pos:])
+    bias_delta = delta.sum(1, dtype=torch.float32)  # (L, C_out)
+    delta = delta.transpose(1, 2)  # (L, C_out, B)
     pt = p.transpose(0, 1)  # (L, B, K)
     with torch.no_grad():
         if mode == "grad":
@@ -179,6 +188,5 @@ def train_step(
             sgd_update(weight, weight_buf, lambda target, alpha, beta: target.baddbmm_(delta, pt, beta=beta, alpha=alpha),
                        lr, momentum, weight_decay)
             if bias is not None:
-                sgd_update(bias, bias_buf, lambda target, alpha, beta: scaled_add_(target, bias_delta, alpha, beta),
-                           lr, momentum, weight_decay)
+                sgd_update_with(bias, bias_buf, bias_delta, lr, momentum, weight_decay)
     return FFLayerStep(loss, g, output)
