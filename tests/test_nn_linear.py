@@ -180,6 +180,18 @@ class TestSequential:
         assert [tuple(a.shape) for a in net.activations(x)] == [(3, 20), (3, 10), (3, 8)]
         torch.testing.assert_close(net.goodness(x)[:, 1], net[1].goodness(net[0](x)))
 
+    def test_outputs_and_goodness_is_activations_and_goodness_in_one_pass(self):
+        net = self.make()
+        x, _ = inputs(n_pos=5)
+        outputs, goodness = net.outputs_and_goodness(x)
+        for got, expected in zip(outputs, net.activations(x), strict=True):
+            assert torch.equal(got, expected)
+        assert torch.equal(goodness, net.goodness(x))
+        below = x
+        for i, layer in enumerate(net):  # each column is the layer's own goodness of the output below it
+            torch.testing.assert_close(goodness[:, i], layer.goodness(below))
+            below = layer(below)
+
     def test_bad_layer_indices(self):
         with pytest.raises(ValueError, match="subset of 0..2"):
             self.make().ff_backward(*inputs(), layers=[3])

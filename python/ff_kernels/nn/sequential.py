@@ -94,15 +94,23 @@ class FFSequential(nn.Sequential):
         goodness function that is the goodness of the whole layer's activities); call the layer
         itself for the per-block values.
         """
-        columns = []
-        checked = False
+        return self.outputs_and_goodness(x, preact)[1]
+
+    def outputs_and_goodness(self, x: torch.Tensor | None, preact: torch.Tensor | None = None
+                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward pass: the per-layer normalized outputs (as :meth:`activations`, through
+        each layer's ``forward_with_goodness``) and the per-layer goodness ``(B, L)`` (as
+        :meth:`goodness`)."""
+        outputs, columns = [], []
+        checked = False  # the layer below put out x with finite goodness: no need to check it again
         for i, layer in enumerate(self):
             with validation.trusted_inputs(checked):
                 x, g = (layer.forward_with_goodness(x, preact) if i == 0 and preact is not None
                         else layer.forward_with_goodness(x))
+            outputs.append(x)
             columns.append(g.sum(1) if g.dim() == 2 else g)
             checked = output_is_checked(layer, x)
-        return torch.stack(columns, dim=1)
+        return outputs, torch.stack(columns, dim=1)
 
     def _layer_indices(self, layers: Iterable[int] | None) -> set[int]:
         if layers is None:

@@ -36,8 +36,6 @@ from torch import nn
 
 from ... import functional
 from ...nn import FFLinear, FFSequential
-from ...nn.layer import output_is_checked
-from ...ops import validation
 from ..data import MnistSplits, hybrid_negatives
 from ..data.hybrid import BLUR_STEPS
 from ..options import Option
@@ -137,15 +135,7 @@ class HybridFFNet(nn.Module):
     @torch.no_grad()
     def outputs_and_goodness(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward pass: per-layer normalized outputs and goodness (B, L) float32."""
-        outputs, columns = [], []
-        checked = False  # as in FFSequential: a layer's checked output is not checked again above it
-        for layer in self.net:
-            with validation.trusted_inputs(checked):
-                x, g = layer.forward_with_goodness(x)
-            outputs.append(x)
-            columns.append(g)
-            checked = output_is_checked(layer, x)
-        return outputs, torch.stack(columns, dim=1)
+        return self.net.outputs_and_goodness(x)
 
     def positive_probability(self, goodness: torch.Tensor) -> torch.Tensor:
         """p(positive) (B, L) of every layer from the goodness (B, L)."""
