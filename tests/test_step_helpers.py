@@ -38,3 +38,27 @@ def test_adjacent_halves_get_one_finite_check_that_still_names_the_bad_half():
         layer.ff_step(x[:2], x[2:], lr=0.1)
     with pytest.raises(ValueError, match="x_pos contains NaN or Inf"):
         layer.ff_step(x[2:], x[:2], lr=0.1)  # not adjacent: each checked on its own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.0, 0.5), (0.9, 0.0), (0.9, 0.5)])  # decay large enough to show in bf16
+def test_sgd_update_with_a_gradient_tensor_is_torch_sgd(dtype, momentum, weight_decay):
+    """cpu_linear.sgd_update_with (torch's fused SGD kernel for float32 with a momentum buffer,
+    else the GEMM-target form) takes the same three steps as torch.optim.SGD."""
+    from ff_kernels.ops.cpu_linear import sgd_update_with
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(7, 5, generator=generator).to(dtype)
+    grads = [torch.randn(7, 5, generator=generator) for _ in range(3)]  # float32, as a bias's row sum is
+    param = start.clone()
+    buf = torch.zeros_like(param) if momentum else None
+    expected = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.SGD([expected], lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    for grad in grads:
+        sgd_update_with(param, buf, grad, 0.1, momentum, weight_decay)
+        expected.grad = grad.to(dtype)
+        optimizer.step()
+    # float32: the same operations up to rounding; bfloat16: the parameter and (torch) the gradient
+    # rounded to 8 bits, a few units of 2^-8 on values of order 1
+    tolerance = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(param, expected.detach(), **tolerance)
