@@ -34,6 +34,7 @@ DEFAULT_PARTS = {
         "ff_kernels.ops.gemm_local2d:_activities",
         "ff_kernels.ops.gemm_local2d:_goodness_and_output",
         "ff_kernels.ops.gemm_local2d:sgd_update",
+        "ff_kernels.ops.gemm_local2d:sgd_update_with",
     ],
     "supervised": [
         "ff_kernels.paper.recipes.supervised_mnist:LabelInInputNet.image_part",
@@ -44,6 +45,7 @@ DEFAULT_PARTS = {
         "ff_kernels.ops.cpu_linear:train_step",
         "ff_kernels.ops.cpu_linear:_activities",
         "ff_kernels.ops.cpu_linear:sgd_update",
+        "ff_kernels.ops.cpu_linear:sgd_update_with",
         "ff_kernels.ops.cpu_linear:_normalized",
         "ff_kernels.nn.sequential:output_is_checked",
     ],
