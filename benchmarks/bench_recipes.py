@@ -274,7 +274,7 @@ def _hybrid_case(name: str, device: str, width: int = 2000, depth: int = 4) -> C
         def run():
             model = recipe.model
             outputs, _ = model.outputs_and_goodness(model.inputs(eval_images))
-            model.head_logits(outputs)
+            model.head(model.head_features(outputs))
             model.outputs_and_goodness(model.inputs(hybrid_negatives(eval_images, generator, recipe.config.blur_steps)))
         return run
 

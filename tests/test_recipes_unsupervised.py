@@ -274,33 +274,6 @@ def test_softmax_reads_the_normalized_outputs_of_the_last_layers_in_order(data):
     torch.testing.assert_close(recipe.model.head_features(outputs), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe_cls, settings", [(UnsupervisedMNIST, TINY_UNSUPERVISED),
-                                                  (LocalMNIST, dict(TINY, channels=(16, 16, 16)))])
-@pytest.mark.parametrize("batch", [1, 7])
-def test_head_logits_equal_the_head_on_the_flattened_features(data, recipe_cls, settings, batch):
-    """head_logits reads each output in its memory order (the local net's are channels-last)
-    against the head's weight columns in that order: the logits and the head's gradient are
-    those of the head on ``head_features`` (``.flatten(1)`` order), up to summation order."""
-    recipe = recipe_cls(recipe_cls.Config(**settings), data)
-    model = recipe.model
-    with torch.no_grad():
-        model.head.weight.normal_(generator=torch.Generator().manual_seed(3))
-    outputs, _ = model.outputs_and_goodness(model.inputs(data.train_images[:batch]))
-    if recipe_cls is LocalMNIST:  # the case the reordering is for (16 units per location: the GEMM form)
-        assert outputs[-1].is_contiguous(memory_format=torch.channels_last) and not outputs[-1].is_contiguous()
-    labels = data.train_labels[:batch]
-    grads = []
-    for logits_of in (model.head_logits, lambda o: model.head(model.head_features(o))):
-        model.head.weight.grad = None
-        logits = logits_of(outputs)
-        F.cross_entropy(logits, labels).backward()
-        grads.append((logits.detach(), model.head.weight.grad.clone()))
-    (logits, grad), (expected_logits, expected_grad) = grads
-    assert logits.shape == (batch, 10)
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
-
-
 # --- figures ----------------------------------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ def data_parallel_step(
     else:
         steps = recipe.data_parallel.ff_backward(x_pos, x_neg, return_steps=True)
     outputs = [step.output[: labels.shape[0]] for step in steps]  # the images' rows (B / W, ...)
-    logits = recipe.model.head_logits(outputs)
+    logits = recipe.model.head(recipe.model.head_features(outputs))
     nn.functional.cross_entropy(logits, labels).backward()
     average_gradients(recipe.model.head.parameters(), context.group)
     recipe.optimizer.step()

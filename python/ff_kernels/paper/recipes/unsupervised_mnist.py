@@ -27,7 +27,6 @@ Observations on the CPU are in docs/defaults.md.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -133,21 +132,6 @@ class HybridFFNet(nn.Module):
             part.view(o.shape).copy_(o)
         return features
 
-    def head_logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """``head(head_features(outputs))`` (B, 10) without reordering the features: each
-        output is copied in its memory order (FFLocal2d's CPU outputs are channels-last, so
-        ``.flatten(1)`` order would cost a transposing copy of every value) and the head's
-        weight columns are gathered into that order instead, a copy of 10 values per feature.
-        The same logits up to the summation order; the weight's gradient is the same."""
-        chosen = [outputs[i].detach() for i in self.head_indices]
-        rows, orders = zip(*(memory_order_rows(o) for o in chosen), strict=True)
-        features = torch.cat([r.float() for r in rows], dim=1)
-        weight = self.head.weight
-        if any(order != tuple(range(len(order))) for order in orders):
-            index = _feature_index(tuple(tuple(o.shape[1:]) for o in chosen), orders, features.device)
-            weight = weight.index_select(1, index)
-        return nn.functional.linear(features, weight, self.head.bias)
-
     @torch.no_grad()
     def outputs_and_goodness(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward pass: per-layer normalized outputs and goodness (B, L) float32."""
@@ -159,28 +143,6 @@ class HybridFFNet(nn.Module):
             functional.positive_probability(goodness[:, i], layer.goodness_kind, layer.threshold, layer.temperature)
             for i, layer in enumerate(self.net)
         ], dim=1)
-
-
-def memory_order_rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``x`` (B, *S) as rows (B, prod(S)) in the order its values lie in memory, and that order
-    of S's dims (``x.permute(0, *(d + 1 for d in order))`` flattened gives the rows): a view
-    when each row is dense in memory (contiguous, channels-last), else a copy."""
-    dims = sorted(range(x.dim() - 1), key=lambda d: x.stride(d + 1), reverse=True)
-    permuted = x.permute(0, *(d + 1 for d in dims))
-    return permuted.reshape(x.shape[0], -1), tuple(dims)
-
-
-@functools.lru_cache(maxsize=16)
-def _feature_index(shapes: tuple[tuple[int, ...], ...], orders: tuple[tuple[int, ...], ...],
-                   device: torch.device) -> torch.Tensor:
-    """(F,) int64: for the concatenated rows of :func:`memory_order_rows` with ``orders`` of
-    outputs shaped (B, *S) for S in ``shapes``, each column's index in ``.flatten(1)`` order."""
-    parts, offset = [], 0
-    for shape, order in zip(shapes, orders, strict=True):
-        n = math.prod(shape)
-        parts.append(torch.arange(n).view(shape).permute(*order).reshape(-1) + offset)
-        offset += n
-    return torch.cat(parts).to(device)
 
 
 def build_dense_net(config: UnsupervisedMNISTConfig) -> HybridFFNet:
@@ -273,7 +235,7 @@ class UnsupervisedMNIST:
         negatives = hybrid_negatives(images, generator, self.config.blur_steps)
         self.optimizer.zero_grad(set_to_none=True)
         losses, outputs = self._ff_update(self.model.inputs(images), self.model.inputs(negatives))
-        logits = self.model.head_logits(outputs)
+        logits = self.model.head(self.model.head_features(outputs))
         nn.functional.cross_entropy(logits, labels).backward()
         self.optimizer.step()
         errors = (logits.detach().argmax(1) != labels).sum()
@@ -288,7 +250,7 @@ class UnsupervisedMNIST:
         softmax_errors = ff_errors = ff_rows = 0
         for images, labels in zip(self.eval_images.split(EVAL_BATCH), self.eval_labels.split(EVAL_BATCH)):
             outputs, g_pos = self.model.outputs_and_goodness(self.model.inputs(images))
-            softmax_errors += (self.model.head_logits(outputs).argmax(1) != labels).sum()
+            softmax_errors += (self.model.head(self.model.head_features(outputs)).argmax(1) != labels).sum()
             ff_errors += (self.model.positive_probability(g_pos).mean(1) <= 0.5).sum()
             ff_rows += images.shape[0]
             if images.shape[0] >= 2:  # a lone last image has no partner: it counts as a positive only
