@@ -194,8 +194,10 @@ class LabelInInputNet(nn.Module):
         label_weight = layer.weight[:, :NUM_CLASSES].t()  # (10, width)
         if labels.is_floating_point():
             label_part, code_square = torch.matmul(labels, label_weight), labels.square().sum(2)
-        else:  # one-hot: a row of the label weights, and a sum of squares of 1
-            label_part, code_square = label_weight[labels], torch.ones(labels.shape, device=labels.device)
+        else:  # one-hot: a row of the label weights (from a contiguous copy of the label columns,
+            # whose rows are strided in the weight), and a sum of squares of 1
+            label_part = label_weight.contiguous().index_select(0, labels.flatten()).view(*labels.shape, -1)
+            code_square = torch.ones(labels.shape, device=labels.device)
         rows = (labels.shape[0], *part.preact.shape)  # (R, B, width); the label part is a fresh tensor
         z = label_part.add_(part.preact) if label_part.shape == rows else label_part + part.preact
         divisor = self._row_divisor(part, code_square)
