@@ -27,8 +27,10 @@ iterations 1..score_to and over 10 labels x 8 iterations), and for the other rec
     python benchmarks/bench_recipes.py --recipes supervised local --min-run-time 4
     python benchmarks/bench_recipes.py --device cuda
 
-Prints a table (milliseconds per step, the fraction of the floor the step reaches, the
-speedups) with the machine, torch version, threads, load and date, and appends rows to
+Prints a table (milliseconds per step; the fraction of the floor the step reaches, from the
+run's statistics (``of floor``) and as the median of the rounds' fractions (``paired``: each
+round's floor and step calls are seconds apart, so a drift of the machine's speed moves it less);
+the speedups) with the machine, torch version, threads, load and date, and appends rows to
 ``--csv`` (default benchmarks/results.csv). The data are random tensors of the real shapes
 (timing does not depend on the values of dense GEMMs); no data files are read.
 """
@@ -45,7 +47,16 @@ from typing import NamedTuple
 
 import torch
 
-from common import append_csv, interleaved_step_times, load_average, machine_name, today
+from common import (
+    append_csv,
+    interleaved_calls,
+    interleaved_step_times,
+    load_average,
+    machine_name,
+    paired_ratio,
+    summarize,
+    today,
+)
 
 NUM_CLASSES = 10
 NUM_PIXELS = 784
@@ -514,8 +525,9 @@ def gflops(gemms: list[Gemm], seconds: float) -> float:
 
 
 def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_reference_runs: int,
-             statistic: str = "median") -> tuple[dict, dict]:
-    """Times of the step providers and of the evaluations, each set interleaved."""
+             statistic: str = "median") -> tuple[dict, dict, float]:
+    """Times of the step providers and of the evaluations, each set interleaved, and the
+    step's fraction of the floor as the median of the rounds' fractions (``paired_ratio``)."""
     fns = {"step": case.step, "floor": gemm_floor(case.floor, device)}
     if case.own_floor is not None:
         fns["own floor"] = gemm_floor(case.own_floor, device)
@@ -523,14 +535,16 @@ def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_refe
         fns["unshared"] = case.unshared
     if case.reference is not None:
         fns["reference"] = case.reference
-    times = interleaved_step_times(fns, min_run_time, rounds, device, statistic=statistic)
+    calls = interleaved_calls(fns, min_run_time, rounds, device)
+    times = {name: summarize([t for r in per_round for t in r], statistic) for name, per_round in calls.items()}
+    paired = paired_ratio(calls, "floor", "step", statistic)
     eval_times = {}
     for label, _, providers in case.evals:
         providers = {k: v for k, v in providers.items() if v is not None}
         got = interleaved_step_times(providers, min_run_time / 2, rounds, device, max_runs=max_reference_runs,
                                      statistic=statistic)
         eval_times[label] = got
-    return times, eval_times
+    return times, eval_times, paired
 
 
 def main() -> None:
@@ -554,16 +568,17 @@ def main() -> None:
     header = (f"# recipes' training steps ({args.statistic} of the calls), {machine}, torch {torch.__version__}, "
               f"{load_average()} at the start, {today()}")
     print(header, flush=True)
-    print(f"\n{'recipe':<19}{'size':<42}{'batch':>6}{'step ms':>9}{'floor ms':>10}{'of floor':>9}"
+    print(f"\n{'recipe':<19}{'size':<42}{'batch':>6}{'step ms':>9}{'floor ms':>10}{'of floor':>9}{'paired':>7}"
           f"{'own floor':>10}{'of own':>8}{'unshared':>10}{'saves':>7}{'reference':>11}{'speedup':>8}")
     csv_rows, eval_lines = [], []
     for name in args.recipes:
         case = CASES[name](device)
-        times, eval_times = run_case(case, device, args.min_run_time, args.rounds, args.max_eval_runs, args.statistic)
+        times, eval_times, paired = run_case(case, device, args.min_run_time, args.rounds, args.max_eval_runs,
+                                             args.statistic)
         step = times["step"]
         own = times.get("own floor")
         cells = [f"{case.name:<19}{case.shape[:41]:<42}{case.batch:>6}{step * 1e3:>9.1f}",
-                 f"{times['floor'] * 1e3:>10.1f}{times['floor'] / step:>9.2f}"]
+                 f"{times['floor'] * 1e3:>10.1f}{times['floor'] / step:>9.2f}{paired:>7.2f}"]
         cells.append(f"{own * 1e3:>10.1f}{own / step:>8.2f}" if own is not None else f"{'':>10}{'':>8}")
         if "unshared" in times:
             cells.append(f"{times['unshared'] * 1e3:>10.1f}{1 - step / times['unshared']:>7.0%}")

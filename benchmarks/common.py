@@ -68,18 +68,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_step_times(fns: dict, min_run_time: float = 2.0, rounds: int = 5, device: str = "cpu",
-                           max_runs: int | None = None, statistic: str = "median") -> dict:
-    """Median (or ``statistic="min"``: fastest) seconds per call of each ``fns[name]()``, timed
-    round-robin over ``rounds`` rounds.
+def interleaved_calls(fns: dict, min_run_time: float = 2.0, rounds: int = 5, device: str = "cpu",
+                      max_runs: int | None = None) -> dict[str, list[list[float]]]:
+    """Seconds of every call of each ``fns[name]()``, per round: ``{name: [round 1's calls, ...]}``,
+    timed round-robin over ``rounds`` rounds.
 
     Made for whole training steps (tens of ms to seconds): each function is called once to warm
     up, then in every round for about ``min_run_time / rounds`` seconds (at least once), each
-    call timed on its own; the result is the median of all of a function's calls. A slow
-    function (the reference of a big net) thus costs a few calls, not a fixed block of them.
-    ``max_runs`` caps a function's calls per round. Interleaving keeps the ratios fair on a
-    machine whose speed drifts. On a machine that other jobs use now and then, the fastest
-    call of each estimates its time on the machine alone.
+    call timed on its own. A slow function (the reference of a big net) thus costs a few calls,
+    not a fixed block of them. ``max_runs`` caps a function's calls per round. Interleaving
+    keeps the ratios fair on a machine whose speed drifts.
     """
     import time
 
@@ -89,17 +87,42 @@ def interleaved_step_times(fns: dict, min_run_time: float = 2.0, rounds: int = 5
     synchronize(device)
     for _ in range(rounds):
         for name, fn in fns.items():
-            spent, n = 0.0, 0
-            while n == 0 or (spent < min_run_time / rounds and (max_runs is None or n < max_runs)):
+            spent, times = 0.0, []
+            while not times or (spent < min_run_time / rounds and (max_runs is None or len(times) < max_runs)):
                 start = time.perf_counter()
                 fn()
                 synchronize(device)
                 elapsed = time.perf_counter() - start
-                calls[name].append(elapsed)
-                spent, n = spent + elapsed, n + 1
-    if statistic == "min":
-        return {name: min(times) for name, times in calls.items()}
-    return {name: sorted(times)[len(times) // 2] for name, times in calls.items()}
+                times.append(elapsed)
+                spent += elapsed
+            calls[name].append(times)
+    return calls
+
+
+def summarize(times: list[float], statistic: str = "median") -> float:
+    """The median (or ``statistic="min"``: fastest) of ``times``."""
+    return min(times) if statistic == "min" else sorted(times)[len(times) // 2]
+
+
+def interleaved_step_times(fns: dict, min_run_time: float = 2.0, rounds: int = 5, device: str = "cpu",
+                           max_runs: int | None = None, statistic: str = "median") -> dict:
+    """Median (or ``statistic="min"``: fastest) seconds per call of each ``fns[name]()`` over all
+    the calls of :func:`interleaved_calls`. On a machine that other jobs use now and then, the
+    fastest call of each estimates its time on the machine alone."""
+    calls = interleaved_calls(fns, min_run_time, rounds, device, max_runs)
+    return {name: summarize([t for r in per_round for t in r], statistic) for name, per_round in calls.items()}
+
+
+def paired_ratio(calls: dict[str, list[list[float]]], numerator: str, denominator: str,
+                 statistic: str = "median") -> float:
+    """The median over rounds of ``summarize(numerator's calls) / summarize(denominator's calls)``
+    within each round of :func:`interleaved_calls`: each ratio compares calls made seconds apart,
+    so a machine whose speed drifts over a run moves it less than it moves the ratio of the
+    whole run's statistics."""
+    ratios = sorted(summarize(a, statistic) / summarize(b, statistic)
+                    for a, b in zip(calls[numerator], calls[denominator], strict=True))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
 
 
 def load_average() -> str:
