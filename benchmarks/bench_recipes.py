@@ -53,8 +53,8 @@ from common import (
     interleaved_step_times,
     load_average,
     machine_name,
+    overall_times,
     paired_ratio,
-    summarize,
     today,
 )
 
@@ -536,7 +536,7 @@ def run_case(case: Case, device: str, min_run_time: float, rounds: int, max_refe
     if case.reference is not None:
         fns["reference"] = case.reference
     calls = interleaved_calls(fns, min_run_time, rounds, device)
-    times = {name: summarize([t for r in per_round for t in r], statistic) for name, per_round in calls.items()}
+    times = overall_times(calls, statistic)
     paired = paired_ratio(calls, "floor", "step", statistic)
     eval_times = {}
     for label, _, providers in case.evals:

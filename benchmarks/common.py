@@ -109,7 +109,11 @@ def interleaved_step_times(fns: dict, min_run_time: float = 2.0, rounds: int = 5
     """Median (or ``statistic="min"``: fastest) seconds per call of each ``fns[name]()`` over all
     the calls of :func:`interleaved_calls`. On a machine that other jobs use now and then, the
     fastest call of each estimates its time on the machine alone."""
-    calls = interleaved_calls(fns, min_run_time, rounds, device, max_runs)
+    return overall_times(interleaved_calls(fns, min_run_time, rounds, device, max_runs), statistic)
+
+
+def overall_times(calls: dict[str, list[list[float]]], statistic: str = "median") -> dict[str, float]:
+    """Each function's :func:`summarize` over all its calls of :func:`interleaved_calls`."""
     return {name: summarize([t for r in per_round for t in r], statistic) for name, per_round in calls.items()}
 
 
