@@ -6,6 +6,7 @@ import csv
 import datetime
 import os
 import platform
+import statistics
 
 import torch
 from torch.utils import benchmark
@@ -123,10 +124,8 @@ def paired_ratio(calls: dict[str, list[list[float]]], numerator: str, denominato
     within each round of :func:`interleaved_calls`: each ratio compares calls made seconds apart,
     so a machine whose speed drifts over a run moves it less than it moves the ratio of the
     whole run's statistics."""
-    ratios = sorted(summarize(a, statistic) / summarize(b, statistic)
-                    for a, b in zip(calls[numerator], calls[denominator], strict=True))
-    middle = len(ratios) // 2
-    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return statistics.median(summarize(a, statistic) / summarize(b, statistic)
+                             for a, b in zip(calls[numerator], calls[denominator], strict=True))
 
 
 def load_average() -> str:
