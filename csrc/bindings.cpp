@@ -5,8 +5,13 @@
 //   local2d_grad_(x, h, coef, goodness, kernel, stride, padding, weight_grad!, bias_grad?!)
 //   local2d_sgd_(x, h, coef, goodness, kernel, stride, padding, weight!, bias?!, weight_buf?!,
 //                bias_buf?!, lr, momentum, weight_decay)
+//   ff_relu_goodness_(h!, bias?, goodness, n_sum) -> (g, col_sum)            (CPU)
+//   ff_output_delta_(h!, scale, out!, coef?, goodness, extra?, n_extra, bias_sum) -> bias_sum (CPU)
+//   gather_columns(rows, index, out!) -> ()                                     (CPU)
 //   built_with_cuda() -> bool
-// Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py.
+// Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
+// ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; gather_columns:
+// csrc/gather_cpu.h.
 //
 // Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
 // picks the CPU or CUDA kernel from the tensors' device, (2) the schemas declare which
@@ -25,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "ff_epilogue_cpu.h"
+#include "gather_cpu.h"
 #include "local2d_cpu.h"
 
 #ifdef FF_WITH_CUDA
@@ -191,6 +198,69 @@ void local2d_sgd_(const at::Tensor& x, const at::Tensor& h, const at::Tensor& co
   run_update(op, x, h, coef, goodness, s, target);
 }
 
+// h (L, B, C): float32, contiguous, on the CPU; returns its sizes.
+ff_kernels::cpu::EpilogueShape epilogue_shape(const char* op, const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 3, op, ": h must be 3-D (L, B, C), got shape ", h.sizes());
+  TORCH_CHECK(h.is_cpu(), op, ": h must be on the CPU, got ", h.device());
+  check_tensor(op, "h", h, h.sizes(), h);
+  return {h.size(0), h.size(1), h.size(2)};
+}
+
+std::tuple<at::Tensor, at::Tensor> ff_relu_goodness_(const at::Tensor& h, const std::optional<at::Tensor>& bias,
+                                                     const std::string& goodness, int64_t n_sum) {
+  const char* op = "ff_relu_goodness_";
+  const ff_kernels::cpu::EpilogueShape s = epilogue_shape(op, h);
+  check_optional(op, "bias", bias, {s.locations, s.channels}, h);
+  TORCH_CHECK(n_sum >= 0 && n_sum <= s.batch, op, ": n_sum must be in [0, B = ", s.batch, "], got ", n_sum);
+  const Goodness kind = goodness_of(op, goodness);
+  at::Tensor g = at::empty({s.batch}, h.options());
+  at::Tensor col_sum = at::empty(n_sum > 0 ? std::vector<int64_t>{s.locations, s.channels} : std::vector<int64_t>{0},
+                                 h.options());
+  ff_kernels::cpu::relu_goodness(h.mutable_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+                                 kind, g.mutable_data_ptr<float>(),
+                                 n_sum > 0 ? col_sum.mutable_data_ptr<float>() : nullptr, n_sum, s,
+                                 at::get_num_threads());
+  return {g, col_sum};
+}
+
+at::Tensor ff_output_delta_(const at::Tensor& h, const at::Tensor& scale, const at::Tensor& out,
+                            const std::optional<at::Tensor>& coef, const std::string& goodness,
+                            const std::optional<at::Tensor>& extra, int64_t n_extra, bool bias_sum) {
+  const char* op = "ff_output_delta_";
+  const ff_kernels::cpu::EpilogueShape s = epilogue_shape(op, h);
+  check_tensor(op, "scale", scale, {s.batch}, h);
+  check_tensor(op, "out", out, {s.batch, s.locations * s.channels}, h);
+  check_optional(op, "coef", coef, {s.batch}, h);
+  check_optional(op, "extra", extra, {s.locations, s.channels}, h);
+  TORCH_CHECK(n_extra >= 0 && n_extra <= s.batch, op, ": n_extra must be in [0, B = ", s.batch, "], got ", n_extra);
+  TORCH_CHECK(coef.has_value() || (!extra.has_value() && !bias_sum), op,
+              ": extra and bias_sum belong to the delta, which needs coef");
+  TORCH_CHECK(!out.is_same(h) && out.data_ptr() != h.data_ptr(), op, ": out must not be h");
+  const Goodness kind = goodness_of(op, goodness);
+  at::Tensor sum = at::empty(bias_sum ? std::vector<int64_t>{s.locations, s.channels} : std::vector<int64_t>{0},
+                             h.options());
+  ff_kernels::cpu::output_and_delta(h.mutable_data_ptr<float>(), scale.const_data_ptr<float>(),
+                                    out.mutable_data_ptr<float>(),
+                                    coef.has_value() ? coef->const_data_ptr<float>() : nullptr, kind,
+                                    extra.has_value() ? extra->const_data_ptr<float>() : nullptr, n_extra,
+                                    bias_sum ? sum.mutable_data_ptr<float>() : nullptr, s, at::get_num_threads());
+  return sum;
+}
+
+void gather_columns(const at::Tensor& rows, const at::Tensor& index, const at::Tensor& out) {
+  const char* op = "gather_columns";
+  TORCH_CHECK(rows.dim() == 2, op, ": rows must be 2-D (B, N), got shape ", rows.sizes());
+  TORCH_CHECK(rows.is_cpu(), op, ": rows must be on the CPU, got ", rows.device());
+  check_tensor(op, "rows", rows, rows.sizes(), rows);
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu(), op,
+              ": index must be a contiguous 1-D int64 CPU tensor, got shape ", index.sizes(), ", ",
+              index.scalar_type(), " on ", index.device());
+  check_tensor(op, "out", out, {rows.size(0), index.size(0)}, rows);
+  ff_kernels::cpu::gather_columns(rows.const_data_ptr<float>(), rows.size(0), rows.size(1),
+                                  index.const_data_ptr<int64_t>(), index.size(0), out.mutable_data_ptr<float>(),
+                                  at::get_num_threads());
+}
+
 bool built_with_cuda() {
 #ifdef FF_WITH_CUDA
   return true;
@@ -212,6 +282,11 @@ TORCH_LIBRARY(ff_kernels, m) {
       "local2d_sgd_(Tensor x, Tensor h, Tensor coef, str goodness, int kernel, int stride, int padding, "
       "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? weight_buf, Tensor(d!)? bias_buf, "
       "float lr, float momentum, float weight_decay) -> ()");
+  m.def("ff_relu_goodness_(Tensor(a!) h, Tensor? bias, str goodness, int n_sum) -> (Tensor, Tensor)");
+  m.def(
+      "ff_output_delta_(Tensor(a!) h, Tensor scale, Tensor(b!) out, Tensor? coef, str goodness, Tensor? extra, "
+      "int n_extra, bool bias_sum) -> Tensor");
+  m.def("gather_columns(Tensor rows, Tensor index, Tensor(a!) out) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
@@ -219,6 +294,9 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("local2d_forward", &local2d_forward);
   m.impl("local2d_grad_", &local2d_grad_);
   m.impl("local2d_sgd_", &local2d_sgd_);
+  m.impl("ff_relu_goodness_", &ff_relu_goodness_);
+  m.impl("ff_output_delta_", &ff_output_delta_);
+  m.impl("gather_columns", &gather_columns);
 }
 
 #ifdef FF_WITH_CUDA

@@ -127,21 +127,6 @@ constexpr int kForwardBlock = 128;
 constexpr int kUpdateBlockBytes = 16 * 1024;
 constexpr int64_t kUpdateDeltaBytes = 256 * 1024;
 
-// Sum of the lanes of v, as a tree of halving vector adds.
-template <int Lanes>
-FF_ALWAYS_INLINE float sum_lanes(const typename VecOf<Lanes>::type& v) {
-  using Half = typename VecOf<Lanes / 2>::type;
-  Half lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  return sum_lanes<Lanes / 2>(lo + hi);
-}
-
-template <>
-FF_ALWAYS_INLINE float sum_lanes<4>(const VecOf<4>::type& v) {
-  return (v[0] + v[2]) + (v[1] + v[3]);
-}
-
 // The kernels for vectors of Lanes floats. Register tiles: the forward keeps kForwardUnits x
 // kTilesPerItem x kVecs accumulators, the update kUpdateUnits x kUpdateEntries x kVecs, sized
 // to the instruction set's register file.

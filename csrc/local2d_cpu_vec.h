@@ -49,6 +49,27 @@ FF_ALWAYS_INLINE typename VecOf<Lanes>::type load_vec(const float* p) {
   return v;
 }
 
+// Unaligned store of Lanes floats.
+template <int Lanes>
+FF_ALWAYS_INLINE void store_vec(float* p, const typename VecOf<Lanes>::type& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Sum of the lanes of v, as a tree of halving vector adds.
+template <int Lanes>
+FF_ALWAYS_INLINE float sum_lanes(const typename VecOf<Lanes>::type& v) {
+  using Half = typename VecOf<Lanes / 2>::type;
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  return sum_lanes<Lanes / 2>(lo + hi);
+}
+
+template <>
+FF_ALWAYS_INLINE float sum_lanes<4>(const VecOf<4>::type& v) {
+  return (v[0] + v[2]) + (v[1] + v[3]);
+}
+
 // Allocator of cache-line-aligned (64-byte) storage. Large blocks from plain new / malloc start
 // 16 bytes past a page boundary, so every 64-byte vector at a multiple of 16 floats from their
 // start would straddle two cache lines; from this storage none does.

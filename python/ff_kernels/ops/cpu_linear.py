@@ -19,18 +19,25 @@ import torch
 
 from .. import functional as FF
 from .cpu_features import warn_if_bf16_emulated
+from . import step_epilogue
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
 FUSED_SGD_MIN = 1 << 16  # parameter size from which torch's fused SGD pass replaces the two passes below
 
 
+def _preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + b in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out) (into ``out`` if given)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias.to(x.dtype), x, weight.t(), out=out)
+
+
 def _activities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """relu(x @ W.T + b) in x's dtype: x (B, D_in), W (D_out, D_in) -> (B, D_out) (into ``out`` if given)."""
-    if bias is None:
-        return torch.mm(x, weight.t(), out=out).relu_()
-    return torch.addmm(bias.to(x.dtype), x, weight.t(), out=out).relu_()
+    return _preactivations(x, weight, bias, out).relu_()
 
 
 def _units(h: torch.Tensor, blocks: int | None) -> torch.Tensor:
@@ -190,6 +197,37 @@ def _add_paired_weight_grad(target, delta, x, n_pos, label_columns, mask, alpha:
                          None if mask is None else mask[:, labels], alpha)
 
 
+def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rms, preact, peer):
+    """The step of a layer without blocks from its forward GEMM to its delta, with the two passes
+    of :mod:`.step_epilogue` over ``h`` (B, D_out) viewed as (1, B, D_out): the GEMM writes z
+    (bias included, by ``addmm`` as :func:`forward` and the callers' ``preact`` have it) into h,
+    or ``preact`` is copied there; the ReLU comes in the first pass.
+
+    Returns (loss, goodness (B,), normalized output (B, D_out) in h's dtype, delta (h itself),
+    the peer derivative p (D_out,) float32 or None, the bias gradient (D_out,) float32 or None):
+    when delta is in weight's dtype, p / Bp is already on the positive rows' delta (and in the
+    bias gradient); the bias gradient is None when there is no bias or when p stays apart.
+    """
+    if preact is None:
+        _preactivations(x, weight.to(x.dtype), bias, out=h)
+    else:
+        h.copy_(preact)
+    units = h.unsqueeze(0)
+    with_peer = peer is not None and n_pos > 0
+    g, positive_sum = step_epilogue.relu_goodness_(units, None, goodness, n_pos if with_peer else 0)
+    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    p = peer(positive_sum[0] / n_pos) if with_peer else None
+    fold = p is not None and h.dtype == weight.dtype
+    extra = (p / n_pos).unsqueeze(0) if fold else None
+    output = torch.empty_like(h)
+    scale = FF.normalization_scale(g, goodness, h.shape[1], rms).reciprocal_()
+    bias_sum = step_epilogue.output_and_delta_(units, scale, output, coef, goodness, extra, n_pos,
+                                               bias_sum=bias is not None and (p is None or fold))
+    if bias_sum is not None:
+        bias_sum = bias_sum[0]
+    return loss, g, output, h, p, bias_sum
+
+
 def train_step(
     x_pos, x_neg, weight, bias, *, goodness, threshold, temperature, rms, mask,
     mode, lr, momentum, weight_decay, weight_buf, bias_buf, compute_dtype=None, preact=None, peer=None, blocks=None,
@@ -215,30 +253,32 @@ def train_step(
     n_pos = x_pos.shape[0]
     x = _cast(rows_together(x_pos, x_neg), compute_dtype)
     h = x.new_empty(x.shape[0], weight.shape[0])
-    if preact is None:
-        _activities(x, _cast(weight, compute_dtype), bias, out=h)
-    elif preact.dtype == h.dtype:
-        torch.clamp_min(preact, 0, out=h)
-    else:  # bf16 compute: the caller's float32 pre-activations rounded once
-        h.copy_(preact).relu_()
-    scale = _row_scale(h, goodness, blocks)
-    g = scale if goodness == "sum" else scale.square()
-    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
-    output = _normalized(h, scale, goodness, rms, blocks).to(x_pos.dtype)
-
-    p = None
-    if peer is not None and n_pos > 0:  # from the raw activities, before h becomes delta
-        p = peer(h[:n_pos].mean(0, dtype=torch.float32))
-
-    # delta = dG/dz * dL/dG in place of h: the row's (or block's) dL/dG over its units
-    factor = (coef if goodness == "sum" else 2.0 * coef).to(h.dtype)[..., None]
-    delta = h.sign_() if goodness == "sum" else h  # h >= 0, so sign(h) = 1[h > 0]
-    _units(delta, blocks).mul_(factor)
+    if blocks is None:  # the two passes of step_epilogue (compiled for float32 on the CPU)
+        loss, g, output, delta, p, bias_sum = _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature,
+                                                          rms, preact, peer)
+        output, folded = output.to(x_pos.dtype), True
+    else:
+        if preact is None:
+            _activities(x, _cast(weight, compute_dtype), bias, out=h)
+        elif preact.dtype == h.dtype:
+            torch.clamp_min(preact, 0, out=h)
+        else:  # bf16 compute: the caller's float32 pre-activations rounded once
+            h.copy_(preact).relu_()
+        scale = _row_scale(h, goodness, blocks)
+        g = scale if goodness == "sum" else scale.square()
+        loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
+        output = _normalized(h, scale, goodness, rms, blocks).to(x_pos.dtype)
+        p = peer(h[:n_pos].mean(0, dtype=torch.float32)) if peer is not None and n_pos > 0 else None
+        # delta = dG/dz * dL/dG in place of h: the block's dL/dG over its units
+        factor = (coef if goodness == "sum" else 2.0 * coef).to(h.dtype)[..., None]
+        delta = h.sign_() if goodness == "sum" else h  # h >= 0, so sign(h) = 1[h > 0]
+        _units(delta, blocks).mul_(factor)
+        bias_sum, folded = None, False
     # outer(p, mean positive row) = sum over positive rows of outer(p / Bp, row): the peer
     # gradient rides on the gradient GEMM (and the bias sum) as p / Bp on each positive delta
     # row, unless delta is in a lower compute dtype than p (then it is added in float32)
     fold = p is not None and delta.dtype == weight.dtype
-    if fold:
+    if fold and not folded:
         delta[:n_pos].add_(p.to(delta.dtype), alpha=1.0 / n_pos)
     x_mean = x[:n_pos].mean(0, dtype=torch.float32) if p is not None and not fold else None
     mask_w = None if mask is None else mask.to(weight.dtype)
@@ -255,7 +295,7 @@ def train_step(
                 target.add_(torch.outer(p, x_mean).to(target.dtype).mul_(mask_w), alpha=alpha)
 
     def bias_grad() -> torch.Tensor:  # (D_out,) float32
-        grad = delta.sum(0, dtype=torch.float32)
+        grad = delta.sum(0, dtype=torch.float32) if bias_sum is None else bias_sum
         return grad if x_mean is None else grad.add_(p)
 
     with torch.no_grad():

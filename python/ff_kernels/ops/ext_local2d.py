@@ -37,6 +37,13 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def cpu_ops_take(*tensors: torch.Tensor | None) -> bool:
+    """Whether the compiled CPU-only ops (the step passes, ``gather_columns``) take ``tensors``:
+    the library is loaded and every given tensor is float32 on the CPU (None entries are skipped)."""
+    given = [t for t in tensors if t is not None]
+    return load_error() is None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in given)
+
+
 def activities(x, weight, bias, spec, extra=None, relu=True) -> torch.Tensor:
     """h = relu(z + extra) (B, C_out, H_out, W_out) of contiguous float32 ``x: (B, C_in, H_in, W_in)``.
 

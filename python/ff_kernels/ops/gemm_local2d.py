@@ -1,4 +1,4 @@
-"""The local 2-D FF ops as one GEMM per location (batched), in torch ops.
+"""The local 2-D FF ops as one GEMM per location (batched), in torch ops and two fused passes.
 
 A locally connected layer is L independent dense layers, one per output location, each over
 its window: ``z[:, :, l] = W[l] @ window_l(x) + b[l]`` with W[l] (C_out, K). When the grid is
@@ -10,10 +10,12 @@ runs them near the speed of one dense GEMM with as many multiply-adds; the compi
 Layout: the windows of a batch are gathered once per step, image by image, as P (B, L, K)
 (zero where a window leaves the map), and the activities are location-major, h (L, B, C_out):
 
-    h[l]     = relu(P[:, l] @ W[l].T + b[l])    (L, B, C_out)    one batched GEMM, contiguous output
+    h[l]     = P[:, l] @ W[l].T                 (L, B, C_out)    one batched GEMM, contiguous output
+    h        = relu(h + b), goodness            one pass (:func:`step_epilogue.relu_goodness_`)
+    output, h' = the delta, bias gradient       one pass (:func:`step_epilogue.output_and_delta_`)
     dW       = h'[l].T @ P[:, l]                (L, C_out, K)    one batched GEMM, into .grad or the SGD target
 
-(h' the delta, written over h). Each location's GEMM writes its own contiguous block, which
+(h' the delta, written over h; the two passes are compiled on a float32 CPU, torch ops elsewhere). Each location's GEMM writes its own contiguous block, which
 BLAS runs as a true batched GEMM; rows (B, L * C_out) would make it one strided GEMM per
 location, slower on more than one thread. The normalized output is written once as rows
 (B, L * C_out) in (H_out, W_out, C_out) order, so the output (B, C_out, H_out, W_out) is a
@@ -39,6 +41,8 @@ import torch
 from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
 from .cpu_linear import rows_together, sgd_update, sgd_update_with
+from .ext_local2d import cpu_ops_take
+from . import step_epilogue
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
@@ -86,11 +90,14 @@ def windows(rows: torch.Tensor, spec: LocalSpec, in_channels_last: bool) -> torc
     """Every location's window of the image rows (B, C_in * H_in * W_in) (channel-major, or
     channels-last when ``in_channels_last``) as (B, L, K), zeros outside the map."""
     batch = rows.shape[0]
-    index = (_window_index_channels_last if in_channels_last else _window_index)(spec, rows.device)
-    if not _all_inside(spec, rows.device):  # windows that leave the map read a zero column past the image
-        rows = torch.cat([rows, rows.new_zeros(batch, 1)], dim=1)
+    index = (_window_index_channels_last if in_channels_last else _window_index)(spec, rows.device).view(-1)
     gathered = workspace("windows", (batch, spec.num_locations * spec.block_size), rows)
-    torch.index_select(rows, 1, index.reshape(-1), out=gathered)
+    if cpu_ops_take(rows) and rows.is_contiguous():  # one compiled pass; the index past the image reads 0
+        torch.ops.ff_kernels.gather_columns(rows, index, gathered)
+    else:
+        if not _all_inside(spec, rows.device):  # windows that leave the map read a zero column past the image
+            rows = torch.cat([rows, rows.new_zeros(batch, 1)], dim=1)
+        torch.index_select(rows, 1, index, out=gathered)
     return gathered.view(batch, spec.num_locations, spec.block_size)
 
 
@@ -99,37 +106,27 @@ def _all_inside(spec: LocalSpec, device: torch.device) -> bool:
     return bool((_window_index(spec, device) < spec.in_features).all())
 
 
-def _activities(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(P @ W.T + b) of the windows p (B, L, K) as (L, B, C_out), in a reused buffer."""
+def _preactivations(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """P @ W.T of the windows p (B, L, K) as (L, B, C_out), in a reused buffer (the bias is added
+    by the pass after it, :func:`step_epilogue.relu_goodness_`)."""
     locations, batch, out_channels = weight.shape[0], p.shape[0], weight.shape[1]
     out = workspace("local_h", (locations, batch, out_channels), weight)
-    if bias is None:
-        torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=out)
-    else:
-        torch.baddbmm(bias.unsqueeze(1), p.transpose(0, 1), weight.transpose(1, 2), out=out)
-    return out.relu_()
+    return torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=out)
 
 
-def _goodness_and_output(h: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool):
-    """Goodness (B,) float32 and the normalized output (B, C_out, H_out, W_out) (channels-last)
-    of the location-major activities h (L, B, C_out)."""
-    if goodness == "sum":
-        g = h.sum(2, dtype=torch.float32).sum(0)
-    else:
-        g = torch.linalg.vector_norm(h, dim=2, dtype=torch.float32).square_().sum(0)
-    divisor = FF.normalization_scale(g, goodness, spec.out_features, rms)
-    locations, batch, out_channels = h.shape
-    rows = h.new_empty(batch, spec.out_features)
-    torch.div(h.transpose(0, 1), divisor.to(h.dtype)[:, None, None], out=rows.view(batch, locations, out_channels))
-    return g, as_output(rows, spec)
+def _output_scale(g: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool) -> torch.Tensor:
+    """1 / the normalization divisor (B,) float32 of the goodness g."""
+    return FF.normalization_scale(g, goodness, spec.out_features, rms).reciprocal_()
 
 
 def forward(x, weight, bias, spec, *, goodness, rms):
     """Normalized output (B, C_out, H_out, W_out) (channels-last) and goodness (B,) float32."""
     rows, in_channels_last = image_rows(x)
-    h = _activities(windows(rows, spec, in_channels_last), weight, bias)
-    g, output = _goodness_and_output(h, spec, goodness, rms)
-    return output, g
+    h = _preactivations(windows(rows, spec, in_channels_last), weight)
+    g, _ = step_epilogue.relu_goodness_(h, bias, goodness)
+    output = h.new_empty(h.shape[1], spec.out_features)
+    step_epilogue.output_and_delta_(h, _output_scale(g, spec, goodness, rms), output, None, goodness)
+    return as_output(output, spec), g
 
 
 def _step_rows(x_pos: torch.Tensor, x_neg: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -154,27 +151,19 @@ def train_step(
     n_pos = x_pos.shape[0]
     x, in_channels_last = _step_rows(x_pos, x_neg)
     p = windows(x, spec, in_channels_last)  # (B, L, K)
-    h = _activities(p, weight, bias)  # (L, B, C_out)
-    g, output = _goodness_and_output(h, spec, goodness, rms)
+    h = _preactivations(p, weight)  # (L, B, C_out)
+    with_peer = peer is not None and n_pos > 0
+    g, positive_sum = step_epilogue.relu_goodness_(h, bias, goodness, n_pos if with_peer else 0)
     loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
-    peer_p = None
-    if peer is not None and n_pos > 0:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
-        mean_h = h[:, :n_pos].mean(1, dtype=torch.float32)  # (L, C_out)
+    peer_row = None
+    if with_peer:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
+        mean_h = positive_sum / n_pos  # (L, C_out)
         peer_p = peer(mean_h.t().reshape(-1)).view(spec.out_channels, spec.num_locations).t()
-    if goodness == "sum":  # dG/dz = 1[h > 0]
-        factor = coef.to(h.dtype)[:, None]
-        h.sign_()
-    else:  # dG/dz = 2h
-        factor = (2.0 * coef).to(h.dtype)[:, None]
-    delta = h  # (L, B, C_out), written over h
-    if peer_p is None:
-        delta.mul_(factor)
-    else:  # p times the mean positive window = p / Bp on every positive row's delta, in the same pass
-        positive = delta[:, :n_pos]
-        torch.addcmul((peer_p / n_pos).to(h.dtype).unsqueeze(1), positive, factor[:n_pos], out=positive)
-        delta[:, n_pos:].mul_(factor[n_pos:])
-    bias_delta = delta.sum(1, dtype=torch.float32)  # (L, C_out)
-    delta = delta.transpose(1, 2)  # (L, C_out, B)
+        peer_row = (peer_p / n_pos).contiguous()  # p times the mean positive window = p / Bp on each positive delta
+    output = h.new_empty(h.shape[1], spec.out_features)
+    bias_delta = step_epilogue.output_and_delta_(h, _output_scale(g, spec, goodness, rms), output, coef, goodness,
+                                                 peer_row, n_pos, bias_sum=bias is not None)  # h is now delta
+    delta = h.transpose(1, 2)  # (L, C_out, B)
     pt = p.transpose(0, 1)  # (L, B, K)
     with torch.no_grad():
         if mode == "grad":
@@ -189,4 +178,4 @@ def train_step(
                        lr, momentum, weight_decay)
             if bias is not None:
                 sgd_update_with(bias, bias_buf, bias_delta, lr, momentum, weight_decay)
-    return FFLayerStep(loss, g, output)
+    return FFLayerStep(loss, g, as_output(output, spec))

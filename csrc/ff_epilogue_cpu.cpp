@@ -1,0 +1,194 @@
+// CPU kernels of ff_epilogue_cpu.h: vectorized over a segment of C units, OpenMP over rows.
+// Built once per instruction set (local2d_cpu_vec.h) like the local kernels.
+#include "ff_epilogue_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "local2d_cpu_vec.h"
+
+namespace ff_kernels {
+namespace cpu {
+namespace {
+
+// Rows b0 .. b1 - 1 of one thread and its partial column sums (L * C floats, or null).
+struct RowRange {
+  int64_t b0, b1;
+  float* partial;
+};
+
+template <int Lanes>
+struct EpilogueKernels {
+  using Vec = typename VecOf<Lanes>::type;
+
+  // x[0 .. C) = relu(x + bias) (bias may be null); adds x to col when kCol; returns the sum of
+  // x^2 (kSquared) or x. NaN stays NaN (relu(NaN) = NaN, as torch's).
+  template <bool kCol>
+  static FF_ALWAYS_INLINE float relu_segment(float* x, const float* bias, int64_t C, Goodness kind, float* col) {
+    const Vec zero = {};
+    Vec acc = {};
+    int64_t c = 0;
+    for (; c + Lanes <= C; c += Lanes) {
+      Vec v = load_vec<Lanes>(x + c);
+      if (bias != nullptr) v += load_vec<Lanes>(bias + c);
+      v = v < zero ? zero : v;
+      store_vec<Lanes>(x + c, v);
+      acc += kind == Goodness::kSquared ? v * v : v;
+      if (kCol) store_vec<Lanes>(col + c, load_vec<Lanes>(col + c) + v);
+    }
+    float total = sum_lanes<Lanes>(acc);
+    for (; c < C; ++c) {
+      float v = x[c];
+      if (bias != nullptr) v += bias[c];
+      v = v < 0.0f ? 0.0f : v;
+      x[c] = v;
+      total += kind == Goodness::kSquared ? v * v : v;
+      if (kCol) col[c] += v;
+    }
+    return total;
+  }
+
+  static void relu_rows(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum, const EpilogueShape& s,
+                        const RowRange& r) {
+    const int64_t B = s.batch, C = s.channels;
+    std::fill(g + r.b0, g + r.b1, 0.0f);
+    for (int64_t l = 0; l < s.locations; ++l) {
+      const float* bl = bias != nullptr ? bias + l * C : nullptr;
+      for (int64_t b = r.b0; b < r.b1; ++b) {
+        float* x = h + (l * B + b) * C;
+        g[b] += r.partial != nullptr && b < n_sum ? relu_segment<true>(x, bl, C, kind, r.partial + l * C)
+                                                  : relu_segment<false>(x, bl, C, kind, nullptr);
+      }
+    }
+  }
+
+  // out = x * scale; x = delta (when kDelta), added to sum when kSum.
+  template <bool kDelta, bool kBiasSum>
+  static FF_ALWAYS_INLINE void output_segment(float* x, float scale, float* out, float coef, Goodness kind,
+                                              const float* extra, float* sum, int64_t C) {
+    const Vec zero = {};
+    const Vec coef_v = zero + coef;
+    const Vec twice_coef_v = zero + 2.0f * coef;
+    int64_t c = 0;
+    for (; c + Lanes <= C; c += Lanes) {
+      const Vec v = load_vec<Lanes>(x + c);
+      store_vec<Lanes>(out + c, v * scale);
+      if (kDelta) {
+        Vec d = kind == Goodness::kSquared ? twice_coef_v * v : (v > zero ? coef_v : zero);
+        if (extra != nullptr) d += load_vec<Lanes>(extra + c);
+        store_vec<Lanes>(x + c, d);
+        if (kBiasSum) store_vec<Lanes>(sum + c, load_vec<Lanes>(sum + c) + d);
+      }
+    }
+    for (; c < C; ++c) {
+      const float v = x[c];
+      out[c] = v * scale;
+      if (kDelta) {
+        float d = goodness_delta(kind, coef, v);
+        if (extra != nullptr) d += extra[c];
+        x[c] = d;
+        if (kBiasSum) sum[c] += d;
+      }
+    }
+  }
+
+  template <bool kDelta, bool kBiasSum>
+  static void output_rows(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+                          const float* extra, int64_t n_extra, const EpilogueShape& s, const RowRange& r) {
+    const int64_t B = s.batch, C = s.channels, row = s.locations * C;
+    for (int64_t l = 0; l < s.locations; ++l)
+      for (int64_t b = r.b0; b < r.b1; ++b)
+        output_segment<kDelta, kBiasSum>(h + (l * B + b) * C, scale[b], out + b * row + l * C,
+                                         kDelta ? coef[b] : 0.0f, kind,
+                                         extra != nullptr && b < n_extra ? extra + l * C : nullptr,
+                                         kBiasSum ? r.partial + l * C : nullptr, C);
+  }
+
+  static void output_dispatch(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+                              const float* extra, int64_t n_extra, const EpilogueShape& s, const RowRange& r) {
+    if (coef == nullptr) return output_rows<false, false>(h, scale, out, coef, kind, extra, n_extra, s, r);
+    if (r.partial == nullptr) return output_rows<true, false>(h, scale, out, coef, kind, extra, n_extra, s, r);
+    output_rows<true, true>(h, scale, out, coef, kind, extra, n_extra, s, r);
+  }
+};
+
+using ReluRows = void (*)(float*, const float*, Goodness, float*, int64_t, const EpilogueShape&, const RowRange&);
+using OutputRows = void (*)(float*, const float*, float*, const float*, Goodness, const float*, int64_t,
+                            const EpilogueShape&, const RowRange&);
+
+#define FF_DEFINE_EPILOGUE(suffix, target_attr, lanes)                                                              \
+  target_attr void relu_rows_##suffix(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum,         \
+                                      const EpilogueShape& s, const RowRange& r) {                                  \
+    EpilogueKernels<lanes>::relu_rows(h, bias, kind, g, n_sum, s, r);                                             \
+  }                                                                                                                 \
+  target_attr void output_rows_##suffix(float* h, const float* scale, float* out, const float* coef,               \
+                                        Goodness kind, const float* extra, int64_t n_extra, const EpilogueShape& s, \
+                                        const RowRange& r) {                                                        \
+    EpilogueKernels<lanes>::output_dispatch(h, scale, out, coef, kind, extra, n_extra, s, r);                      \
+  }
+
+FF_DEFINE_EPILOGUE(base, , 4)
+#ifdef FF_X86_DISPATCH
+FF_DEFINE_EPILOGUE(avx2, FF_TARGET_AVX2, 8)
+FF_DEFINE_EPILOGUE(avx512, FF_TARGET_AVX512, 16)
+#endif
+
+// The build of cpu_lanes() (local2d_cpu_vec.h).
+ReluRows pick_relu_rows() {
+#ifdef FF_X86_DISPATCH
+  if (cpu_lanes() == 16) return relu_rows_avx512;
+  if (cpu_lanes() == 8) return relu_rows_avx2;
+#endif
+  return relu_rows_base;
+}
+
+OutputRows pick_output_rows() {
+#ifdef FF_X86_DISPATCH
+  if (cpu_lanes() == 16) return output_rows_avx512;
+  if (cpu_lanes() == 8) return output_rows_avx2;
+#endif
+  return output_rows_base;
+}
+
+// Runs work(range) on num_threads threads, each over a contiguous block of rows, with a zeroed
+// partial row of L * C floats per thread when sum is given; then sum = the partials added up
+// in thread order.
+template <class Work>
+void over_rows(const EpilogueShape& s, int num_threads, float* sum, Work work) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, s.batch)));
+  const int64_t width = s.locations * s.channels;
+  AlignedVector<float> partials(sum != nullptr ? threads * width : 0, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t b0 = s.batch * t / n, b1 = s.batch * (t + 1) / n;
+    work(RowRange{b0, b1, sum != nullptr ? partials.data() + t * width : nullptr});
+  }
+  if (sum == nullptr) return;
+  std::fill(sum, sum + width, 0.0f);
+  for (int t = 0; t < threads; ++t) {
+    const float* p = partials.data() + t * width;
+    for (int64_t i = 0; i < width; ++i) sum[i] += p[i];
+  }
+}
+
+}  // namespace
+
+void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
+                   const EpilogueShape& s, int num_threads) {
+  static const ReluRows rows = pick_relu_rows();
+  over_rows(s, num_threads, col_sum, [&](const RowRange& r) { rows(h, bias, kind, g, n_sum, s, r); });
+}
+
+void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+                      const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& s,
+                      int num_threads) {
+  static const OutputRows rows = pick_output_rows();
+  over_rows(s, num_threads, coef != nullptr ? bias_sum : nullptr,
+            [&](const RowRange& r) { rows(h, scale, out, coef, kind, extra, n_extra, s, r); });
+}
+
+}  // namespace cpu
+}  // namespace ff_kernels

@@ -1,0 +1,40 @@
+// CPU kernels of an FF layer's step around its GEMMs: the passes over the activities between
+// the forward GEMM and the weight-gradient GEMM, fused into two. Plain pointers and sizes, fp32,
+// OpenMP; no torch types.
+//
+// The activities are location-major, h (L, B, C): L groups of C units (the locations of a
+// locally connected layer; L = 1 for a dense layer), B rows. Row b's units are h[:, b, :], and
+// its output row is out[b, l * C + c] (the (L, C) order, row-major (B, L * C)).
+//
+//   relu_goodness:    h = relu(h + bias[l])                       in place (no bias: relu(h))
+//                     g[b] = sum over l, c of h^2 (kSquared) or h (kSum)
+//                     col_sum[l, c] = sum over b < n_sum of h      (when col_sum is given)
+//   output_and_delta: out[b, l * C + c] = h * scale[b]             (the normalized output)
+//                     h = coef[b] * dG/dz + (b < n_extra ? extra[l, c] : 0)   in place, when coef is given
+//                         (dG/dz = 2h for kSquared, 1[h > 0] for kSum: h is already relu'd)
+//                     bias_sum[l, c] = sum over b of the new h     (when bias_sum is given)
+//
+// Rows are split among threads; each thread's column sums go to its own partial row, added up
+// at the end in thread order, so results do not depend on timing.
+#pragma once
+
+#include <cstdint>
+
+#include "local2d_common.h"
+
+namespace ff_kernels {
+namespace cpu {
+
+struct EpilogueShape {
+  int64_t locations, batch, channels;  // L, B, C
+};
+
+void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
+                   const EpilogueShape& shape, int num_threads);
+
+void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+                      const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& shape,
+                      int num_threads);
+
+}  // namespace cpu
+}  // namespace ff_kernels

@@ -1,0 +1,78 @@
+"""An FF layer's passes between its forward GEMM and its weight-gradient GEMM, two of them.
+
+The activities are location-major, ``h: (L, B, C)``: L groups of C units (the locations of a
+locally connected layer; ``h.unsqueeze(0)`` for a dense layer's (B, D)), B rows; row b's output
+is ``out[b, l * C + c]``, rows (B, L * C). Between the GEMMs a step needs the ReLU, the goodness
+(and, for peer normalization, the mean activity of the positive rows), then the normalized
+output, dL/dz in place of h and its column sums for the bias:
+
+    relu_goodness_(h, bias, goodness, n_sum) -> (g, col_sum)
+        h = relu(h + bias[l])                    in place (bias (L, C) or None)
+        g (B,) float32: sum over l, c of h^2 ("ssq", "neg_ssq") or h ("sum")
+        col_sum (L, C) float32: sum of h over rows 0 .. n_sum - 1 (None when n_sum is 0)
+    output_and_delta_(h, scale, out, coef, goodness, extra, n_extra, bias_sum) -> col_sum
+        out (B, L * C) = h * scale[b]           the normalized output (scale = 1 / divisor)
+        with coef (B,): h = coef[b] * dG/dz (+ extra (L, C) on rows 0 .. n_extra - 1) in place,
+        dG/dz = 2h ("ssq", "neg_ssq") or 1[h > 0] ("sum"); returns the column sums of the new
+        h (L, C) float32 when bias_sum, else None
+
+On float32 CPU tensors with the compiled ops loaded each is one pass over h
+(csrc/ff_epilogue_cpu.cpp, vectorized, rows split among threads); otherwise, and as the
+reference the tests hold the compiled passes to, the same math in torch ops
+(:func:`relu_goodness_torch`, :func:`output_and_delta_torch`), several passes each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ext_local2d import cpu_ops_take
+
+
+def relu_goodness_(h: torch.Tensor, bias: torch.Tensor | None, goodness: str, n_sum: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ReLU (after the bias) in place, goodness (B,) and the first ``n_sum`` rows' column sums; see the module doc."""
+    if cpu_ops_take(h, bias):
+        g, col_sum = torch.ops.ff_kernels.ff_relu_goodness_(h, bias, goodness, n_sum)
+        return g, (col_sum if n_sum > 0 else None)
+    return relu_goodness_torch(h, bias, goodness, n_sum)
+
+
+def output_and_delta_(h: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, coef: torch.Tensor | None,
+                      goodness: str, extra: torch.Tensor | None = None, n_extra: int = 0, bias_sum: bool = False
+                      ) -> torch.Tensor | None:
+    """Normalized output into ``out`` and, with ``coef``, the delta in place of ``h``; see the module doc."""
+    if cpu_ops_take(h, scale, out, coef, extra):
+        col_sum = torch.ops.ff_kernels.ff_output_delta_(h, scale, out, coef, goodness, extra, n_extra, bias_sum)
+        return col_sum if bias_sum else None
+    return output_and_delta_torch(h, scale, out, coef, goodness, extra, n_extra, bias_sum)
+
+
+def relu_goodness_torch(h, bias, goodness, n_sum=0):
+    """:func:`relu_goodness_` in torch ops (any dtype and device)."""
+    if bias is not None:
+        h.add_(bias.to(h.dtype).unsqueeze(1))
+    h.relu_()
+    if goodness == "sum":
+        g = h.sum(2, dtype=torch.float32).sum(0)
+    else:
+        g = torch.linalg.vector_norm(h, dim=2, dtype=torch.float32).square_().sum(0)
+    return g, (h[:, :n_sum].sum(1, dtype=torch.float32) if n_sum > 0 else None)
+
+
+def output_and_delta_torch(h, scale, out, coef, goodness, extra=None, n_extra=0, bias_sum=False):
+    """:func:`output_and_delta_` in torch ops (any dtype and device)."""
+    locations, batch, channels = h.shape
+    torch.mul(h.transpose(0, 1), scale.to(h.dtype)[:, None, None], out=out.view(batch, locations, channels))
+    if coef is None:
+        return None
+    factor = (coef if goodness == "sum" else 2.0 * coef).to(h.dtype)[:, None]
+    if goodness == "sum":  # h >= 0, so sign(h) = 1[h > 0]
+        h.sign_()
+    if extra is None or n_extra == 0:
+        h.mul_(factor)
+    else:
+        first = h[:, :n_extra]
+        torch.addcmul(extra.to(h.dtype).unsqueeze(1), first, factor[:n_extra], out=first)
+        h[:, n_extra:].mul_(factor[n_extra:])
+    return h.sum(1, dtype=torch.float32) if bias_sum else None

@@ -1,0 +1,124 @@
+"""The compiled CPU passes of a step (csrc/ff_epilogue_cpu.cpp, csrc/gather_cpu.cpp) against their
+torch-op references (ops/step_epilogue.py's ``*_torch``, ``torch.index_select``).
+
+hypothesis draws the sizes (L locations, B rows, C units: 1 to 40, so rows that fill no whole
+vector, batch 1 and a single location all occur), the goodness, the bias, how many leading rows
+are summed (0, some, all) and whether the delta, its extra term and the bias sums are asked for.
+The output and the delta are one multiply (and one add) per element in both: they agree to
+1 ulp-scale rounding (an FMA may fuse the add); g and the column sums are float32 sums in another
+order, so they agree to 1e-5 of the sum of magnitudes. The gather copies values: exactly equal.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ff_kernels.ops import ext_local2d, step_epilogue
+
+pytestmark = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
+                                reason=f"ff_kernels._C not built: {ext_local2d.load_error()}")
+SUM_RTOL = 1e-5
+
+
+@st.composite
+def cases(draw):
+    locations, batch, channels = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    return {
+        "shape": (locations, batch, channels), "kind": draw(st.sampled_from(["ssq", "neg_ssq", "sum"])),
+        "bias": draw(st.booleans()), "n_sum": draw(st.sampled_from([0, 1, batch // 2, batch])),
+        "delta": draw(st.booleans()), "extra": draw(st.booleans()), "n_extra": draw(st.integers(0, batch)),
+        "bias_sum": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def close_sums(fast, reference, magnitude):
+    assert fast.shape == reference.shape
+    assert torch.all((fast - reference).abs() <= SUM_RTOL * magnitude + 1e-30), (fast, reference)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_compiled_passes_match_the_torch_passes(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    locations, batch, channels = case["shape"]
+    h = torch.randn(case["shape"], generator=gen)
+    bias = torch.randn(locations, channels, generator=gen) if case["bias"] else None
+    fast_h, ref_h = h.clone(), h.clone()
+    g, col = step_epilogue.relu_goodness_(fast_h, bias, case["kind"], case["n_sum"])
+    g_ref, col_ref = step_epilogue.relu_goodness_torch(ref_h, bias, case["kind"], case["n_sum"])
+    assert torch.equal(fast_h, ref_h)  # relu(h + b): the same single add and max
+    close_sums(g, g_ref, ref_h.abs().square().sum((0, 2)) if case["kind"] != "sum" else ref_h.sum((0, 2)))
+    assert (col is None) == (col_ref is None) == (case["n_sum"] == 0)
+    if col is not None:
+        close_sums(col, col_ref, ref_h[:, : case["n_sum"]].sum(1))
+
+    scale = torch.rand(batch, generator=gen) + 0.5
+    coef = torch.randn(batch, generator=gen) if case["delta"] else None
+    extra = torch.randn(locations, channels, generator=gen) if case["delta"] and case["extra"] else None
+    bias_sum = case["delta"] and case["bias_sum"]
+    out, out_ref = torch.empty(batch, locations * channels), torch.empty(batch, locations * channels)
+    sums = step_epilogue.output_and_delta_(fast_h, scale, out, coef, case["kind"], extra, case["n_extra"], bias_sum)
+    magnitude = ref_h.abs().amax().item() + 1.0
+    sums_ref = step_epilogue.output_and_delta_torch(ref_h, scale, out_ref, coef, case["kind"], extra,
+                                                    case["n_extra"], bias_sum)
+    torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fast_h, ref_h, rtol=1e-6, atol=1e-6 * magnitude)
+    assert (sums is None) == (sums_ref is None) == (not bias_sum)
+    if sums is not None:
+        close_sums(sums, sums_ref, ref_h.abs().sum(1))
+
+
+def test_a_nan_activity_stays_nan_through_the_relu():
+    h = torch.tensor([[[1.0, float("nan"), -2.0]]])
+    g, _ = step_epilogue.relu_goodness_(h, None, "ssq")
+    assert h[0, 0, 0] == 1.0 and h[0, 0, 1].isnan() and h[0, 0, 2] == 0.0 and g.isnan().all()
+
+
+def test_the_passes_say_which_argument_is_wrong():
+    h = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[2, 4\], got \[4\]"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h, torch.randn(4), "ssq", 0)
+    with pytest.raises(RuntimeError, match=r"n_sum must be in \[0, B = 3\], got 4"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h, None, "ssq", 4)
+    with pytest.raises(RuntimeError, match="goodness must be 'ssq', 'neg_ssq' or 'sum', got 'l2'"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h, None, "l2", 0)
+    with pytest.raises(RuntimeError, match=r"h must be 3-D \(L, B, C\), got shape \[3, 4\]"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h[0], None, "ssq", 0)
+    with pytest.raises(RuntimeError, match="h must be contiguous"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h.transpose(1, 2), None, "ssq", 0)
+    with pytest.raises(RuntimeError, match=r"out must have shape \[3, 8\], got \[3, 4\]"):
+        torch.ops.ff_kernels.ff_output_delta_(h, torch.ones(3), torch.empty(3, 4), None, "ssq", None, 0, False)
+    with pytest.raises(RuntimeError, match="extra and bias_sum belong to the delta, which needs coef"):
+        torch.ops.ff_kernels.ff_output_delta_(h, torch.ones(3), torch.empty(3, 8), None, "ssq", None, 0, True)
+    with pytest.raises(RuntimeError, match="scale must be float32, got Double"):
+        torch.ops.ff_kernels.ff_output_delta_(h, torch.ones(3, dtype=torch.float64), torch.empty(3, 8), None, "ssq",
+                                              None, 0, False)
+
+
+def test_bfloat16_takes_the_torch_passes():
+    h = torch.randn(2, 3, 4).to(torch.bfloat16)
+    ref = h.clone()
+    g, _ = step_epilogue.relu_goodness_(h, None, "ssq")
+    assert g.dtype == torch.float32 and torch.equal(h, ref.relu())
+    torch.testing.assert_close(g, ref.float().relu().square().sum((0, 2)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 50), st.integers(0, 60), st.integers(0, 2**16))
+def test_gather_columns_matches_index_select_with_a_zero_column(batch, columns, m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(batch, columns, generator=gen)
+    index = torch.randint(0, columns + 1, (m,), generator=gen)  # == columns: past the end, reads 0
+    out = torch.empty(batch, m)
+    torch.ops.ff_kernels.gather_columns(rows, index, out)
+    padded = torch.cat([rows, rows.new_zeros(batch, 1)], dim=1)
+    assert torch.equal(out, torch.index_select(padded, 1, index))
+
+
+def test_gather_columns_says_what_it_needs():
+    rows = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match=r"index must be a contiguous 1-D int64 CPU tensor, got shape \[3\], Int"):
+        torch.ops.ff_kernels.gather_columns(rows, torch.zeros(3, dtype=torch.int32), torch.empty(2, 3))
+    with pytest.raises(RuntimeError, match=r"out must have shape \[2, 3\], got \[3, 3\]"):
+        torch.ops.ff_kernels.gather_columns(rows, torch.zeros(3, dtype=torch.long), torch.empty(3, 3))
