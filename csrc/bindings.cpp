@@ -8,10 +8,15 @@
 //   ff_relu_goodness_(h!, bias?, goodness, n_sum) -> (g, col_sum)            (CPU)
 //   ff_output_delta_(h!, scale, out!, coef?, goodness, extra?, n_extra, bias_sum) -> bias_sum (CPU)
 //   gather_columns(rows, index, out!) -> ()                                     (CPU)
+//   gather_runs(rows, runs, out!) -> ()                                          (CPU)
+//   gather_interleaved(rows, starts, channels, out!) -> ()                       (CPU)
+//   ff_loss_coef(g, n_pos, signed_inverse_temperature, threshold) -> (loss, coef)   (CPU)
+//   head_logits_add_(x, w, out!) -> ()                                            (CPU)
+//   head_weight_grad(dz, x, out!) -> ()                                           (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
-// ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; gather_columns:
-// csrc/gather_cpu.h.
+// ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
+// csrc/gather_cpu.h; the head_ ops (a softmax head's GEMMs): csrc/head_cpu.h.
 //
 // Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
 // picks the CPU or CUDA kernel from the tensors' device, (2) the schemas declare which
@@ -32,6 +37,7 @@
 
 #include "ff_epilogue_cpu.h"
 #include "gather_cpu.h"
+#include "head_cpu.h"
 #include "local2d_cpu.h"
 
 #ifdef FF_WITH_CUDA
@@ -247,18 +253,103 @@ at::Tensor ff_output_delta_(const at::Tensor& h, const at::Tensor& scale, const 
   return sum;
 }
 
-void gather_columns(const at::Tensor& rows, const at::Tensor& index, const at::Tensor& out) {
-  const char* op = "gather_columns";
+// rows (B, N): float32, contiguous, on the CPU.
+void check_rows(const char* op, const at::Tensor& rows) {
   TORCH_CHECK(rows.dim() == 2, op, ": rows must be 2-D (B, N), got shape ", rows.sizes());
   TORCH_CHECK(rows.is_cpu(), op, ": rows must be on the CPU, got ", rows.device());
   check_tensor(op, "rows", rows, rows.sizes(), rows);
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu(), op,
-              ": index must be a contiguous 1-D int64 CPU tensor, got shape ", index.sizes(), ", ",
-              index.scalar_type(), " on ", index.device());
+}
+
+// An int64 CPU tensor of ``dims`` dimensions, contiguous.
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
+  TORCH_CHECK(t.dim() == dims && t.scalar_type() == at::kLong && t.is_contiguous() && t.is_cpu(), op, ": ", name,
+              " must be a contiguous ", dims, "-D int64 CPU tensor, got shape ", t.sizes(), ", ", t.scalar_type(),
+              " on ", t.device());
+}
+
+// check_index_tensor, and every entry in [lo, hi].
+void check_index(const char* op, const char* name, const at::Tensor& t, int64_t dims, int64_t lo, int64_t hi) {
+  check_index_tensor(op, name, t, dims);
+  if (t.numel() == 0) return;
+  const int64_t low = t.min().item<int64_t>(), high = t.max().item<int64_t>();
+  TORCH_CHECK(low >= lo && high <= hi, op, ": ", name, " entries must lie in [", lo, ", ", hi, "], got [", low, ", ",
+              high, "]");
+}
+
+std::tuple<at::Tensor, at::Tensor> ff_loss_coef(const at::Tensor& g, int64_t n_pos, double signed_inverse_temperature,
+                                                double threshold) {
+  const char* op = "ff_loss_coef";
+  TORCH_CHECK(g.dim() == 1 && g.is_cpu(), op, ": g must be a 1-D CPU tensor (B,), got shape ", g.sizes(), " on ",
+              g.device());
+  check_tensor(op, "g", g, g.sizes(), g);
+  TORCH_CHECK(n_pos >= 0 && n_pos <= g.size(0), op, ": n_pos must be in [0, B = ", g.size(0), "], got ", n_pos);
+  at::Tensor coef = at::empty({g.size(0)}, g.options());
+  const float loss = ff_kernels::cpu::loss_and_coef(g.const_data_ptr<float>(), g.size(0), n_pos,
+                                                    static_cast<float>(signed_inverse_temperature),
+                                                    static_cast<float>(threshold), coef.mutable_data_ptr<float>());
+  at::Tensor total = at::empty({}, g.options());
+  total.fill_(loss);
+  return {total, coef};
+}
+
+void gather_columns(const at::Tensor& rows, const at::Tensor& index, const at::Tensor& out) {
+  const char* op = "gather_columns";
+  check_rows(op, rows);
+  check_index(op, "index", index, 1, 0, rows.size(1));
   check_tensor(op, "out", out, {rows.size(0), index.size(0)}, rows);
   ff_kernels::cpu::gather_columns(rows.const_data_ptr<float>(), rows.size(0), rows.size(1),
                                   index.const_data_ptr<int64_t>(), index.size(0), out.mutable_data_ptr<float>(),
                                   at::get_num_threads());
+}
+
+void gather_runs(const at::Tensor& rows, const at::Tensor& runs, const at::Tensor& out) {
+  const char* op = "gather_runs";
+  check_rows(op, rows);
+  TORCH_CHECK(out.dim() == 2, op, ": out must be 2-D (B, M), got shape ", out.sizes());
+  check_tensor(op, "out", out, {rows.size(0), out.size(1)}, rows);
+  check_index_tensor(op, "runs", runs, 2);
+  TORCH_CHECK(runs.size(1) == 3, op, ": runs must be (R, 3) rows (dst, src, n), got shape ", runs.sizes());
+  const int64_t* r = runs.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < runs.size(0); ++i) {
+    const int64_t dst = r[3 * i], src = r[3 * i + 1], n = r[3 * i + 2];
+    TORCH_CHECK(dst >= 0 && n >= 0 && dst + n <= out.size(1) && (src == -1 || (src >= 0 && src + n <= rows.size(1))),
+                op, ": run ", i, " (dst ", dst, ", src ", src, ", n ", n, ") leaves rows (", rows.size(1),
+                " columns) or out (", out.size(1), " columns)");
+  }
+  ff_kernels::cpu::gather_runs(rows.const_data_ptr<float>(), rows.size(0), rows.size(1), r, runs.size(0),
+                               out.mutable_data_ptr<float>(), out.size(1), at::get_num_threads());
+}
+
+void gather_interleaved(const at::Tensor& rows, const at::Tensor& starts, int64_t channels, const at::Tensor& out) {
+  const char* op = "gather_interleaved";
+  check_rows(op, rows);
+  TORCH_CHECK(channels >= 1, op, ": channels must be >= 1, got ", channels);
+  check_index(op, "starts", starts, 2, -1, rows.size(1) - channels);
+  check_tensor(op, "out", out, {rows.size(0), starts.size(0) * starts.size(1) * channels}, rows);
+  ff_kernels::cpu::gather_interleaved(rows.const_data_ptr<float>(), rows.size(0), rows.size(1),
+                                      starts.const_data_ptr<int64_t>(), starts.size(0), starts.size(1), channels,
+                                      out.mutable_data_ptr<float>(), at::get_num_threads());
+}
+
+void head_logits_add_(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out) {
+  const char* op = "head_logits_add_";
+  check_rows(op, x);
+  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (K, F), got shape ", w.sizes());
+  check_tensor(op, "w", w, {w.size(0), x.size(1)}, x);
+  check_tensor(op, "out", out, {x.size(0), w.size(0)}, x);
+  ff_kernels::cpu::head_logits_add(x.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                                   x.size(0), x.size(1), w.size(0), at::get_num_threads());
+}
+
+void head_weight_grad(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& out) {
+  const char* op = "head_weight_grad";
+  check_rows(op, x);
+  TORCH_CHECK(dz.dim() == 2, op, ": dz must be 2-D (B, K), got shape ", dz.sizes());
+  check_tensor(op, "dz", dz, {x.size(0), dz.size(1)}, x);
+  check_tensor(op, "out", out, {dz.size(1), x.size(1)}, x);
+  ff_kernels::cpu::head_weight_grad(dz.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                    out.mutable_data_ptr<float>(), x.size(0), x.size(1), dz.size(1),
+                                    at::get_num_threads());
 }
 
 bool built_with_cuda() {
@@ -287,6 +378,11 @@ TORCH_LIBRARY(ff_kernels, m) {
       "ff_output_delta_(Tensor(a!) h, Tensor scale, Tensor(b!) out, Tensor? coef, str goodness, Tensor? extra, "
       "int n_extra, bool bias_sum) -> Tensor");
   m.def("gather_columns(Tensor rows, Tensor index, Tensor(a!) out) -> ()");
+  m.def("gather_runs(Tensor rows, Tensor runs, Tensor(a!) out) -> ()");
+  m.def("gather_interleaved(Tensor rows, Tensor starts, int channels, Tensor(a!) out) -> ()");
+  m.def("ff_loss_coef(Tensor g, int n_pos, float signed_inverse_temperature, float threshold) -> (Tensor, Tensor)");
+  m.def("head_logits_add_(Tensor x, Tensor w, Tensor(a!) out) -> ()");
+  m.def("head_weight_grad(Tensor dz, Tensor x, Tensor(a!) out) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
@@ -297,6 +393,11 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("ff_relu_goodness_", &ff_relu_goodness_);
   m.impl("ff_output_delta_", &ff_output_delta_);
   m.impl("gather_columns", &gather_columns);
+  m.impl("gather_runs", &gather_runs);
+  m.impl("gather_interleaved", &gather_interleaved);
+  m.impl("ff_loss_coef", &ff_loss_coef);
+  m.impl("head_logits_add_", &head_logits_add_);
+  m.impl("head_weight_grad", &head_weight_grad);
 }
 
 #ifdef FF_WITH_CUDA

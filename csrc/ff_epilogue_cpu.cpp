@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "local2d_cpu_vec.h"
@@ -50,7 +51,7 @@ struct EpilogueKernels {
     return total;
   }
 
-  static void relu_rows(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum, const EpilogueShape& s,
+  static FF_ALWAYS_INLINE void relu_rows(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum, const EpilogueShape& s,
                         const RowRange& r) {
     const int64_t B = s.batch, C = s.channels;
     std::fill(g + r.b0, g + r.b1, 0.0f);
@@ -95,7 +96,7 @@ struct EpilogueKernels {
   }
 
   template <bool kDelta, bool kBiasSum>
-  static void output_rows(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+  static FF_ALWAYS_INLINE void output_rows(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                           const float* extra, int64_t n_extra, const EpilogueShape& s, const RowRange& r) {
     const int64_t B = s.batch, C = s.channels, row = s.locations * C;
     for (int64_t l = 0; l < s.locations; ++l)
@@ -106,7 +107,7 @@ struct EpilogueKernels {
                                          kBiasSum ? r.partial + l * C : nullptr, C);
   }
 
-  static void output_dispatch(float* h, const float* scale, float* out, const float* coef, Goodness kind,
+  static FF_ALWAYS_INLINE void output_dispatch(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                               const float* extra, int64_t n_extra, const EpilogueShape& s, const RowRange& r) {
     if (coef == nullptr) return output_rows<false, false>(h, scale, out, coef, kind, extra, n_extra, s, r);
     if (r.partial == nullptr) return output_rows<true, false>(h, scale, out, coef, kind, extra, n_extra, s, r);
@@ -180,6 +181,23 @@ void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* 
                    const EpilogueShape& s, int num_threads) {
   static const ReluRows rows = pick_relu_rows();
   over_rows(s, num_threads, col_sum, [&](const RowRange& r) { rows(h, bias, kind, g, n_sum, s, r); });
+}
+
+float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_inverse_temperature, float threshold,
+                    float* coef) {
+  const float w_pos = 1.0f / static_cast<float>(std::max<int64_t>(n_pos, 1));
+  const float w_neg = 1.0f / static_cast<float>(std::max<int64_t>(batch - n_pos, 1));
+  float loss = 0.0f;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool positive = b < n_pos;
+    const float a = positive ? -signed_inverse_temperature : signed_inverse_temperature;
+    const float w = positive ? w_pos : w_neg;
+    const float t = (g[b] - threshold) * a;
+    const float softplus = t > 20.0f ? t : std::log1p(std::exp(t));  // torch.nn.functional.softplus
+    loss += softplus * w;
+    coef[b] = 1.0f / (1.0f + std::exp(-t)) * a * w;
+  }
+  return loss;
 }
 
 void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,

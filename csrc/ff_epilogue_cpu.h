@@ -14,6 +14,12 @@
 //                         (dG/dz = 2h for kSquared, 1[h > 0] for kSum: h is already relu'd)
 //                     bias_sum[l, c] = sum over b of the new h     (when bias_sum is given)
 //
+//   loss_and_coef:    the FF loss of the goodness g (B,), rows 0 .. n_pos - 1 positive, and dL/dg:
+//                     t[b] = (g[b] - threshold) * a[b], a = -k on positive rows and k on negative
+//                     ones (k = sign / temperature), w[b] = 1 / n_pos or 1 / n_neg;
+//                     loss = sum of softplus(t) * w, coef[b] = sigmoid(t) * a * w
+//                     (functional.ff_loss_and_goodness_grad, in one loop)
+//
 // Rows are split among threads; each thread's column sums go to its own partial row, added up
 // at the end in thread order, so results do not depend on timing.
 #pragma once
@@ -31,6 +37,9 @@ struct EpilogueShape {
 
 void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
                    const EpilogueShape& shape, int num_threads);
+
+float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_inverse_temperature, float threshold,
+                    float* coef);
 
 void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                       const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& shape,

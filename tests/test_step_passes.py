@@ -1,5 +1,6 @@
 """The compiled CPU passes of a step (csrc/ff_epilogue_cpu.cpp, csrc/gather_cpu.cpp) against their
-torch-op references (ops/step_epilogue.py's ``*_torch``, ``torch.index_select``).
+torch-op references (ops/step_epilogue.py's ``*_torch``, ``torch.index_select``, the windows of
+``functional.local.local_patches``).
 
 hypothesis draws the sizes (L locations, B rows, C units: 1 to 40, so rows that fill no whole
 vector, batch 1 and a single location all occur), the goodness, the bias, how many leading rows
@@ -14,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ff_kernels.ops import ext_local2d, step_epilogue
+from ff_kernels.functional.local import LocalSpec, local_patches
+from ff_kernels.ops import ext_local2d, gemm_local2d, step_epilogue
 
 pytestmark = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
                                 reason=f"ff_kernels._C not built: {ext_local2d.load_error()}")
@@ -122,3 +124,81 @@ def test_gather_columns_says_what_it_needs():
         torch.ops.ff_kernels.gather_columns(rows, torch.zeros(3, dtype=torch.int32), torch.empty(2, 3))
     with pytest.raises(RuntimeError, match=r"out must have shape \[2, 3\], got \[3, 3\]"):
         torch.ops.ff_kernels.gather_columns(rows, torch.zeros(3, dtype=torch.long), torch.empty(3, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 30), st.lists(st.tuples(st.integers(0, 8), st.booleans()), max_size=8),
+       st.integers(0, 2**16))
+def test_gather_runs_copies_each_run_or_zeros_it(batch, columns, runs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(batch, columns, generator=gen)
+    table, want, dst = [], [], 0
+    for length, zero in runs:
+        length = min(length, columns)
+        src = -1 if zero else int(torch.randint(0, columns - length + 1, (1,), generator=gen))
+        table.append((dst, src, length))
+        want.append(torch.zeros(batch, length) if zero else rows[:, src:src + length])
+        dst += length
+    out = torch.full((batch, dst), float("nan"))
+    torch.ops.ff_kernels.gather_runs(rows, torch.tensor(table, dtype=torch.long).view(-1, 3), out)
+    assert torch.equal(out, torch.cat(want, dim=1) if want else torch.empty(batch, 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.sampled_from([1, 2, 3, 4, 9]), st.integers(1, 12),
+       st.integers(0, 2**16))
+def test_gather_interleaved_matches_its_definition(batch, locations, g, channels, seed):
+    gen = torch.Generator().manual_seed(seed)
+    columns = channels + 10
+    rows = torch.randn(batch, columns, generator=gen)
+    starts = torch.randint(-1, columns - channels + 1, (locations, g), generator=gen)
+    out = torch.empty(batch, locations * g * channels)
+    torch.ops.ff_kernels.gather_interleaved(rows, starts, channels, out)
+    padded = torch.cat([rows, rows.new_zeros(batch, channels)], dim=1)  # start -1 -> the zero tail
+    source = torch.where(starts < 0, columns, starts)[:, None, :] + torch.arange(channels)[None, :, None]
+    assert torch.equal(out.view(batch, locations, channels, g), padded[:, source])
+
+
+@pytest.mark.parametrize("spec", [
+    LocalSpec(1, 28, 28, 128, kernel=10, stride=6), LocalSpec(128, 4, 4, 220, kernel=2),
+    LocalSpec(2, 9, 7, 17, kernel=3, stride=2, padding=2), LocalSpec(3, 10, 8, 16, kernel=4, stride=3, padding=3),
+    LocalSpec(5, 6, 6, 16, kernel=3, stride=1, padding=1),
+], ids=["mnist1", "mnist2", "s2p2", "s3p3", "k3p1"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_windows_equal_the_patches_of_the_definition(spec, layout):
+    x = torch.randn(3, *spec.input_shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rows, in_channels_last = gemm_local2d.image_rows(x)
+    assert torch.equal(gemm_local2d.windows(rows, spec, in_channels_last), local_patches(x.contiguous(), spec))
+
+
+def test_the_window_gathers_pick_the_plan_their_layout_allows():
+    assert gemm_local2d._gather_plan(LocalSpec(1, 28, 28, 128, kernel=10, stride=6), False)[0] == "runs"
+    assert gemm_local2d._gather_plan(LocalSpec(128, 4, 4, 220, kernel=2), True)[0] == "interleaved"
+    assert gemm_local2d._gather_plan(LocalSpec(128, 4, 4, 220, kernel=2), False)[0] == "columns"
+
+
+def test_the_gathers_refuse_what_would_read_outside_the_rows():
+    rows = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match=r"index entries must lie in \[0, 5\], got \[0, 6\]"):
+        torch.ops.ff_kernels.gather_columns(rows, torch.tensor([0, 6]), torch.empty(2, 2))
+    with pytest.raises(RuntimeError, match=r"run 0 \(dst 0, src 3, n 3\) leaves rows \(5 columns\)"):
+        torch.ops.ff_kernels.gather_runs(rows, torch.tensor([[0, 3, 3]]), torch.empty(2, 3))
+    with pytest.raises(RuntimeError, match=r"starts entries must lie in \[-1, 3\], got \[0, 4\]"):
+        torch.ops.ff_kernels.gather_interleaved(rows, torch.tensor([[0, 4]]), 2, torch.empty(2, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 40), st.data(), st.sampled_from(["ssq", "neg_ssq", "sum"]), st.floats(-50, 50),
+       st.floats(0.05, 20), st.integers(0, 2**16))
+def test_compiled_loss_matches_the_functional_loss(batch, data, kind, threshold, temperature, seed):
+    from ff_kernels import functional as FF
+
+    n_pos = data.draw(st.integers(0, batch))
+    g = (torch.randn(batch, generator=torch.Generator().manual_seed(seed)) * 40).abs()
+    loss, coef = step_epilogue.loss_and_coef(g, n_pos, kind, threshold, temperature)
+    want_loss, want_coef = FF.ff_loss_and_goodness_grad(g, n_pos, kind, threshold, temperature)
+    assert loss.shape == () and loss.dtype == coef.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(coef, want_coef, rtol=2e-6, atol=1e-9)

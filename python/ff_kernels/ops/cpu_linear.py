@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from .. import functional as FF
-from .cpu_features import warn_if_bf16_emulated
 from . import step_epilogue
+from .cpu_features import warn_if_bf16_emulated
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
@@ -215,7 +215,7 @@ def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rm
     units = h.unsqueeze(0)
     with_peer = peer is not None and n_pos > 0
     g, positive_sum = step_epilogue.relu_goodness_(units, None, goodness, n_pos if with_peer else 0)
-    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
     p = peer(positive_sum[0] / n_pos) if with_peer else None
     fold = p is not None and h.dtype == weight.dtype
     extra = (p / n_pos).unsqueeze(0) if fold else None

@@ -40,9 +40,9 @@ import torch
 
 from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
+from . import step_epilogue
 from .cpu_linear import rows_together, sgd_update, sgd_update_with
 from .ext_local2d import cpu_ops_take
-from . import step_epilogue
 from .layer_step import FFLayerStep
 from .workspace import workspace
 
@@ -90,15 +90,56 @@ def windows(rows: torch.Tensor, spec: LocalSpec, in_channels_last: bool) -> torc
     """Every location's window of the image rows (B, C_in * H_in * W_in) (channel-major, or
     channels-last when ``in_channels_last``) as (B, L, K), zeros outside the map."""
     batch = rows.shape[0]
-    index = (_window_index_channels_last if in_channels_last else _window_index)(spec, rows.device).view(-1)
     gathered = workspace("windows", (batch, spec.num_locations * spec.block_size), rows)
-    if cpu_ops_take(rows) and rows.is_contiguous():  # one compiled pass; the index past the image reads 0
-        torch.ops.ff_kernels.gather_columns(rows, index, gathered)
+    if cpu_ops_take(rows) and rows.is_contiguous():  # one compiled pass (:func:`_gather_plan`)
+        kind, plan = _gather_plan(spec, in_channels_last)
+        if kind == "interleaved":
+            torch.ops.ff_kernels.gather_interleaved(rows, plan, spec.in_channels, gathered)
+        elif kind == "runs":
+            torch.ops.ff_kernels.gather_runs(rows, plan, gathered)
+        else:
+            torch.ops.ff_kernels.gather_columns(rows, plan, gathered)
     else:
+        index = (_window_index_channels_last if in_channels_last else _window_index)(spec, rows.device).view(-1)
         if not _all_inside(spec, rows.device):  # windows that leave the map read a zero column past the image
             rows = torch.cat([rows, rows.new_zeros(batch, 1)], dim=1)
         torch.index_select(rows, 1, index, out=gathered)
     return gathered.view(batch, spec.num_locations, spec.block_size)
+
+
+MIN_RUN = 4  # mean columns per run from which copying runs beats gathering column by column
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_plan(spec: LocalSpec, in_channels_last: bool) -> tuple[str, torch.Tensor]:
+    """How :func:`windows` gathers on the CPU, from the flat window index (L * K,) (an entry
+    ``spec.in_features`` reads zero):
+
+    - ``("interleaved", starts (L, k * k))``: channels-last input, so window position q's C_in
+      channels are contiguous in the input (from ``starts[l, q]``, -1 outside the map) and land
+      every k * k entries of the channel-major window (``gather_interleaved``);
+    - ``("runs", (R, 3))``: the index is runs of consecutive columns (dst, src or -1, length),
+      at least ``MIN_RUN`` long on average: a channel-major input's window rows (``gather_runs``);
+    - ``("columns", index)``: anything else, column by column (``gather_columns``).
+    """
+    cpu = torch.device("cpu")
+    index = (_window_index_channels_last if in_channels_last else _window_index)(spec, cpu)  # (L, K)
+    outside = spec.in_features
+    if in_channels_last and spec.in_channels > 1:
+        by_channel = index.view(spec.num_locations, spec.in_channels, spec.kernel * spec.kernel)
+        starts = by_channel[:, 0, :]
+        channel = torch.arange(spec.in_channels)[None, :, None]
+        expected = torch.where(starts[:, None, :] == outside, outside, starts[:, None, :] + channel)
+        if torch.equal(expected, by_channel):
+            return "interleaved", torch.where(starts == outside, -1, starts).contiguous()
+    flat = index.reshape(-1)
+    inside = flat < outside
+    continues = (inside[1:] & inside[:-1] & (flat[1:] == flat[:-1] + 1)) | (~inside[1:] & ~inside[:-1])
+    first = torch.cat([torch.tensor([0]), torch.nonzero(~continues).flatten() + 1])
+    lengths = torch.diff(first, append=torch.tensor([flat.numel()]))
+    if flat.numel() >= MIN_RUN * first.numel():
+        return "runs", torch.stack([first, torch.where(inside[first], flat[first], -1), lengths], dim=1).contiguous()
+    return "columns", flat.contiguous()
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,7 +195,7 @@ def train_step(
     h = _preactivations(p, weight)  # (L, B, C_out)
     with_peer = peer is not None and n_pos > 0
     g, positive_sum = step_epilogue.relu_goodness_(h, bias, goodness, n_pos if with_peer else 0)
-    loss, coef = FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
+    loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
     peer_row = None
     if with_peer:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
         mean_h = positive_sum / n_pos  # (L, C_out)

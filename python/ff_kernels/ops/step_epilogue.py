@@ -16,6 +16,9 @@ output, dL/dz in place of h and its column sums for the bias:
         dG/dz = 2h ("ssq", "neg_ssq") or 1[h > 0] ("sum"); returns the column sums of the new
         h (L, C) float32 when bias_sum, else None
 
+Between them, :func:`loss_and_coef` is :func:`functional.ff_loss_and_goodness_grad` (the FF
+loss and dL/dG of the (B,) goodness) as one compiled loop instead of eight tensor ops.
+
 On float32 CPU tensors with the compiled ops loaded each is one pass over h
 (csrc/ff_epilogue_cpu.cpp, vectorized, rows split among threads); otherwise, and as the
 reference the tests hold the compiled passes to, the same math in torch ops
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import functional as FF
 from .ext_local2d import cpu_ops_take
 
 
@@ -36,6 +40,14 @@ def relu_goodness_(h: torch.Tensor, bias: torch.Tensor | None, goodness: str, n_
         g, col_sum = torch.ops.ff_kernels.ff_relu_goodness_(h, bias, goodness, n_sum)
         return g, (col_sum if n_sum > 0 else None)
     return relu_goodness_torch(h, bias, goodness, n_sum)
+
+
+def loss_and_coef(g: torch.Tensor, n_pos: int, goodness: str, threshold: float, temperature: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FF loss (0-dim), dL/dG (B,)) of the goodness ``g`` (B,): :func:`functional.ff_loss_and_goodness_grad`."""
+    if g.dim() == 1 and cpu_ops_take(g):
+        return torch.ops.ff_kernels.ff_loss_coef(g, n_pos, FF.goodness_sign(goodness) / temperature, threshold)
+    return FF.ff_loss_and_goodness_grad(g, n_pos, goodness, threshold, temperature)
 
 
 def output_and_delta_(h: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, coef: torch.Tensor | None,

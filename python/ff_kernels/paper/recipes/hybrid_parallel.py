@@ -27,10 +27,10 @@ need no reduction.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...distributed import DataParallelFF, average_gradients
 from ..data import hybrid_negatives
+from .softmax_head import cross_entropy_grad_
 from .supervised_parallel import check_batch_size
 
 
@@ -67,9 +67,8 @@ def data_parallel_step(
     else:
         steps = recipe.data_parallel.ff_backward(x_pos, x_neg, return_steps=True)
     outputs = [step.output[: labels.shape[0]] for step in steps]  # the images' rows (B / W, ...)
-    logits = recipe.model.head(recipe.model.head_features(outputs))
-    nn.functional.cross_entropy(logits, labels).backward()
+    logits = cross_entropy_grad_(recipe.model.head, recipe.model.head_blocks(outputs), labels)
     average_gradients(recipe.model.head.parameters(), context.group)
     recipe.optimizer.step()
-    errors = (logits.detach().argmax(1) != labels).sum()
+    errors = (logits.argmax(1) != labels).sum()
     return torch.stack([step.loss for step in steps]).mean(), errors, labels.shape[0]

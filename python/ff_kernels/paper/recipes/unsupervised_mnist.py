@@ -27,6 +27,7 @@ Observations on the CPU are in docs/defaults.md.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from .config import (
 from .layer_setup import normal_init_, peer_norm_for
 from .mnist_recipe import attach_mnist
 from .schedule import epoch_schedule
+from .softmax_head import cross_entropy_grad_
 from .supervised_mnist import COMPUTE_DTYPES, EVAL_BATCH, INPUT_NORM_EPS, NUM_CLASSES, NUM_PIXELS, make_optimizer
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -132,6 +134,19 @@ class HybridFFNet(nn.Module):
             part.view(o.shape).copy_(o)
         return features
 
+    def head_blocks(self, outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The head's input as blocks for :func:`.softmax_head.cross_entropy_grad_`: each head
+        layer's detached float32 output as rows (B, F_i) in its memory order (a view when the
+        output is contiguous or channels-last) and the head input index of each column."""
+        blocks, offset = [], 0
+        for i in self.head_indices:
+            o = outputs[i].detach().float()
+            in_memory_order = o.dim() == 4 and not o.is_contiguous() and o.is_contiguous(memory_format=torch.channels_last)
+            rows = (o.permute(0, 2, 3, 1) if in_memory_order else o).reshape(o.shape[0], -1)
+            blocks.append((rows, _head_columns(tuple(o.shape[1:]), in_memory_order, offset, o.device)))
+            offset += rows.shape[1]
+        return blocks
+
     @torch.no_grad()
     def outputs_and_goodness(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward pass: per-layer normalized outputs and goodness (B, L) float32."""
@@ -143,6 +158,16 @@ class HybridFFNet(nn.Module):
             functional.positive_probability(goodness[:, i], layer.goodness_kind, layer.threshold, layer.temperature)
             for i, layer in enumerate(self.net)
         ], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_columns(shape: tuple[int, ...], channels_last: bool, offset: int, device: torch.device) -> torch.Tensor:
+    """int64 (prod(shape),): the ``.flatten(1)`` index (plus ``offset``) of each element of an
+    output of ``shape`` per row, in its memory order ((H, W, C) when ``channels_last``)."""
+    index = torch.arange(math.prod(shape)).view(shape)
+    if channels_last:
+        index = index.permute(1, 2, 0)
+    return (index.reshape(-1) + offset).to(device)
 
 
 def build_dense_net(config: UnsupervisedMNISTConfig) -> HybridFFNet:
@@ -235,10 +260,9 @@ class UnsupervisedMNIST:
         negatives = hybrid_negatives(images, generator, self.config.blur_steps)
         self.optimizer.zero_grad(set_to_none=True)
         losses, outputs = self._ff_update(self.model.inputs(images), self.model.inputs(negatives))
-        logits = self.model.head(self.model.head_features(outputs))
-        nn.functional.cross_entropy(logits, labels).backward()
+        logits = cross_entropy_grad_(self.model.head, self.model.head_blocks(outputs), labels)
         self.optimizer.step()
-        errors = (logits.detach().argmax(1) != labels).sum()
+        errors = (logits.argmax(1) != labels).sum()
         return torch.stack(losses).mean(), errors, labels.shape[0]
 
     @torch.no_grad()
