@@ -153,24 +153,25 @@ OutputRows pick_output_rows() {
   return output_rows_base;
 }
 
-// Runs work(range) on num_threads threads, each over a contiguous block of rows, with a zeroed
-// partial row of L * C floats per thread when sum is given; then sum = the partials added up
-// in thread order.
+constexpr int64_t kRowBlock = 32;  // rows per block of partial column sums: fixed, so sums do not depend on threads
+
+// Runs work(range) over blocks of kRowBlock rows on up to num_threads threads, with a zeroed
+// partial row of L * C floats per block when sum is given; then sum = the partials added up in
+// block order (the same result for any number of threads).
 template <class Work>
 void over_rows(const EpilogueShape& s, int num_threads, float* sum, Work work) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, s.batch)));
+  const int64_t blocks = (s.batch + kRowBlock - 1) / kRowBlock;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, blocks)));
   const int64_t width = s.locations * s.channels;
-  AlignedVector<float> partials(sum != nullptr ? threads * width : 0, 0.0f);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t b0 = s.batch * t / n, b1 = s.batch * (t + 1) / n;
-    work(RowRange{b0, b1, sum != nullptr ? partials.data() + t * width : nullptr});
-  }
+  AlignedVector<float> partials(sum != nullptr ? blocks * width : 0, 0.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t k = 0; k < blocks; ++k)
+    work(RowRange{k * kRowBlock, std::min(s.batch, (k + 1) * kRowBlock),
+                  sum != nullptr ? partials.data() + k * width : nullptr});
   if (sum == nullptr) return;
   std::fill(sum, sum + width, 0.0f);
-  for (int t = 0; t < threads; ++t) {
-    const float* p = partials.data() + t * width;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const float* p = partials.data() + k * width;
     for (int64_t i = 0; i < width; ++i) sum[i] += p[i];
   }
 }

@@ -20,8 +20,10 @@
 //                     loss = sum of softplus(t) * w, coef[b] = sigmoid(t) * a * w
 //                     (functional.ff_loss_and_goodness_grad, in one loop)
 //
-// Rows are split among threads; each thread's column sums go to its own partial row, added up
-// at the end in thread order, so results do not depend on timing.
+// Rows are split into blocks of 32 among threads; each block's column sums go to its own partial
+// row, added up at the end in block order, so results depend neither on timing nor on the
+// number of threads.
+
 #pragma once
 
 #include <cstdint>
