@@ -136,23 +136,6 @@ FF_DEFINE_EPILOGUE(avx2, FF_TARGET_AVX2, 8)
 FF_DEFINE_EPILOGUE(avx512, FF_TARGET_AVX512, 16)
 #endif
 
-// The build of cpu_lanes() (local2d_cpu_vec.h).
-ReluRows pick_relu_rows() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return relu_rows_avx512;
-  if (cpu_lanes() == 8) return relu_rows_avx2;
-#endif
-  return relu_rows_base;
-}
-
-OutputRows pick_output_rows() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return output_rows_avx512;
-  if (cpu_lanes() == 8) return output_rows_avx2;
-#endif
-  return output_rows_base;
-}
-
 constexpr int64_t kRowBlock = 32;  // rows per block of partial column sums: fixed, so sums do not depend on threads
 
 // Runs work(range) over blocks of kRowBlock rows on up to num_threads threads, with a zeroed
@@ -180,7 +163,7 @@ void over_rows(const EpilogueShape& s, int num_threads, float* sum, Work work) {
 
 void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
                    const EpilogueShape& s, int num_threads) {
-  static const ReluRows rows = pick_relu_rows();
+  static const ReluRows rows = FF_PICK_BUILD(relu_rows);
   over_rows(s, num_threads, col_sum, [&](const RowRange& r) { rows(h, bias, kind, g, n_sum, s, r); });
 }
 
@@ -204,7 +187,7 @@ float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_i
 void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                       const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& s,
                       int num_threads) {
-  static const OutputRows rows = pick_output_rows();
+  static const OutputRows rows = FF_PICK_BUILD(output_rows);
   over_rows(s, num_threads, coef != nullptr ? bias_sum : nullptr,
             [&](const RowRange& r) { rows(h, scale, out, coef, kind, extra, n_extra, s, r); });
 }

@@ -113,28 +113,11 @@ FF_DEFINE_HEAD(avx2, FF_TARGET_AVX2, 8)
 FF_DEFINE_HEAD(avx512, FF_TARGET_AVX512, 16)
 #endif
 
-// The build of cpu_lanes() (local2d_cpu_vec.h).
-LogitsRows pick_logits_rows() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return logits_rows_avx512;
-  if (cpu_lanes() == 8) return logits_rows_avx2;
-#endif
-  return logits_rows_base;
-}
-
-GradChunk pick_grad_chunk() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return grad_chunk_avx512;
-  if (cpu_lanes() == 8) return grad_chunk_avx2;
-#endif
-  return grad_chunk_base;
-}
-
 }  // namespace
 
 void head_logits_add(const float* x, const float* w, float* out, int64_t batch, int64_t features, int64_t classes,
                      int num_threads) {
-  static const LogitsRows rows = pick_logits_rows();
+  static const LogitsRows rows = FF_PICK_BUILD(logits_rows);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
 #pragma omp parallel num_threads(threads)
   {
@@ -145,7 +128,7 @@ void head_logits_add(const float* x, const float* w, float* out, int64_t batch, 
 
 void head_weight_grad(const float* dz, const float* x, float* out, int64_t batch, int64_t features, int64_t classes,
                       int num_threads) {
-  static const GradChunk chunk = pick_grad_chunk();
+  static const GradChunk chunk = FF_PICK_BUILD(grad_chunk);
   const int64_t chunks = (features + kChunk - 1) / kChunk;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks)));
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -330,31 +330,13 @@ FF_DEFINE_ITEMS(avx2, FF_TARGET_AVX2, 8)
 FF_DEFINE_ITEMS(avx512, FF_TARGET_AVX512, 16)
 #endif
 
-struct ItemFunctions {
-  ForwardItem forward;
-  UpdateItem update;
-};
-
-// The build of cpu_lanes() (local2d_cpu_vec.h).
-ItemFunctions pick_items() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return {forward_item_avx512, update_item_avx512};
-  if (cpu_lanes() == 8) return {forward_item_avx2, update_item_avx2};
-#endif
-  return {forward_item_base, update_item_base};
-}
-
-const ItemFunctions& items() {
-  static const ItemFunctions chosen = pick_items();
-  return chosen;
-}
 
 }  // namespace
 
 void local2d_forward(const float* x, const float* weight, const float* bias, const ForwardEpilogue& epilogue,
                      float* h, const Local2dShape& s, int num_threads) {
   if (use_row_kernels(s)) return rows_forward(x, weight, bias, epilogue, h, s, num_threads);
-  const ForwardItem item = items().forward;
+  const ForwardItem item = FF_PICK_BUILD(forward_item);
   const BatchTiles xt(x, s.batch, s.image_size(), TileOrder::kTileMajor, num_threads);
   const int L = s.locations();
 #pragma omp parallel num_threads(num_threads)
@@ -369,7 +351,7 @@ void local2d_forward(const float* x, const float* weight, const float* bias, con
 void local2d_update(const float* x, const float* h, const float* coef, Goodness kind, const UpdateTarget& target,
                     const Local2dShape& s, int num_threads) {
   if (use_row_kernels(s)) return rows_update(x, h, coef, kind, target, s, num_threads);
-  const UpdateItem item = items().update;
+  const UpdateItem item = FF_PICK_BUILD(update_item);
   const BatchTiles xt(x, s.batch, s.image_size(), TileOrder::kEntryMajor, num_threads);
   if (s.out_channels == 0 || s.locations() == 0) return;
   const int units = std::min(s.out_channels, kOutChunk), chunks = (s.out_channels + kOutChunk - 1) / kOutChunk;

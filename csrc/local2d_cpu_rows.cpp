@@ -302,22 +302,6 @@ FF_DEFINE_ROWS(avx2, FF_TARGET_AVX2, 8)
 FF_DEFINE_ROWS(avx512, FF_TARGET_AVX512, 16)
 #endif
 
-ForwardRow forward_row_function() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return forward_row_avx512;
-  if (cpu_lanes() == 8) return forward_row_avx2;
-#endif
-  return forward_row_base;
-}
-
-UpdateRow update_row_function() {
-#ifdef FF_X86_DISPATCH
-  if (cpu_lanes() == 16) return update_row_avx512;
-  if (cpu_lanes() == 8) return update_row_avx2;
-#endif
-  return update_row_base;
-}
-
 }  // namespace
 
 bool use_row_kernels(const Local2dShape& s) {
@@ -332,7 +316,7 @@ bool use_row_kernels(const Local2dShape& s) {
 void rows_forward(const float* x, const float* weight, const float* bias, const ForwardEpilogue& epilogue, float* h,
                   const Local2dShape& s, int num_threads) {
   const RowGeometry g(s, cpu_lanes());
-  const ForwardRow row = forward_row_function();
+  const ForwardRow row = FF_PICK_BUILD(forward_row);
   const int images = (s.batch + forward_images(g.lanes) - 1) / forward_images(g.lanes) * forward_images(g.lanes);
   const PaddedInput xp(x, s, g, images, num_threads);
 #pragma omp parallel num_threads(num_threads)
@@ -346,7 +330,7 @@ void rows_forward(const float* x, const float* weight, const float* bias, const 
 void rows_update(const float* x, const float* h, const float* coef, Goodness kind, const UpdateTarget& target,
                  const Local2dShape& s, int num_threads) {
   const RowGeometry g(s, cpu_lanes());
-  const UpdateRow row = update_row_function();
+  const UpdateRow row = FF_PICK_BUILD(update_row);
   const PaddedInput xp(x, s, g, s.batch, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {

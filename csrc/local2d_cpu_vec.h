@@ -110,5 +110,13 @@ inline int cpu_lanes() {
   return lanes;
 }
 
+// The build of a work function that cpu_lanes() picks: ``name##_avx512``, ``name##_avx2`` or
+// ``name##_base``, the three a kernel file defines with its FF_DEFINE_ macro.
+#ifdef FF_X86_DISPATCH
+#define FF_PICK_BUILD(name) (cpu_lanes() == 16 ? name##_avx512 : cpu_lanes() == 8 ? name##_avx2 : name##_base)
+#else
+#define FF_PICK_BUILD(name) (name##_base)
+#endif
+
 }  // namespace cpu
 }  // namespace ff_kernels

@@ -30,6 +30,8 @@ def test_closed_form_gradient_matches_autograd(batch, bias, grad_before):
 
 def test_bad_inputs_are_named():
     head = nn.Linear(5, 3)
+    with pytest.raises(ValueError, match=r"labels must be int64 \(B,\), got shape \(2,\), dtype torch.float32"):
+        cross_entropy_grad_(head, torch.randn(2, 5), torch.zeros(2))
     with pytest.raises(ValueError, match="features must not require grad"):
         cross_entropy_grad_(head, torch.randn(2, 5, requires_grad=True), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"features must be \(2, 5\) \(labels give B = 2\), got \(2, 4\)"):

@@ -35,6 +35,9 @@ def cross_entropy_grad_(head: nn.Linear, features: torch.Tensor | list[tuple[tor
     whose columns together cover the head's inputs once. They must not require grad (the closed
     form has no gradient for them). ``labels``: int64 (B,) in [0, classes).
     """
+    if labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"cross_entropy_grad_: labels must be int64 (B,), got shape {tuple(labels.shape)}, "
+                         f"dtype {labels.dtype}")
     blocks = [(features, None)] if isinstance(features, torch.Tensor) else list(features)
     batch = labels.shape[0]
     for rows, columns in blocks:
