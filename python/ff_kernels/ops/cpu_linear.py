@@ -1,7 +1,9 @@
 """CPU fast path for an FF linear layer: explicit local gradients with torch ops, no autograd.
 
 Per step it runs one GEMM for the positive and negative rows together (bias fused by
-``addmm``), a few passes over the (B, D_out) activities, and one weight-gradient GEMM that
+``addmm``), the passes over the (B, D_out) activities of :mod:`.step_epilogue` (two compiled
+passes and a compiled loss for float32 on the CPU, torch ops otherwise and for block-wise
+layers), and one weight-gradient GEMM that
 accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with the
 momentum as beta), so dW is never a separate tensor unless a mask, a dtype change or weight
 decay (then torch's fused SGD pass, see :func:`sgd_update`) needs one. With
