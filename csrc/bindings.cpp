@@ -11,12 +11,11 @@
 //   gather_runs(rows, runs, out!) -> ()                                          (CPU)
 //   gather_interleaved(rows, starts, channels, out!) -> ()                       (CPU)
 //   ff_loss_coef(g, n_pos, signed_inverse_temperature, threshold) -> (loss, coef)   (CPU)
-//   head_logits_add_(x, w, out!) -> ()                                            (CPU)
-//   head_weight_grad(dz, x, out!) -> ()                                           (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
 // ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
-// csrc/gather_cpu.h; the head_ ops (a softmax head's GEMMs): csrc/head_cpu.h.
+// csrc/gather_cpu.h. The recipes' ops (the softmax head's, the hybrid images') are registered in
+// csrc/bindings_recipe_ops.cpp, as a fragment of the same library.
 //
 // Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
 // picks the CPU or CUDA kernel from the tensors' device, (2) the schemas declare which
@@ -37,8 +36,8 @@
 
 #include "ff_epilogue_cpu.h"
 #include "gather_cpu.h"
-#include "head_cpu.h"
 #include "local2d_cpu.h"
+#include "op_checks.h"
 
 #ifdef FF_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -53,14 +52,10 @@ using ff_kernels::Goodness;
 using ff_kernels::Local2dShape;
 using ff_kernels::UpdateMode;
 using ff_kernels::UpdateTarget;
-
-void check_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " (x's device), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ", t.strides(),
-              ")");
-}
+using ff_kernels::checks::check_index;
+using ff_kernels::checks::check_index_tensor;
+using ff_kernels::checks::check_rows;
+using ff_kernels::checks::check_tensor;
 
 int checked_int(const char* op, const char* what, int64_t v) {
   TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), op, ": ", what, " = ", v, " does not fit a 32-bit int");
@@ -254,28 +249,6 @@ at::Tensor ff_output_delta_(const at::Tensor& h, const at::Tensor& scale, const 
 }
 
 // rows (B, N): float32, contiguous, on the CPU.
-void check_rows(const char* op, const at::Tensor& rows) {
-  TORCH_CHECK(rows.dim() == 2, op, ": rows must be 2-D (B, N), got shape ", rows.sizes());
-  TORCH_CHECK(rows.is_cpu(), op, ": rows must be on the CPU, got ", rows.device());
-  check_tensor(op, "rows", rows, rows.sizes(), rows);
-}
-
-// An int64 CPU tensor of ``dims`` dimensions, contiguous.
-void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
-  TORCH_CHECK(t.dim() == dims && t.scalar_type() == at::kLong && t.is_contiguous() && t.is_cpu(), op, ": ", name,
-              " must be a contiguous ", dims, "-D int64 CPU tensor, got shape ", t.sizes(), ", ", t.scalar_type(),
-              " on ", t.device());
-}
-
-// check_index_tensor, and every entry in [lo, hi].
-void check_index(const char* op, const char* name, const at::Tensor& t, int64_t dims, int64_t lo, int64_t hi) {
-  check_index_tensor(op, name, t, dims);
-  if (t.numel() == 0) return;
-  const int64_t low = t.min().item<int64_t>(), high = t.max().item<int64_t>();
-  TORCH_CHECK(low >= lo && high <= hi, op, ": ", name, " entries must lie in [", lo, ", ", hi, "], got [", low, ", ",
-              high, "]");
-}
-
 std::tuple<at::Tensor, at::Tensor> ff_loss_coef(const at::Tensor& g, int64_t n_pos, double signed_inverse_temperature,
                                                 double threshold) {
   const char* op = "ff_loss_coef";
@@ -331,27 +304,6 @@ void gather_interleaved(const at::Tensor& rows, const at::Tensor& starts, int64_
                                       out.mutable_data_ptr<float>(), at::get_num_threads());
 }
 
-void head_logits_add_(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out) {
-  const char* op = "head_logits_add_";
-  check_rows(op, x);
-  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D (K, F), got shape ", w.sizes());
-  check_tensor(op, "w", w, {w.size(0), x.size(1)}, x);
-  check_tensor(op, "out", out, {x.size(0), w.size(0)}, x);
-  ff_kernels::cpu::head_logits_add(x.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-                                   x.size(0), x.size(1), w.size(0), at::get_num_threads());
-}
-
-void head_weight_grad(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& out) {
-  const char* op = "head_weight_grad";
-  check_rows(op, x);
-  TORCH_CHECK(dz.dim() == 2, op, ": dz must be 2-D (B, K), got shape ", dz.sizes());
-  check_tensor(op, "dz", dz, {x.size(0), dz.size(1)}, x);
-  check_tensor(op, "out", out, {dz.size(1), x.size(1)}, x);
-  ff_kernels::cpu::head_weight_grad(dz.const_data_ptr<float>(), x.const_data_ptr<float>(),
-                                    out.mutable_data_ptr<float>(), x.size(0), x.size(1), dz.size(1),
-                                    at::get_num_threads());
-}
-
 bool built_with_cuda() {
 #ifdef FF_WITH_CUDA
   return true;
@@ -381,8 +333,6 @@ TORCH_LIBRARY(ff_kernels, m) {
   m.def("gather_runs(Tensor rows, Tensor runs, Tensor(a!) out) -> ()");
   m.def("gather_interleaved(Tensor rows, Tensor starts, int channels, Tensor(a!) out) -> ()");
   m.def("ff_loss_coef(Tensor g, int n_pos, float signed_inverse_temperature, float threshold) -> (Tensor, Tensor)");
-  m.def("head_logits_add_(Tensor x, Tensor w, Tensor(a!) out) -> ()");
-  m.def("head_weight_grad(Tensor dz, Tensor x, Tensor(a!) out) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
@@ -396,8 +346,6 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("gather_runs", &gather_runs);
   m.impl("gather_interleaved", &gather_interleaved);
   m.impl("ff_loss_coef", &ff_loss_coef);
-  m.impl("head_logits_add_", &head_logits_add_);
-  m.impl("head_weight_grad", &head_weight_grad);
 }
 
 #ifdef FF_WITH_CUDA

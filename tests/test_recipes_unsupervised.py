@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ff_kernels.nn import FFLinear, FFLocal2d
 from ff_kernels.paper.cli import main
 from ff_kernels.paper.data import hybrid_images, hybrid_mask, hybrid_negatives, mnist_splits, random_partners
-from ff_kernels.paper.data.hybrid import BLUR_STEPS, blur_matrix
+from ff_kernels.paper.data.hybrid import BLUR_STEPS, blur_matrix, random_bit_words, unpack_bits
 from ff_kernels.paper.figures import (
     HYBRID_FIGURE,
     RECEPTIVE_FIELDS_FIGURE,
@@ -81,7 +81,7 @@ def test_blurring_makes_large_regions():
 
 
 def test_matrix_blur_equals_repeated_filtering():
-    bits = torch.randint(0, 2, (200, 28, 20), generator=torch.Generator().manual_seed(2)).float()
+    bits = unpack_bits(random_bit_words(200 * 28 * 20, torch.Generator().manual_seed(2)), 200 * 28 * 20).view(200, 28, 20)
     for steps in (1, 3, BLUR_STEPS):
         fast = blur_matrix(28, steps) @ bits @ blur_matrix(20, steps).t()
         torch.testing.assert_close(fast, blur_reference(bits, steps), rtol=0, atol=1e-6)

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from ...ops.ext_local2d import cpu_ops_take
 from ...ops.validation import check_on_device
 
 BLUR_STEPS = 10
@@ -54,6 +55,21 @@ def blur_matrix(size: int, steps: int) -> torch.Tensor:
     return torch.linalg.matrix_power(one, steps).to(torch.float32)
 
 
+def random_bit_words(bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``bits`` fair random bits packed 32 to an int64 entry: int64 ``(ceil(bits / 32),)`` of
+    values in [0, 2**32); bit ``j`` is bit ``j % 32`` of entry ``j // 32``. One draw of the
+    generator per 32 bits (a draw per bit costs more than blurring them). On the generator's
+    device (CPU when None)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.empty((bits + 31) // 32, dtype=torch.int64, device=device).random_(0, 2**32, generator=generator)
+
+
+def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The first ``bits`` bits of :func:`random_bit_words`'s ``words`` as float32 0/1 ``(bits,)``."""
+    shifts = torch.arange(32, dtype=torch.int64, device=words.device)
+    return words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:bits].to(torch.float32)
+
+
 def hybrid_mask(
     n: int,
     height: int = 28,
@@ -64,23 +80,33 @@ def hybrid_mask(
 ) -> torch.Tensor:
     """``n`` random masks of large regions of ones and zeros: float32 ``(n, height, width)`` of 0/1.
 
-    Each mask starts as a random bit image (ones with probability 1/2), is blurred ``blur_steps``
-    times with [1/4, 1/2, 1/4] horizontally and vertically (borders reflected; the passes are
-    applied at once as :func:`blur_matrix` products), and is thresholded: 1 where the blurred
-    value exceeds 0.5. ``blur_steps=0`` returns the raw bits.
-    The bits are drawn with ``generator`` on its device (CPU when None); the result is on
-    ``device`` (default: the generator's device).
+    Each mask starts as a random bit image (ones with probability 1/2; the bits of all masks
+    are :func:`random_bit_words`, in row-major order), is blurred ``blur_steps`` times with
+    [1/4, 1/2, 1/4] horizontally and vertically (borders reflected; the passes are applied at
+    once as :func:`blur_matrix` products), and is thresholded: 1 where the blurred value exceeds
+    0.5. ``blur_steps=0`` returns the raw bits. The bits are drawn with ``generator`` on its
+    device (CPU when None); the result is on ``device`` (default: the generator's device).
     """
+    _check_mask_args(n, height, width, blur_steps)
+    words = random_bit_words(n * height * width, generator)
+    return _mask_from_words(words, n, height, width, blur_steps, device)
+
+
+def _check_mask_args(n, height, width, blur_steps) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    height, width = _check_size("height", height), _check_size("width", width)
+    _check_size("height", height), _check_size("width", width)
     if isinstance(blur_steps, bool) or not isinstance(blur_steps, int) or blur_steps < 0:
         raise ValueError(f"blur_steps must be a non-negative int, got {blur_steps!r}")
     if blur_steps and min(height, width) < 2:
         raise ValueError(f"blurring needs masks of at least 2 x 2 pixels, got {height} x {width}")
-    source = generator.device if generator is not None else torch.device("cpu")
-    bits = torch.randint(0, 2, (n, height, width), generator=generator, device=source, dtype=torch.uint8)
-    x = bits.to(device=device if device is not None else source, dtype=torch.float32)
+
+
+def _mask_from_words(words: torch.Tensor, n: int, height: int, width: int, blur_steps: int, device) -> torch.Tensor:
+    """:func:`hybrid_mask` from its drawn bits: float32 (n, height, width) 0/1 on ``device``
+    (default: the words' device)."""
+    x = unpack_bits(words, n * height * width).view(n, height, width)
+    x = x.to(device=device if device is not None else words.device)
     if n and blur_steps:
         # Blurring is linear: all passes in both directions are two small matrix products.
         rows = blur_matrix(height, blur_steps).to(x.device)
@@ -163,8 +189,11 @@ def hybrid_negatives(
 
     images: float ``(B, height * width)``, ``(B, height, width)`` or ``(B, C, height, width)``,
     B >= 2. Row i of the result is ``hybrid_images(images[i], images[j[i]], mask_i)`` with
-    ``j = random_partners(B)`` and a fresh :func:`hybrid_mask` per row. Same shape, dtype and
-    device as ``images``; random numbers come from ``generator``.
+    ``j = random_partners(B)`` and a fresh :func:`hybrid_mask` per row (drawn after j). Same
+    shape, dtype and device as ``images``; random numbers come from ``generator``. Single-channel
+    contiguous float32 images on the CPU are mixed by one compiled pass (``hybrid_mix``,
+    csrc/hybrid_cpu.cpp: the same bits and blur products, a mask pixel flipping only where its
+    blurred value rounds to the other side of 0.5), others by torch ops.
     """
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise TypeError(f"images must be a floating-point torch.Tensor, got {_describe(images)}")
@@ -178,6 +207,15 @@ def hybrid_negatives(
     batch = images.shape[0]
     if batch < 2:
         raise ValueError(f"hybrid negatives need at least 2 images to mix, got {batch}")
+    _check_mask_args(batch, height, width, blur_steps)
     partners = random_partners(batch, generator).to(images.device)
-    mask = hybrid_mask(batch, height, width, blur_steps, generator, device=images.device)
+    words = random_bit_words(batch * height * width, generator)
+    maps = images.reshape(batch, -1, height, width)
+    if cpu_ops_take(images) and words.is_cpu and maps.shape[1] == 1 and images.is_contiguous():
+        out = torch.empty_like(images)
+        blur = [blur_matrix(size, blur_steps) if blur_steps else torch.eye(size) for size in (height, width)]
+        torch.ops.ff_kernels.hybrid_mix(maps.view(batch, height, width), partners, words, *blur,
+                                        out.view(batch, height, width))
+        return out
+    mask = _mask_from_words(words, batch, height, width, blur_steps, images.device)
     return _mix(images, images[partners], _mask_like(mask, images))

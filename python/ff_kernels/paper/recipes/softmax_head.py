@@ -13,8 +13,9 @@ each of its columns (a layer's output in its own memory order: a channels-last m
 (H, W, C) while the head reads ``.flatten(1)``'s (C, H, W)): the logits are the sum of the
 blocks' GEMMs against the weight's matching columns, and each block's gradient goes back to
 those columns, so the features are never copied into one (B, F) tensor. On float32 CPU
-tensors the two GEMMs run in csrc/head_cpu.cpp (BLAS is slow with 10 output rows or columns),
-elsewhere in torch.
+tensors the step runs in compiled ops (csrc/head_cpu.cpp: BLAS is slow with 10 output rows or
+columns, and each of a dozen small torch ops costs more than the arithmetic), elsewhere in torch
+ops (:func:`_torch_step`, also the reference the tests hold the compiled step to).
 """
 
 from __future__ import annotations
@@ -53,23 +54,10 @@ def cross_entropy_grad_(head: nn.Linear, features: torch.Tensor | list[tuple[tor
                          f"the head {head.in_features} inputs")
     with torch.no_grad():
         weight = head.weight.detach()
-        weights = [weight if columns is None else weight.index_select(1, columns) for _, columns in blocks]
-        logits = weight.new_zeros(batch, head.out_features)
-        for (rows, _), w in zip(blocks, weights, strict=True):
-            _logits_add_(rows, w, logits)
-        if head.bias is not None:
-            logits += head.bias.detach()
-        dz = torch.softmax(logits, dim=1)
-        dz[torch.arange(batch, device=labels.device), labels] -= 1.0
-        dz.div_(batch)
         if head.weight.grad is None:
             head.weight.grad = torch.zeros_like(weight)
-        for (rows, columns), w in zip(blocks, weights, strict=True):
-            grad = _weight_grad(dz, rows, w)
-            if columns is None:
-                head.weight.grad += grad
-            else:
-                head.weight.grad.index_add_(1, columns, grad)
+        compiled = _compiled(weight, head.weight.grad, *(rows for rows, _ in blocks)) and labels.device.type == "cpu"
+        logits, dz = (_compiled_step if compiled else _torch_step)(head, blocks, labels)
         if head.bias is not None:
             bias_grad = dz.sum(0)
             head.bias.grad = bias_grad if head.bias.grad is None else head.bias.grad.add_(bias_grad)
@@ -80,19 +68,43 @@ def _compiled(*tensors: torch.Tensor) -> bool:
     return cpu_ops_take(*tensors) and all(t.is_contiguous() for t in tensors)
 
 
-def _logits_add_(rows: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> None:
-    """logits += rows @ w.T: rows (B, F), w (K, F), logits (B, K)."""
-    if _compiled(rows, w, logits):
-        torch.ops.ff_kernels.head_logits_add_(rows, w, logits)
-    else:
+def _torch_step(head: nn.Linear, blocks, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (B, K) and dL/dz (B, K) in torch ops, the weight gradient added to
+    ``head.weight.grad``; the reference of :func:`_compiled_step`."""
+    weight, batch = head.weight.detach(), labels.shape[0]
+    weights = [weight if columns is None else weight.index_select(1, columns) for _, columns in blocks]
+    logits = weight.new_zeros(batch, head.out_features)
+    for (rows, _), w in zip(blocks, weights, strict=True):
         logits += torch.mm(w, rows.t().to(w.dtype)).t()
+    if head.bias is not None:
+        logits += head.bias.detach()
+    dz = torch.softmax(logits, dim=1)
+    dz[torch.arange(batch, device=labels.device), labels] -= 1.0
+    dz.div_(batch)
+    for rows, columns in blocks:
+        grad = torch.mm(dz.t(), rows.to(dz.dtype))
+        if columns is None:
+            head.weight.grad += grad
+        else:
+            head.weight.grad.index_add_(1, columns, grad)
+    return logits, dz
 
 
-def _weight_grad(dz: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """dz.T @ rows (K, F): dz (B, K), rows (B, F); a new tensor like ``like``."""
-    out = torch.empty_like(like)
-    if _compiled(dz, rows, out):
-        torch.ops.ff_kernels.head_weight_grad(dz, rows, out)
-    else:
-        torch.mm(dz.t(), rows.to(dz.dtype), out=out)
-    return out
+def _compiled_step(head: nn.Linear, blocks, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_torch_step` in the compiled CPU ops (float32, contiguous): each block's weight
+    columns gathered (``gather_columns``), the logits of 10 classes in small-K kernels, dL/dz in
+    one pass, and each block's gradient added straight into its columns of ``.grad``."""
+    weight, grad = head.weight.detach(), head.weight.grad
+    logits = weight.new_zeros(labels.shape[0], head.out_features)
+    for rows, columns in blocks:
+        w = weight
+        if columns is not None:
+            w = weight.new_empty(weight.shape[0], columns.shape[0])
+            torch.ops.ff_kernels.gather_columns(weight, columns, w)
+        torch.ops.ff_kernels.head_logits_add_(rows, w, logits)
+    if head.bias is not None:
+        logits += head.bias.detach()
+    dz = torch.ops.ff_kernels.cross_entropy_logit_grad(logits, labels)
+    for rows, columns in blocks:
+        torch.ops.ff_kernels.head_weight_grad_add_(dz, rows, columns, grad)
+    return logits, dz
