@@ -11,6 +11,7 @@
 //   gather_runs(rows, runs, out!) -> ()                                          (CPU)
 //   gather_interleaved(rows, starts, channels, out!) -> ()                       (CPU)
 //   ff_loss_coef(g, n_pos, signed_inverse_temperature, threshold) -> (loss, coef)   (CPU)
+//   ff_peer_update_(running_mean!, col_sum, n_pos, momentum, strength, channels_major) -> (p, extra)   (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
 // ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
@@ -248,7 +249,24 @@ at::Tensor ff_output_delta_(const at::Tensor& h, const at::Tensor& scale, const 
   return sum;
 }
 
-// rows (B, N): float32, contiguous, on the CPU.
+std::tuple<at::Tensor, at::Tensor> ff_peer_update_(const at::Tensor& running_mean, const at::Tensor& col_sum,
+                                                   int64_t n_pos, double momentum, double strength, bool channels_major) {
+  const char* op = "ff_peer_update_";
+  TORCH_CHECK(col_sum.dim() == 2 && col_sum.is_cpu(), op, ": col_sum must be a 2-D CPU tensor (L, C), got shape ",
+              col_sum.sizes(), " on ", col_sum.device());
+  check_tensor(op, "col_sum", col_sum, col_sum.sizes(), col_sum);
+  const int64_t locations = col_sum.size(0), channels = col_sum.size(1);
+  check_tensor(op, "running_mean", running_mean, {locations * channels}, col_sum);
+  TORCH_CHECK(n_pos >= 1, op, ": n_pos must be >= 1, got ", n_pos);
+  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, op, ": momentum must be in [0, 1), got ", momentum);
+  at::Tensor p = at::empty({locations * channels}, col_sum.options());
+  at::Tensor extra = at::empty({locations, channels}, col_sum.options());
+  ff_kernels::cpu::peer_update(running_mean.mutable_data_ptr<float>(), col_sum.const_data_ptr<float>(), locations,
+                               channels, n_pos, static_cast<float>(momentum), static_cast<float>(strength),
+                               channels_major, p.mutable_data_ptr<float>(), extra.mutable_data_ptr<float>());
+  return {p, extra};
+}
+
 std::tuple<at::Tensor, at::Tensor> ff_loss_coef(const at::Tensor& g, int64_t n_pos, double signed_inverse_temperature,
                                                 double threshold) {
   const char* op = "ff_loss_coef";
@@ -332,6 +350,9 @@ TORCH_LIBRARY(ff_kernels, m) {
   m.def("gather_columns(Tensor rows, Tensor index, Tensor(a!) out) -> ()");
   m.def("gather_runs(Tensor rows, Tensor runs, Tensor(a!) out) -> ()");
   m.def("gather_interleaved(Tensor rows, Tensor starts, int channels, Tensor(a!) out) -> ()");
+  m.def(
+      "ff_peer_update_(Tensor(a!) running_mean, Tensor col_sum, int n_pos, float momentum, float strength, "
+      "bool channels_major) -> (Tensor, Tensor)");
   m.def("ff_loss_coef(Tensor g, int n_pos, float signed_inverse_temperature, float threshold) -> (Tensor, Tensor)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
@@ -346,6 +367,7 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("gather_runs", &gather_runs);
   m.impl("gather_interleaved", &gather_interleaved);
   m.impl("ff_loss_coef", &ff_loss_coef);
+  m.impl("ff_peer_update_", &ff_peer_update_);
 }
 
 #ifdef FF_WITH_CUDA

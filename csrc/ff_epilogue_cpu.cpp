@@ -192,5 +192,26 @@ void output_and_delta(float* h, const float* scale, float* out, const float* coe
             [&](const RowRange& r) { rows(h, scale, out, coef, kind, extra, n_extra, s, r); });
 }
 
+void peer_update(float* running_mean, const float* col_sum, int64_t locations, int64_t channels, int64_t n_pos,
+                 float momentum, float strength, bool channels_major, float* p, float* extra) {
+  const int64_t n = locations * channels;
+  const float inv_pos = 1.0f / static_cast<float>(n_pos);
+  const float weight = 1.0f - momentum;
+  double total = 0.0;
+  for (int64_t l = 0; l < locations; ++l)
+    for (int64_t c = 0; c < channels; ++c) {
+      float& r = running_mean[channels_major ? c * locations + l : l * channels + c];
+      const float end = col_sum[l * channels + c] / static_cast<float>(n_pos);
+      const float diff = end - r;
+      r = weight < 0.5f ? r + weight * diff : end - diff * (1.0f - weight);  // torch.lerp
+      total += r;
+    }
+  const float mean = static_cast<float>(total / static_cast<double>(n));
+  for (int64_t j = 0; j < n; ++j) p[j] = (running_mean[j] - mean) * strength;
+  for (int64_t l = 0; l < locations; ++l)
+    for (int64_t c = 0; c < channels; ++c)
+      extra[l * channels + c] = p[channels_major ? c * locations + l : l * channels + c] * inv_pos;
+}
+
 }  // namespace cpu
 }  // namespace ff_kernels

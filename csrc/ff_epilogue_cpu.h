@@ -20,6 +20,12 @@
 //                     loss = sum of softplus(t) * w, coef[b] = sigmoid(t) * a * w
 //                     (functional.ff_loss_and_goodness_grad, in one loop)
 //
+//   peer_update:      peer normalization's running mean and derivative (nn/peer_norm.py) from the
+//                     positive rows' column sums col_sum (L, C) of n_pos rows, N = L * C units
+//                     stored in r as (C, L) when channels_major, else (L, C):
+//                     r = lerp(r, col_sum / n_pos, 1 - momentum) (torch.lerp's formula),
+//                     p = strength * (r - mean(r)) (N,) in r's order, extra[l, c] = p of (l, c) / n_pos
+//
 // Rows are split into blocks of 32 among threads; each block's column sums go to its own partial
 // row, added up at the end in block order, so results depend neither on timing nor on the
 // number of threads.
@@ -46,6 +52,9 @@ float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_i
 void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                       const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& shape,
                       int num_threads);
+
+void peer_update(float* running_mean, const float* col_sum, int64_t locations, int64_t channels, int64_t n_pos,
+                 float momentum, float strength, bool channels_major, float* p, float* extra);
 
 }  // namespace cpu
 }  // namespace ff_kernels

@@ -202,3 +202,40 @@ def test_compiled_loss_matches_the_functional_loss(batch, data, kind, threshold,
     assert loss.shape == () and loss.dtype == coef.dtype == torch.float32
     torch.testing.assert_close(loss, want_loss, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(coef, want_coef, rtol=2e-6, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 40), st.integers(1, 200), st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+       st.floats(0, 1), st.booleans(), st.integers(0, 2**16))
+def test_compiled_peer_update_matches_peer_normalization(locations, channels, n_pos, momentum, strength,
+                                                         channels_major, seed):
+    """The fused update against PeerNormalization.update_ on the same running mean: r is one lerp
+    per unit (equal up to an FMA's rounding); the mean of r is a sum in another order (float64
+    here), so p and the extra term agree to 1e-6 of |strength| * max |r|."""
+    from ff_kernels.nn import PeerNormalization
+
+    gen = torch.Generator().manual_seed(seed)
+    units = locations * channels
+    fast, slow = PeerNormalization(units, strength, momentum), PeerNormalization(units, strength, momentum)
+    start = torch.rand(units, generator=gen) * 3
+    fast.running_mean.copy_(start)
+    slow.running_mean.copy_(start)
+    col_sum = torch.rand(locations, channels, generator=gen) * n_pos
+    p, extra = step_epilogue.peer_update_(fast, col_sum, n_pos, channels_major)
+    p_ref, extra_ref = step_epilogue.peer_update_torch(slow, col_sum, n_pos, channels_major)
+    torch.testing.assert_close(fast.running_mean, slow.running_mean, rtol=1e-6, atol=1e-6)
+    bound = 1e-6 * abs(strength) * float(slow.running_mean.abs().max()) + 1e-12
+    assert float((p - p_ref).abs().max()) <= bound
+    assert float((extra - extra_ref).abs().max()) <= bound / n_pos + 1e-12
+    assert extra.shape == (locations, channels) and p.shape == (units,)
+
+
+def test_peer_update_takes_any_function_and_checks_its_arguments():
+    col_sum = torch.ones(2, 3)
+    p, extra = step_epilogue.peer_update_(lambda mean: mean * 2, col_sum, 4, channels_major=True)
+    torch.testing.assert_close(p, torch.full((6,), 0.5))
+    torch.testing.assert_close(extra, torch.full((2, 3), 0.125))
+    with pytest.raises(RuntimeError, match=r"running_mean must have shape \[6\], got \[5\]"):
+        torch.ops.ff_kernels.ff_peer_update_(torch.zeros(5), col_sum, 4, 0.9, 0.1, True)
+    with pytest.raises(RuntimeError, match="n_pos must be >= 1, got 0"):
+        torch.ops.ff_kernels.ff_peer_update_(torch.zeros(6), col_sum, 0, 0.9, 0.1, True)

@@ -44,8 +44,8 @@ class FFLayer(nn.Module):
     - optionally, with ``_takes_preact = True``: both ops also take ``preact=``, the layer's
       pre-activations computed by the caller (see :meth:`forward_with_goodness`);
     - optionally, ``_step_takes_peer(**step_kwargs)``: True when ``_step_op`` can apply peer
-      normalization itself (``peer=``, a function from the mean positive activity to the
-      derivative p): its gradient then joins the step's own, which saves passes over the
+      normalization itself (``peer=``, the layer's PeerNormalization, called as a function from
+      the mean positive activity to the derivative p): its gradient then joins the step's own, which saves passes over the
       weights; otherwise the layer adds it after the step;
     - ``_add_peer_gradient_(weight_target, bias_target, p, x_mean, alpha)``: add ``alpha`` times
       the rank-1 peer-normalization gradients (dW, db) for the
@@ -87,7 +87,7 @@ class FFLayer(nn.Module):
         """``{"peer": ...}`` when the step applies peer normalization itself, else {}."""
         if not apply_peer_norm or self.peer_norm is None or not self._step_takes_peer(**step_kwargs):
             return {}
-        return {"peer": self.peer_norm.update_}
+        return {"peer": self.peer_norm}  # called as peer(mean) = update_(mean), or fused by the step
 
     def _preact_kwargs(self, preact: torch.Tensor | None) -> dict:
         if preact is None:

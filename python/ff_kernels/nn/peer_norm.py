@@ -76,6 +76,12 @@ class PeerNormalization(nn.Module):
         self.running_mean.lerp_(activity_mean.to(self.running_mean.dtype), 1.0 - self.momentum)
         return self.derivative()
 
+    def forward(self, activity_mean: torch.Tensor) -> torch.Tensor:
+        """``peer(activity_mean)`` is :meth:`update_`: the module is the ``peer`` function the
+        layers' fused steps take (which run its update as one compiled loop on the CPU,
+        ``ops.step_epilogue.peer_update_``)."""
+        return self.update_(activity_mean)
+
     def extra_repr(self) -> str:
         return f"{self.num_units}, strength={self.strength:g}, momentum={self.momentum:g}"
 

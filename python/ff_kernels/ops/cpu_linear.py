@@ -218,9 +218,9 @@ def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rm
     with_peer = peer is not None and n_pos > 0
     g, positive_sum = step_epilogue.relu_goodness_(units, None, goodness, n_pos if with_peer else 0)
     loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
-    p = peer(positive_sum[0] / n_pos) if with_peer else None
+    p, extra = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=False) if with_peer else (None, None)
     fold = p is not None and h.dtype == weight.dtype
-    extra = (p / n_pos).unsqueeze(0) if fold else None
+    extra = extra if fold else None
     output = torch.empty_like(h)
     scale = FF.normalization_scale(g, goodness, h.shape[1], rms).reciprocal_()
     bias_sum = step_epilogue.output_and_delta_(units, scale, output, coef, goodness, extra, n_pos,

@@ -198,9 +198,8 @@ def train_step(
     loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
     peer_row = None
     if with_peer:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
-        mean_h = positive_sum / n_pos  # (L, C_out)
-        peer_p = peer(mean_h.t().reshape(-1)).view(spec.out_channels, spec.num_locations).t()
-        peer_row = (peer_p / n_pos).contiguous()  # p times the mean positive window = p / Bp on each positive delta
+        # p times the mean positive window = p / Bp on each positive row's delta
+        _, peer_row = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=True)
     output = h.new_empty(h.shape[1], spec.out_features)
     bias_delta = step_epilogue.output_and_delta_(h, _output_scale(g, spec, goodness, rms), output, coef, goodness,
                                                  peer_row, n_pos, bias_sum=bias is not None)  # h is now delta

@@ -191,7 +191,8 @@ def ff_linear_step(
 
     ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says the step
     can: a function from the mean raw activity (D_out,) of the positive rows (computed with the
-    weights before the step) to the derivative p (D_out,) (``PeerNormalization.update_``). The
+    weights before the step) to the derivative p (D_out,), or a ``PeerNormalization`` (called, it is
+    its ``update_``; on a float32 CPU its update runs as one compiled loop). The
     gradient ``outer(p, mean positive row) * mask`` (and p for the bias) is then part of this
     step's gradient, as if added to ``.grad`` or to the SGD step afterwards; a step without
     positive rows calls nothing.

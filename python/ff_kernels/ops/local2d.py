@@ -184,7 +184,8 @@ def ff_local2d_step(
 
     ``peer``: peer normalization inside the step, where :func:`step_takes_peer` says it can be:
     a function from the mean raw activity (C_out * L,) of the positive images (ordered like
-    ``output.flatten(1)``) to the derivative p (``PeerNormalization.update_``), whose gradient
+    ``output.flatten(1)``) to the derivative p, or a ``PeerNormalization`` (called, it is its
+    ``update_``; on a float32 CPU its update runs as one compiled loop), whose gradient
     (each location's window of the mean positive image times p, and p for the bias) is then
     part of this step's.
 
