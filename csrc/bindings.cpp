@@ -11,6 +11,7 @@
 //   gather_runs(rows, runs, out!) -> ()                                          (CPU)
 //   gather_interleaved(rows, starts, channels, out!) -> ()                       (CPU)
 //   ff_loss_coef(g, n_pos, signed_inverse_temperature, threshold) -> (loss, coef)   (CPU)
+//   ff_inverse_scale(g, goodness, norm_divisor, eps) -> inv                          (CPU)
 //   ff_peer_update_(running_mean!, col_sum, n_pos, momentum, strength, channels_major) -> (p, extra)   (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
@@ -249,6 +250,18 @@ at::Tensor ff_output_delta_(const at::Tensor& h, const at::Tensor& scale, const 
   return sum;
 }
 
+at::Tensor ff_inverse_scale(const at::Tensor& g, const std::string& goodness, double norm_divisor, double eps) {
+  const char* op = "ff_inverse_scale";
+  TORCH_CHECK(g.dim() == 1 && g.is_cpu(), op, ": g must be a 1-D CPU tensor (B,), got shape ", g.sizes(), " on ",
+              g.device());
+  check_tensor(op, "g", g, g.sizes(), g);
+  at::Tensor inv = at::empty({g.size(0)}, g.options());
+  ff_kernels::cpu::inverse_scale(g.const_data_ptr<float>(), g.size(0), goodness_of(op, goodness),
+                                 static_cast<float>(norm_divisor), static_cast<float>(eps),
+                                 inv.mutable_data_ptr<float>());
+  return inv;
+}
+
 std::tuple<at::Tensor, at::Tensor> ff_peer_update_(const at::Tensor& running_mean, const at::Tensor& col_sum,
                                                    int64_t n_pos, double momentum, double strength, bool channels_major) {
   const char* op = "ff_peer_update_";
@@ -350,6 +363,7 @@ TORCH_LIBRARY(ff_kernels, m) {
   m.def("gather_columns(Tensor rows, Tensor index, Tensor(a!) out) -> ()");
   m.def("gather_runs(Tensor rows, Tensor runs, Tensor(a!) out) -> ()");
   m.def("gather_interleaved(Tensor rows, Tensor starts, int channels, Tensor(a!) out) -> ()");
+  m.def("ff_inverse_scale(Tensor g, str goodness, float norm_divisor, float eps) -> Tensor");
   m.def(
       "ff_peer_update_(Tensor(a!) running_mean, Tensor col_sum, int n_pos, float momentum, float strength, "
       "bool channels_major) -> (Tensor, Tensor)");
@@ -368,6 +382,7 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("gather_interleaved", &gather_interleaved);
   m.impl("ff_loss_coef", &ff_loss_coef);
   m.impl("ff_peer_update_", &ff_peer_update_);
+  m.impl("ff_inverse_scale", &ff_inverse_scale);
 }
 
 #ifdef FF_WITH_CUDA

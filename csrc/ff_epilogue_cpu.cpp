@@ -192,6 +192,14 @@ void output_and_delta(float* h, const float* scale, float* out, const float* coe
             [&](const RowRange& r) { rows(h, scale, out, coef, kind, extra, n_extra, s, r); });
 }
 
+void inverse_scale(const float* g, int64_t batch, Goodness kind, float norm_divisor, float eps, float* inv) {
+  for (int64_t b = 0; b < batch; ++b) {
+    float d = kind == Goodness::kSquared ? std::sqrt(g[b]) : g[b];
+    if (norm_divisor != 1.0f) d = d / norm_divisor;
+    inv[b] = 1.0f / (d + eps);
+  }
+}
+
 void peer_update(float* running_mean, const float* col_sum, int64_t locations, int64_t channels, int64_t n_pos,
                  float momentum, float strength, bool channels_major, float* p, float* extra) {
   const int64_t n = locations * channels;

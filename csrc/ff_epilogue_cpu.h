@@ -20,6 +20,11 @@
 //                     loss = sum of softplus(t) * w, coef[b] = sigmoid(t) * a * w
 //                     (functional.ff_loss_and_goodness_grad, in one loop)
 //
+//   inverse_scale:    inv[b] = 1 / (d(g[b]) + eps), d = sqrt(g) (kSquared) or g (kSum), divided by
+//                     norm_divisor (sqrt(N) or N with rms, else 1): functional.normalization_scale's
+//                     reciprocal, the same float32 operations in the same order (torch's vectorized
+//                     sqrt may differ from this correctly rounded one by an ulp)
+//
 //   peer_update:      peer normalization's running mean and derivative (nn/peer_norm.py) from the
 //                     positive rows' column sums col_sum (L, C) of n_pos rows, N = L * C units
 //                     stored in r as (C, L) when channels_major, else (L, C):
@@ -52,6 +57,8 @@ float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_i
 void output_and_delta(float* h, const float* scale, float* out, const float* coef, Goodness kind,
                       const float* extra, int64_t n_extra, float* bias_sum, const EpilogueShape& shape,
                       int num_threads);
+
+void inverse_scale(const float* g, int64_t batch, Goodness kind, float norm_divisor, float eps, float* inv);
 
 void peer_update(float* running_mean, const float* col_sum, int64_t locations, int64_t channels, int64_t n_pos,
                  float momentum, float strength, bool channels_major, float* p, float* extra);

@@ -239,3 +239,18 @@ def test_peer_update_takes_any_function_and_checks_its_arguments():
         torch.ops.ff_kernels.ff_peer_update_(torch.zeros(5), col_sum, 4, 0.9, 0.1, True)
     with pytest.raises(RuntimeError, match="n_pos must be >= 1, got 0"):
         torch.ops.ff_kernels.ff_peer_update_(torch.zeros(6), col_sum, 0, 0.9, 0.1, True)
+
+
+@pytest.mark.parametrize("kind", ["ssq", "neg_ssq", "sum"])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("features", [1, 7, 2048])
+def test_compiled_inverse_scale_equals_the_torch_ops(kind, rms, features):
+    """The same float32 operations in the same order, but torch's vectorized sqrt is not always the
+    correctly rounded one: an ulp there, carried through the reciprocal, is up to 2 ulps (batch
+    1 and zero goodness included)."""
+    from ff_kernels import functional as FF
+
+    g = torch.cat([torch.zeros(1), torch.rand(40, generator=torch.Generator().manual_seed(features)) * 1e3])
+    want = FF.normalization_scale(g, kind, features, rms).reciprocal_()
+    torch.testing.assert_close(step_epilogue.inverse_scale(g, kind, features, rms), want, rtol=2.5e-7, atol=0)
+    torch.testing.assert_close(step_epilogue.inverse_scale(g[:1], kind, features, rms), want[:1], rtol=2.5e-7, atol=0)

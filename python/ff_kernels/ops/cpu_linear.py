@@ -222,7 +222,7 @@ def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rm
     fold = p is not None and h.dtype == weight.dtype
     extra = extra if fold else None
     output = torch.empty_like(h)
-    scale = FF.normalization_scale(g, goodness, h.shape[1], rms).reciprocal_()
+    scale = step_epilogue.inverse_scale(g, goodness, h.shape[1], rms)
     bias_sum = step_epilogue.output_and_delta_(units, scale, output, coef, goodness, extra, n_pos,
                                                bias_sum=bias is not None and (p is None or fold))
     if bias_sum is not None:

@@ -40,8 +40,12 @@ def available(device: torch.device) -> bool:
 def cpu_ops_take(*tensors: torch.Tensor | None) -> bool:
     """Whether the compiled CPU-only ops (the step passes, ``gather_columns``) take ``tensors``:
     the library is loaded and every given tensor is float32 on the CPU (None entries are skipped)."""
-    given = [t for t in tensors if t is not None]
-    return load_error() is None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in given)
+    if load_error() is not None:
+        return False
+    for t in tensors:  # a plain loop: called a dozen times per layer step
+        if t is not None and (not t.is_cpu or t.dtype != torch.float32):
+            return False
+    return True
 
 
 def activities(x, weight, bias, spec, extra=None, relu=True) -> torch.Tensor:

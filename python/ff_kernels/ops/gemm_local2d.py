@@ -38,7 +38,6 @@ import math
 
 import torch
 
-from .. import functional as FF
 from ..functional.local import LocalSpec, _window_index
 from . import step_epilogue
 from .cpu_linear import rows_together, sgd_update, sgd_update_with
@@ -155,18 +154,13 @@ def _preactivations(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.bmm(p.transpose(0, 1), weight.transpose(1, 2), out=out)
 
 
-def _output_scale(g: torch.Tensor, spec: LocalSpec, goodness: str, rms: bool) -> torch.Tensor:
-    """1 / the normalization divisor (B,) float32 of the goodness g."""
-    return FF.normalization_scale(g, goodness, spec.out_features, rms).reciprocal_()
-
-
 def forward(x, weight, bias, spec, *, goodness, rms):
     """Normalized output (B, C_out, H_out, W_out) (channels-last) and goodness (B,) float32."""
     rows, in_channels_last = image_rows(x)
     h = _preactivations(windows(rows, spec, in_channels_last), weight)
     g, _ = step_epilogue.relu_goodness_(h, bias, goodness)
     output = h.new_empty(h.shape[1], spec.out_features)
-    step_epilogue.output_and_delta_(h, _output_scale(g, spec, goodness, rms), output, None, goodness)
+    step_epilogue.output_and_delta_(h, step_epilogue.inverse_scale(g, goodness, spec.out_features, rms), output, None, goodness)
     return as_output(output, spec), g
 
 
@@ -201,7 +195,7 @@ def train_step(
         # p times the mean positive window = p / Bp on each positive row's delta
         _, peer_row = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=True)
     output = h.new_empty(h.shape[1], spec.out_features)
-    bias_delta = step_epilogue.output_and_delta_(h, _output_scale(g, spec, goodness, rms), output, coef, goodness,
+    bias_delta = step_epilogue.output_and_delta_(h, step_epilogue.inverse_scale(g, goodness, spec.out_features, rms), output, coef, goodness,
                                                  peer_row, n_pos, bias_sum=bias is not None)  # h is now delta
     delta = h.transpose(1, 2)  # (L, C_out, B)
     pt = p.transpose(0, 1)  # (L, B, K)

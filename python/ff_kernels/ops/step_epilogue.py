@@ -63,6 +63,17 @@ def output_and_delta_(h: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, c
     return output_and_delta_torch(h, scale, out, coef, goodness, extra, n_extra, bias_sum)
 
 
+def inverse_scale(g: torch.Tensor, goodness: str, n_features: int, rms: bool) -> torch.Tensor:
+    """``1 / functional.normalization_scale(g, goodness, n_features, rms)`` (B,): the factor of each
+    row's normalized output; one compiled loop on a float32 CPU ``g`` (the same float32
+    operations in the same order as the torch ops; torch's vectorized sqrt may differ from the
+    correctly rounded one by an ulp)."""
+    if g.dim() == 1 and cpu_ops_take(g):
+        divisor = (n_features if goodness == "sum" else n_features**0.5) if rms else 1.0
+        return torch.ops.ff_kernels.ff_inverse_scale(g, goodness, divisor, FF.NORM_EPS)
+    return FF.normalization_scale(g, goodness, n_features, rms).reciprocal_()
+
+
 def peer_update_(peer, col_sum: torch.Tensor, n_pos: int, channels_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Peer normalization's step from the first ``n_pos`` rows' column sums ``col_sum`` (L, C)
     float32 (:func:`relu_goodness_`'s): ``peer`` takes the mean positive activity (N = L * C,) in

@@ -58,6 +58,7 @@ from .config import (
 from .layer_setup import normal_init_, peer_norm_for
 from .mnist_recipe import attach_mnist
 from .schedule import epoch_schedule
+from .softmax_head import cross_entropy_grad_
 
 NUM_CLASSES = 10
 NUM_PIXELS = 28 * 28
@@ -231,16 +232,21 @@ class LabelInInputNet(nn.Module):
             outputs = self.net.activations(x, preact)
         return torch.cat([outputs[i].float() for i in self._scored_layers()], dim=1)
 
-    def head_logits(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
-        """Procedure (ii): softmax logits (B, 10) from one pass with the neutral label.
+    def neutral_features(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
+        """The head's input (B, width * scored layers) from one pass with the neutral label, no gradients.
 
         ``part``: the images' :meth:`image_part`, if already computed (shared first layer only).
         """
         neutral = neutral_label(images.shape[0], NUM_CLASSES, images.device, images.dtype)
         if not self.share_first_layer:
-            return self.head(self.features(self.inputs(images, neutral)))
+            return self.features(self.inputs(images, neutral))
         part = self.image_part(images) if part is None else part
-        return self.head(self.features(None, self.first_preacts(part, neutral[:1, None])))
+        return self.features(None, self.first_preacts(part, neutral[:1, None]))
+
+    def head_logits(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
+        """Procedure (ii): softmax logits (B, 10) from one pass with the neutral label
+        (:meth:`neutral_features`)."""
+        return self.head(self.neutral_features(images, part))
 
     @torch.no_grad()
     def label_scores(self, images: torch.Tensor, part: ImagePart | None = None) -> torch.Tensor:
@@ -327,11 +333,11 @@ class SupervisedMNIST:
         images, labels = self.train_images[batch], self.train_labels[batch]
         model = self.model
         part = model.image_part(images) if model.share_first_layer else None
-        logits = model.head_logits(images, part)
-        probs = torch.softmax(logits.detach(), dim=1)
-        wrong = self.wrong_labels(probs, labels, generator)
         self.optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(logits, labels).backward()
+        # the head's logits and its cross-entropy gradient in closed form (no autograd graph)
+        logits = cross_entropy_grad_(model.head, model.neutral_features(images, part), labels)
+        probs = torch.softmax(logits, dim=1)
+        wrong = self.wrong_labels(probs, labels, generator)
         shared = {}
         if part is not None:  # the neutral, positive and negative rows share layer 1's image part
             x, preact = model.training_rows(images, labels, wrong, part)
