@@ -136,7 +136,10 @@ FF_DEFINE_EPILOGUE(avx2, FF_TARGET_AVX2, 8)
 FF_DEFINE_EPILOGUE(avx512, FF_TARGET_AVX512, 16)
 #endif
 
-constexpr int64_t kRowBlock = 32;  // rows per block of partial column sums: fixed, so sums do not depend on threads
+// Rows per block of partial column sums: fixed, so sums do not depend on the number of threads;
+// small, so that the blocks of a batch of a few hundred rows split evenly between threads (32-row
+// blocks gave 2 threads 128 and 72 of 200 rows).
+constexpr int64_t kRowBlock = 8;
 
 // Runs work(range) over blocks of kRowBlock rows on up to num_threads threads, with a zeroed
 // partial row of L * C floats per block when sum is given; then sum = the partials added up in
@@ -146,16 +149,28 @@ void over_rows(const EpilogueShape& s, int num_threads, float* sum, Work work) {
   const int64_t blocks = (s.batch + kRowBlock - 1) / kRowBlock;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, blocks)));
   const int64_t width = s.locations * s.channels;
-  AlignedVector<float> partials(sum != nullptr ? blocks * width : 0, 0.0f);
+  // kept from call to call (per calling thread): a fresh buffer of this size would be new pages
+  thread_local AlignedVector<float> kept;
+  if (sum != nullptr) {
+    if (kept.size() < static_cast<size_t>(blocks * width)) kept.resize(blocks * width);
+    std::fill(kept.begin(), kept.begin() + blocks * width, 0.0f);
+  }
+  float* const partials = kept.data();  // the calling thread's buffer, shared with the team below
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t k = 0; k < blocks; ++k)
     work(RowRange{k * kRowBlock, std::min(s.batch, (k + 1) * kRowBlock),
-                  sum != nullptr ? partials.data() + k * width : nullptr});
+                  sum != nullptr ? partials + k * width : nullptr});
   if (sum == nullptr) return;
-  std::fill(sum, sum + width, 0.0f);
-  for (int64_t k = 0; k < blocks; ++k) {
-    const float* p = partials.data() + k * width;
-    for (int64_t i = 0; i < width; ++i) sum[i] += p[i];
+  const int64_t chunks = (width + 255) / 256;  // columns split among threads, blocks added in order
+#pragma omp parallel for num_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks)))) \
+    schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * 256, i1 = std::min(width, i0 + 256);
+    std::fill(sum + i0, sum + i1, 0.0f);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* p = partials + k * width;
+      for (int64_t i = i0; i < i1; ++i) sum[i] += p[i];
+    }
   }
 }
 

@@ -31,7 +31,7 @@
 //                     r = lerp(r, col_sum / n_pos, 1 - momentum) (torch.lerp's formula),
 //                     p = strength * (r - mean(r)) (N,) in r's order, extra[l, c] = p of (l, c) / n_pos
 //
-// Rows are split into blocks of 32 among threads; each block's column sums go to its own partial
+// Rows are split into blocks of 8 among threads; each block's column sums go to its own partial
 // row, added up at the end in block order, so results depend neither on timing nor on the
 // number of threads.
 

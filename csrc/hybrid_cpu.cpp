@@ -14,57 +14,65 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPad = 16;     // line length padding: a multiple of every build's vector width
-constexpr int kMaxVectors = 8;   // accumulators per pass over a line
+constexpr int kMaxVectors = 4;   // vectors per line and pass: two lines of them, 8 accumulators
 
 template <int Lanes>
 struct HybridKernels {
   using Vec = typename VecOf<Lanes>::type;
 
-  // out[v] = sum over i < n of coef[i] * mat[i * ld + v] for the NV vectors of v from v0.
+  // out_r[v] = sum over i < n of coef_r[i] * mat[i * ld + v] for two lines r (coef_r = coef + r * cs,
+  // out_r = out + r * ld) and the NV vectors of v from v0: two lines share each load of mat, and
+  // 2 * NV independent sums hide the latency of the multiply-adds.
   template <int NV>
-  static FF_ALWAYS_INLINE void combine(const float* coef, int64_t n, const float* mat, int64_t ld, int64_t v0,
-                                       float* out) {
-    Vec acc[NV] = {};
+  static FF_ALWAYS_INLINE void combine2(const float* coef, int64_t cs, int64_t n, const float* mat, int64_t ld,
+                                        int64_t v0, float* out) {
+    Vec a[NV] = {}, b[NV] = {};
     for (int64_t i = 0; i < n; ++i) {
-      const float c = coef[i];
+      const float c0 = coef[i], c1 = coef[cs + i];
       const float* m = mat + i * ld + v0;
-      for (int q = 0; q < NV; ++q) acc[q] += c * load_vec<Lanes>(m + q * Lanes);
+      for (int q = 0; q < NV; ++q) {
+        const Vec v = load_vec<Lanes>(m + q * Lanes);
+        a[q] += c0 * v;
+        b[q] += c1 * v;
+      }
     }
-    for (int q = 0; q < NV; ++q) store_vec<Lanes>(out + v0 + q * Lanes, acc[q]);
+    for (int q = 0; q < NV; ++q) {
+      store_vec<Lanes>(out + v0 + q * Lanes, a[q]);
+      store_vec<Lanes>(out + ld + v0 + q * Lanes, b[q]);
+    }
   }
 
-  // out[0 .. ld) = sum over i < n of coef[i] * mat[i, 0 .. ld) (ld a multiple of Lanes).
-  static FF_ALWAYS_INLINE void combine_line(const float* coef, int64_t n, const float* mat, int64_t ld, float* out) {
+  // combine2 over a whole line of ld floats (a multiple of Lanes).
+  static FF_ALWAYS_INLINE void combine_lines(const float* coef, int64_t cs, int64_t n, const float* mat, int64_t ld,
+                                             float* out) {
     for (int64_t v0 = 0; v0 < ld; v0 += kMaxVectors * Lanes) {
       switch (std::min<int64_t>(kMaxVectors, (ld - v0) / Lanes)) {
-        case 1: combine<1>(coef, n, mat, ld, v0, out); break;
-        case 2: combine<2>(coef, n, mat, ld, v0, out); break;
-        case 3: combine<3>(coef, n, mat, ld, v0, out); break;
-        case 4: combine<4>(coef, n, mat, ld, v0, out); break;
-        case 5: combine<5>(coef, n, mat, ld, v0, out); break;
-        case 6: combine<6>(coef, n, mat, ld, v0, out); break;
-        case 7: combine<7>(coef, n, mat, ld, v0, out); break;
-        default: combine<8>(coef, n, mat, ld, v0, out); break;
+        case 1: combine2<1>(coef, cs, n, mat, ld, v0, out); break;
+        case 2: combine2<2>(coef, cs, n, mat, ld, v0, out); break;
+        case 3: combine2<3>(coef, cs, n, mat, ld, v0, out); break;
+        default: combine2<4>(coef, cs, n, mat, ld, v0, out); break;
       }
     }
   }
 
-  // The images [b0, b1): cols_t is cols transposed (W, ld) with zero padding, tmp holds
-  // H * W + 2 * H * ld floats.
+  // The images [b0, b1): rows has a zero line H appended (H + 1, H), cols_t is cols transposed
+  // (W, ld) with zero padding, tmp holds (H + 1) * (W + 2 * ld) floats.
   static FF_ALWAYS_INLINE void mix_images(const float* images, const int64_t* partners, const int64_t* words,
                                           const float* rows, const float* cols_t, float* out, int64_t b0, int64_t b1,
                                           int64_t H, int64_t W, int64_t ld, float* tmp) {
     const int64_t P = H * W;
-    float* bits = tmp;             // the image's random bits as 0 / 1 (H, W)
-    float* y = tmp + P;            // bits @ cols.T (H, ld)
-    float* z = tmp + P + H * ld;   // rows @ y (H, ld)
+    float* bits = tmp;                       // the image's random bits as 0 / 1 (H, W), then a zero line
+    float* y = tmp + P + W;                  // bits @ cols.T (H, ld), then a spare line
+    float* z = tmp + P + W + (H + 1) * ld;   // rows @ y (H, ld), then a spare line
+    std::fill(bits + P, bits + P + W, 0.0f);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t p = 0; p < P; ++p) {
         const int64_t j = b * P + p;
         bits[p] = static_cast<float>((words[j >> 5] >> (j & 31)) & 1);
       }
-      for (int64_t h = 0; h < H; ++h) combine_line(bits + h * W, W, cols_t, ld, y + h * ld);
-      for (int64_t g = 0; g < H; ++g) combine_line(rows + g * H, H, y, ld, z + g * ld);
+      // lines two at a time; an odd H pairs the last line with the zero line H of the padding
+      for (int64_t h = 0; h < H; h += 2) combine_lines(bits + h * W, W, W, cols_t, ld, y + h * ld);
+      for (int64_t g = 0; g < H; g += 2) combine_lines(rows + g * H, H, H, y, ld, z + g * ld);
       const float* own = images + b * P;
       const float* other = images + partners[b] * P;
       float* o = out + b * P;
@@ -96,16 +104,18 @@ void hybrid_mix(const float* images, const int64_t* partners, const int64_t* wor
                 const float* cols, float* out, int64_t batch, int64_t height, int64_t width, int num_threads) {
   static const MixImages mix = FF_PICK_BUILD(mix_images);
   const int64_t ld = (width + kPad - 1) / kPad * kPad;
+  std::vector<float> rows_padded(static_cast<size_t>((height + 1) * height), 0.0f);
+  std::copy(rows, rows + height * height, rows_padded.begin());
   AlignedVector<float> cols_t(static_cast<size_t>(width * ld), 0.0f);
   for (int64_t v = 0; v < width; ++v)
     for (int64_t w = 0; w < width; ++w) cols_t[w * ld + v] = cols[v * width + w];
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, batch)));
 #pragma omp parallel num_threads(threads)
   {
-    AlignedVector<float> tmp(static_cast<size_t>(height * width + 2 * height * ld));
+    AlignedVector<float> tmp(static_cast<size_t>((height + 1) * (width + 2 * ld)));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; ++b)
-      mix(images, partners, words, rows, cols_t.data(), out, b, b + 1, height, width, ld, tmp.data());
+      mix(images, partners, words, rows_padded.data(), cols_t.data(), out, b, b + 1, height, width, ld, tmp.data());
   }
 }
 
