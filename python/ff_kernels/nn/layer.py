@@ -240,8 +240,10 @@ class FFLayer(nn.Module):
         the weight), so the goodness ``|h|^2`` stays finite when the bound's square does; the
         weight's norm is only computed for inputs of norm above 1e13.
         """
-        _finite(self._name(), "threshold", self.threshold)
-        _finite(self._name(), "temperature", self.temperature)
+        for name in ("threshold", "temperature"):
+            value = getattr(self, name)
+            if not (type(value) is float and math.isfinite(value)):  # the usual case costs no name
+                _finite(self._name(), name, value)
         if not validation.checking_inputs():
             return
         x_norm = 0.0
@@ -405,12 +407,16 @@ class _KeepFrozen:
         self.frozen, self.mode, self.buffers = frozen, mode, buffers or {}
 
     def __enter__(self) -> None:
+        if not self.frozen:  # the usual case: nothing to keep
+            return
         with torch.no_grad():
             self.saved = {name: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
                           for name, p in self.frozen.items()}
             self.saved_buffers = {name: None if b is None else b.detach().clone() for name, b in self.buffers.items()}
 
     def __exit__(self, *exc) -> None:
+        if not self.frozen:
+            return
         with torch.no_grad():
             for name, p in self.frozen.items():
                 value, grad = self.saved[name]
