@@ -95,7 +95,8 @@ def hybrid_mask(
 def _check_mask_args(n, height, width, blur_steps) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    _check_size("height", height), _check_size("width", width)
+    _check_size("height", height)
+    _check_size("width", width)
     if isinstance(blur_steps, bool) or not isinstance(blur_steps, int) or blur_steps < 0:
         raise ValueError(f"blur_steps must be a non-negative int, got {blur_steps!r}")
     if blur_steps and min(height, width) < 2:
