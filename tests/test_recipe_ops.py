@@ -135,3 +135,15 @@ def test_the_compiled_head_step_matches_its_torch_step(batch, bias):
     torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dz_fast, dz_slow, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fast.weight.grad, slow.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bit_words_check_their_arguments():
+    words = random_bit_words(40, torch.Generator().manual_seed(0))
+    assert words.shape == (2,) and bool(((words >= 0) & (words < 2**32)).all())
+    assert unpack_bits(words, 40).shape == (40,)
+    with pytest.raises(ValueError, match="bits must be a non-negative int, got -1"):
+        random_bit_words(-1)
+    with pytest.raises(ValueError, match=r"bits must be an int in \[0, 64\] \(32 per word\), got 65"):
+        unpack_bits(words, 65)
+    with pytest.raises(ValueError, match=r"words must be an int64 \(N,\) tensor, got shape \(2,\), dtype torch.float32"):
+        unpack_bits(words.float(), 8)

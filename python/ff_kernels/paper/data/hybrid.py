@@ -60,12 +60,18 @@ def random_bit_words(bits: int, generator: torch.Generator | None = None) -> tor
     values in [0, 2**32); bit ``j`` is bit ``j % 32`` of entry ``j // 32``. One draw of the
     generator per 32 bits (a draw per bit costs more than blurring them). On the generator's
     device (CPU when None)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
+        raise ValueError(f"bits must be a non-negative int, got {bits!r}")
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.empty((bits + 31) // 32, dtype=torch.int64, device=device).random_(0, 2**32, generator=generator)
 
 
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     """The first ``bits`` bits of :func:`random_bit_words`'s ``words`` as float32 0/1 ``(bits,)``."""
+    if not isinstance(words, torch.Tensor) or words.dim() != 1 or words.dtype != torch.int64:
+        raise ValueError(f"words must be an int64 (N,) tensor, got {_describe(words)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 32 * words.shape[0]:
+        raise ValueError(f"bits must be an int in [0, {32 * words.shape[0]}] (32 per word), got {bits!r}")
     shifts = torch.arange(32, dtype=torch.int64, device=words.device)
     return words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:bits].to(torch.float32)
 
