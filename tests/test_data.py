@@ -262,8 +262,44 @@ def test_wrong_label_frequencies():
         (torch.ones(4, 10, dtype=torch.long), torch.tensor([1, 2, 3, 4]), TypeError),
         (-torch.rand(4, 10), torch.tensor([1, 2, 3, 4]), ValueError),
         (torch.full((4, 10), float("nan")), torch.tensor([1, 2, 3, 4]), ValueError),
+        (torch.rand(4, 10).index_put_((torch.tensor(2), torch.tensor(7)), torch.tensor(float("nan"))),
+         torch.tensor([1, 2, 3, 4]), ValueError),
+        (torch.rand(4, 10).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(float("inf"))),
+         torch.tensor([1, 2, 3, 4]), ValueError),
     ],
 )
 def test_hard_wrong_labels_rejects_bad_inputs(probs, labels, error):
-    with pytest.raises(error):
+    with pytest.raises(error, match="probs|labels"):
         hard_wrong_labels(probs, labels)
+
+
+def test_hard_wrong_labels_accept_finite_scores_whose_sum_overflows():
+    probs = torch.full((3, 10), 3e38)  # each entry finite, the float32 sum is not
+    labels = torch.tensor([0, 5, 9])
+    wrong = hard_wrong_labels(probs, labels, torch.Generator().manual_seed(0))
+    assert (wrong != labels).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(labels_and_classes, st.integers(0, 2**31), st.sampled_from(["softmax", "sparse", "true-only"]))
+def test_hard_wrong_labels_draw_as_the_masked_multinomial(case, seed, kind):
+    """The same draws as ``multinomial`` over the probabilities with the true class zeroed (a row
+    with no weight left: uniform over the wrong classes), from the same generator state: the
+    random stream a checkpointed run resumes with."""
+    num_classes, labels = case
+    labels = torch.tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "softmax":
+        probs = torch.softmax(3 * torch.randn(len(labels), num_classes, generator=gen), 1)
+    elif kind == "sparse":
+        probs = torch.nn.functional.one_hot(torch.randint(num_classes, (len(labels),), generator=gen), num_classes).float()
+    else:
+        probs = torch.nn.functional.one_hot(labels, num_classes).float()
+    weights = probs.clone()
+    weights[torch.arange(len(labels)), labels] = 0.0
+    empty = weights.sum(1) <= 0
+    weights[empty] = 1.0 - torch.nn.functional.one_hot(labels[empty], num_classes).float()
+    state = gen.get_state()
+    expected = torch.multinomial(weights, 1, generator=gen).squeeze(1)
+    gen.set_state(state)
+    assert torch.equal(hard_wrong_labels(probs, labels, gen), expected)

@@ -81,11 +81,15 @@ def test_forward_from_preact_equals_forward(backend, batch, kind):
     x = torch.randn(batch, 13)
     preact = torch.addmm(layer.bias, x, layer.weight.t())
     out, g = layer.forward_with_goodness(x)
+    kept = preact.clone()
     for given in (x, None):
         got_out, got_g = layer.forward_with_goodness(given, preact)
         close(got_out, out)
         close(got_g, g)
     close(layer.goodness(None, preact), g)
+    assert torch.equal(preact, kept)  # the caller's pre-activations are read, never written
+    strided = torch.empty(7, batch).t().copy_(preact)  # the same values, column-major
+    close(layer.forward_with_goodness(None, strided)[0], out)
 
 
 @pytest.mark.parametrize("mode", ["sgd", "grad"])

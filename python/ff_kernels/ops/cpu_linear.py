@@ -75,13 +75,29 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _normalize_in_place(z: torch.Tensor, goodness: str, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized output, goodness (B,) float32) of the pre-activations ``z`` (B, D), float32 on
+    the CPU, in place of ``z``: the ReLU and the goodness in one compiled pass, then each row
+    times its :func:`step_epilogue.inverse_scale` (the same product as a training step's output)."""
+    g, _ = step_epilogue.relu_goodness_(z.unsqueeze(0), None, goodness)
+    return z.mul_(step_epilogue.inverse_scale(g, goodness, z.shape[1], rms).unsqueeze(1)), g
+
+
+def _passes_take(h: torch.Tensor, blocks: int | None) -> bool:
+    """Whether :func:`_normalize_in_place` takes ``h``: no blocks, a float32 CPU tensor, the compiled ops loaded."""
+    return blocks is None and h.dim() == 2 and step_epilogue.cpu_ops_take(h)
+
+
 def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None, blocks=None):
     """Normalized output (B, D_out) in x's dtype and goodness (B,) float32 of ``x: (B, D_in)``;
     with ``blocks=k`` the goodness is per block, (B, k), and each block is normalized on its own.
 
     Relies on the layer invariant that masked weights are exactly zero, so the mask costs nothing.
     """
-    h = _activities(_cast(x, compute_dtype), _cast(weight, compute_dtype), bias)
+    x_c, w_c = _cast(x, compute_dtype), _cast(weight, compute_dtype)
+    if _passes_take(x_c, blocks) and w_c.dtype == x_c.dtype:
+        return _normalize_in_place(_preactivations(x_c, w_c, bias), goodness, rms)
+    h = _activities(x_c, w_c, bias)
     scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
     return _normalized(h, scale, goodness, rms, blocks).to(x.dtype), g
@@ -90,6 +106,8 @@ def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None, blocks=
 def forward_from_preact(preact, *, goodness, rms, dtype, blocks=None):
     """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness
     float32 (B,), or (B, k) for ``blocks=k``."""
+    if _passes_take(preact, blocks) and dtype == preact.dtype:
+        return _normalize_in_place(preact.clone(memory_format=torch.contiguous_format), goodness, rms)
     h = preact.relu()
     scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()

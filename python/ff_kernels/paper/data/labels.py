@@ -7,9 +7,11 @@ code of the label. Positive data carries the true label, negative data a wrong o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ...ops.validation import check_on_device
+from ...ops.validation import check_on_device, checks_at_once
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -92,15 +94,33 @@ def hard_wrong_labels(
         raise TypeError(f"probs must be a floating-point (B, num_classes) tensor, got {got}")
     batch, num_classes = probs.shape
     _check_class_labels(labels, num_classes, batch)
-    check_on_device("hard_wrong_labels", "probs", (~torch.isfinite(probs) | (probs < 0)).any(),
-                    "must be finite and non-negative")
     device = generator.device if generator is not None else torch.device("cpu")
-    # A bad row (only possible where the check above is deferred) draws uniformly among the wrong classes.
-    weights = torch.nan_to_num(probs.detach().to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0)
-    weights = weights.clamp_min_(0.0)
+    targets = labels.to(device)
+    if checks_at_once(probs.device):  # read at once: the checked weights need no repair
+        _check_probs_now(probs)
+        weights = probs.detach().to(device=device, dtype=torch.float32, copy=True)
+        weights.scatter_(1, targets.unsqueeze(1), 0.0)
+        if batch == 0 or float(weights.sum(1).min()) > 0:
+            return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(labels.device)
+    else:
+        check_on_device("hard_wrong_labels", "probs", (~torch.isfinite(probs) | (probs < 0)).any(),
+                        "must be finite and non-negative")
+        # a bad row (possible while the check above is deferred) draws uniformly among the wrong classes
+        weights = torch.nan_to_num(probs.detach().to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0)
+        weights = weights.clamp_min_(0.0)
     rows = torch.arange(batch, device=device)
-    weights[rows, labels.to(device)] = 0.0
-    degenerate = weights.sum(1) <= 0
-    weights[degenerate] = 1.0
-    weights[rows, labels.to(device)] = 0.0
+    weights[rows, targets] = 0.0
+    weights[weights.sum(1) <= 0] = 1.0  # a row without weight on any wrong class: uniform over them
+    weights[rows, targets] = 0.0
     return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(labels.device)
+
+
+def _check_probs_now(probs: torch.Tensor) -> None:
+    """ValueError unless every entry of the CPU tensor ``probs`` is finite and non-negative: its
+    minimum is >= 0 (a NaN minimum is not) and its sum is finite (or, when a sum of large
+    entries overflows, every entry is)."""
+    if probs.numel() == 0:
+        return
+    if not float(probs.min()) >= 0 or (not math.isfinite(float(probs.sum()))
+                                       and not bool(torch.isfinite(probs).all())):
+        raise ValueError("hard_wrong_labels: probs must be finite and non-negative")
