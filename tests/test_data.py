@@ -273,6 +273,13 @@ def test_hard_wrong_labels_rejects_bad_inputs(probs, labels, error):
         hard_wrong_labels(probs, labels)
 
 
+def test_hard_wrong_labels_take_a_softmax_with_a_graph_without_warning(recwarn):
+    logits = torch.randn(5, 10, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 9])
+    wrong = hard_wrong_labels(torch.softmax(logits, 1), labels, torch.Generator().manual_seed(0))
+    assert (wrong != labels).all() and not [w for w in recwarn if "requires_grad" in str(w.message)]
+
+
 def test_hard_wrong_labels_accept_finite_scores_whose_sum_overflows():
     probs = torch.full((3, 10), 3e38)  # each entry finite, the float32 sum is not
     labels = torch.tensor([0, 5, 9])

@@ -121,6 +121,7 @@ def _check_probs_now(probs: torch.Tensor) -> None:
     entries overflows, every entry is)."""
     if probs.numel() == 0:
         return
+    probs = probs.detach()
     if not float(probs.min()) >= 0 or (not math.isfinite(float(probs.sum()))
                                        and not bool(torch.isfinite(probs).all())):
         raise ValueError("hard_wrong_labels: probs must be finite and non-negative")
