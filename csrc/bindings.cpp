@@ -13,10 +13,11 @@
 //   ff_loss_coef(g, n_pos, signed_inverse_temperature, threshold) -> (loss, coef)   (CPU)
 //   ff_inverse_scale(g, goodness, norm_divisor, eps) -> inv                          (CPU)
 //   ff_peer_update_(running_mean!, col_sum, n_pos, momentum, strength, channels_major) -> (p, extra)   (CPU)
+//   ff_sgd_decay_apply_(param!, buf!, lr, weight_decay) -> ()                       (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
 // ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
-// csrc/gather_cpu.h. The recipes' ops (the softmax head's, the hybrid images') are registered in
+// csrc/gather_cpu.h; ff_sgd_decay_apply_: csrc/sgd_cpu.h. The recipes' ops (the softmax head's, the hybrid images') are registered in
 // csrc/bindings_recipe_ops.cpp, as a fragment of the same library.
 //
 // Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
@@ -40,6 +41,7 @@
 #include "gather_cpu.h"
 #include "local2d_cpu.h"
 #include "op_checks.h"
+#include "sgd_cpu.h"
 
 #ifdef FF_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -280,6 +282,16 @@ std::tuple<at::Tensor, at::Tensor> ff_peer_update_(const at::Tensor& running_mea
   return {p, extra};
 }
 
+void ff_sgd_decay_apply_(const at::Tensor& param, const at::Tensor& buf, double lr, double weight_decay) {
+  const char* op = "ff_sgd_decay_apply_";
+  TORCH_CHECK(param.is_cpu(), op, ": param must be on the CPU, got ", param.device());
+  check_tensor(op, "param", param, param.sizes(), param);
+  check_tensor(op, "buf", buf, param.sizes(), param);
+  TORCH_CHECK(!param.is_same(buf), op, ": param and buf must be two tensors");
+  ff_kernels::cpu::sgd_decay_apply(param.mutable_data_ptr<float>(), buf.mutable_data_ptr<float>(), param.numel(),
+                                   static_cast<float>(lr), static_cast<float>(weight_decay), at::get_num_threads());
+}
+
 std::tuple<at::Tensor, at::Tensor> ff_loss_coef(const at::Tensor& g, int64_t n_pos, double signed_inverse_temperature,
                                                 double threshold) {
   const char* op = "ff_loss_coef";
@@ -368,6 +380,7 @@ TORCH_LIBRARY(ff_kernels, m) {
       "ff_peer_update_(Tensor(a!) running_mean, Tensor col_sum, int n_pos, float momentum, float strength, "
       "bool channels_major) -> (Tensor, Tensor)");
   m.def("ff_loss_coef(Tensor g, int n_pos, float signed_inverse_temperature, float threshold) -> (Tensor, Tensor)");
+  m.def("ff_sgd_decay_apply_(Tensor(a!) param, Tensor(b!) buf, float lr, float weight_decay) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
@@ -383,6 +396,7 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("ff_loss_coef", &ff_loss_coef);
   m.impl("ff_peer_update_", &ff_peer_update_);
   m.impl("ff_inverse_scale", &ff_inverse_scale);
+  m.impl("ff_sgd_decay_apply_", &ff_sgd_decay_apply_);
 }
 
 #ifdef FF_WITH_CUDA

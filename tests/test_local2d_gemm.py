@@ -93,15 +93,18 @@ def test_grad_step_and_forward_agree_with_float64(monkeypatch, case, kind, algor
 
 
 @needs_ext
-@pytest.mark.parametrize("fused_sgd", [False, True], ids=["two-passes", "fused-sgd-pass"])
+@pytest.mark.parametrize("sgd_pass", ["compiled", "fused", "two"], ids=["compiled-pass", "fused-sgd-pass", "two-passes"])
 @pytest.mark.parametrize("momentum,bias", [(0.9, True), (0.0, True), (0.9, False)])
 @pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
-def test_fused_sgd_with_peer_norm_follows_the_reference_layer(monkeypatch, case, momentum, bias, fused_sgd):
-    """``fused_sgd``: the one-pass update of ``cpu_linear.sgd_update`` (torch's fused SGD
-    kernel, from FUSED_SGD_MIN weights on), here for these small layers too."""
+def test_fused_sgd_with_peer_norm_follows_the_reference_layer(monkeypatch, case, momentum, bias, sgd_pass):
+    """``sgd_pass``: the update of ``cpu_linear.sgd_update`` with weight decay: the compiled pass
+    (float32 CPU), torch's fused SGD kernel on a gradient workspace (from FUSED_SGD_MIN weights
+    on; here for these small layers too) or two torch passes."""
     from ff_kernels.ops import cpu_linear
 
-    monkeypatch.setattr(cpu_linear, "FUSED_SGD_MIN", 0 if fused_sgd else 1 << 62)
+    monkeypatch.setattr(cpu_linear, "FUSED_SGD_MIN", 0 if sgd_pass == "fused" else 1 << 62)
+    if sgd_pass != "compiled":
+        monkeypatch.setattr(cpu_linear, "decay_apply_takes", lambda param, buf: False)
     monkeypatch.setenv("FF_KERNELS_LOCAL2D_CPU", "gemm")
     spec, n_pos, n_neg = case
     x_pos, x_neg, _, _ = make_case(spec, max(n_pos, 1), n_neg, seed=3)

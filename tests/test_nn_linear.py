@@ -38,14 +38,17 @@ def test_ff_backward_equals_autograd_on_reference_loss(backend, kind):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("fused_sgd", [False, True], ids=["two-passes", "fused-sgd-pass"])
+@pytest.mark.parametrize("sgd_pass", ["compiled", "fused", "two"], ids=["compiled-pass", "fused-sgd-pass", "two-passes"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ff_step_equals_ff_backward_plus_torch_sgd(backend, fused_sgd, masked, monkeypatch):
-    """``fused_sgd``: the CPU step's one-pass update (torch's fused SGD kernel), used from
-    FUSED_SGD_MIN weights on, here for this small layer too."""
+def test_ff_step_equals_ff_backward_plus_torch_sgd(backend, sgd_pass, masked, monkeypatch):
+    """``sgd_pass``: the CPU step's update with weight decay: the compiled pass after the GEMM
+    into the momentum buffer (float32 CPU), torch's fused SGD kernel on a gradient workspace
+    (elsewhere, from FUSED_SGD_MIN weights on; here for this small layer too) or two torch passes."""
     from ff_kernels.ops import cpu_linear
 
-    monkeypatch.setattr(cpu_linear, "FUSED_SGD_MIN", 0 if fused_sgd else 1 << 62)
+    monkeypatch.setattr(cpu_linear, "FUSED_SGD_MIN", 0 if sgd_pass == "fused" else 1 << 62)
+    if sgd_pass != "compiled":
+        monkeypatch.setattr(cpu_linear, "decay_apply_takes", lambda param, buf: False)
     torch.manual_seed(1)
     device = device_for(backend)
     mask = (torch.rand(16, 30) < 0.7).to(device) if masked else None

@@ -5,8 +5,9 @@ Per step it runs one GEMM for the positive and negative rows together (bias fuse
 passes and a compiled loss for float32 on the CPU, torch ops otherwise and for block-wise
 layers), and one weight-gradient GEMM that
 accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with the
-momentum as beta), so dW is never a separate tensor unless a mask, a dtype change or weight
-decay (then torch's fused SGD pass, see :func:`sgd_update`) needs one. With
+momentum as beta; weight decay and the update then take one compiled pass over the weight and
+its buffer), so dW is never a separate tensor unless a mask, a dtype change or, off the CPU,
+weight decay (then torch's fused SGD pass, see :func:`sgd_update`) needs one. With
 ``compute_dtype=torch.bfloat16`` both GEMMs run in bf16 (AMX/AVX512-BF16 where the CPU has
 them) while parameters, goodness and the optimizer stay in the parameters' dtype.
 
@@ -165,6 +166,12 @@ def _accumulate_grad(param: torch.Tensor, add) -> None:
     add(param.grad, 1.0, 1.0)
 
 
+def decay_apply_takes(param: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether the compiled one-pass decay and update (``ff_sgd_decay_apply_``) takes ``param``
+    and its momentum buffer: contiguous float32 CPU tensors, the compiled ops loaded."""
+    return step_epilogue.cpu_ops_take(param, buf) and param.is_contiguous() and buf.is_contiguous()
+
+
 def sgd_update(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, momentum: float,
                weight_decay: float) -> None:
     """torch.optim.SGD step (dampening 0) with the gradient added by ``add(target, alpha, beta)``
@@ -172,14 +179,21 @@ def sgd_update(param: torch.Tensor, buf: torch.Tensor | None, add, lr: float, mo
 
     Without a buffer (momentum 0): ``param = (1 - lr * wd) * param - lr * grad``, the gradient
     GEMM writing into the parameter. With one: ``buf = momentum * buf + grad + wd * param;
-    param -= lr * buf``; without weight decay the momentum decay rides on the gradient GEMM as its
-    beta, then one pass updates param. With weight decay, a float32 parameter of at least
-    ``FUSED_SGD_MIN`` entries gets its gradient in a workspace and torch's fused SGD kernel does
-    the decay, the momentum and the update in one pass over param, grad and buf (instead of
-    the GEMM into buf and two passes over param and buf).
+    param -= lr * buf``; the momentum decay rides on the gradient GEMM as its beta (the GEMM
+    writes ``momentum * buf + grad`` into buf), then one pass updates param: without weight
+    decay ``param.add_``, with it, for contiguous float32 CPU tensors, the compiled
+    ``ff_sgd_decay_apply_`` (``buf += wd * param; param -= lr * buf`` in one pass over param
+    and buf). Elsewhere (CUDA) a float32 parameter of at least ``FUSED_SGD_MIN`` entries gets
+    its gradient in a workspace and torch's fused SGD kernel does the decay, the momentum and
+    the update in one pass over param, grad and buf (instead of the GEMM into buf and two
+    passes over param and buf).
     """
     if buf is None:
         add(param, -lr, 1.0 - lr * weight_decay)
+        return
+    if weight_decay and decay_apply_takes(param, buf):
+        add(buf, 1.0, momentum)
+        torch.ops.ff_kernels.ff_sgd_decay_apply_(param, buf, lr, weight_decay)
         return
     if weight_decay and param.dtype == torch.float32 and param.numel() >= FUSED_SGD_MIN:
         grad = workspace("sgd_grad", param.shape, param)
