@@ -5,7 +5,7 @@
 //   local2d_grad_(x, h, coef, goodness, kernel, stride, padding, weight_grad!, bias_grad?!)
 //   local2d_sgd_(x, h, coef, goodness, kernel, stride, padding, weight!, bias?!, weight_buf?!,
 //                bias_buf?!, lr, momentum, weight_decay)
-//   ff_relu_goodness_(h!, bias?, goodness, n_sum) -> (g, col_sum)            (CPU)
+//   ff_relu_goodness_(h!, bias?, goodness, n_sum, source?=None) -> (g, col_sum)   (CPU)
 //   ff_output_delta_(h!, scale, out!, coef?, goodness, extra?, n_extra, bias_sum) -> bias_sum (CPU)
 //   gather_columns(rows, index, out!) -> ()                                     (CPU)
 //   gather_runs(rows, runs, out!) -> ()                                          (CPU)
@@ -212,17 +212,26 @@ ff_kernels::cpu::EpilogueShape epilogue_shape(const char* op, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> ff_relu_goodness_(const at::Tensor& h, const std::optional<at::Tensor>& bias,
-                                                     const std::string& goodness, int64_t n_sum) {
+                                                     const std::string& goodness, int64_t n_sum,
+                                                     const std::optional<at::Tensor>& source) {
   const char* op = "ff_relu_goodness_";
   const ff_kernels::cpu::EpilogueShape s = epilogue_shape(op, h);
   check_optional(op, "bias", bias, {s.locations, s.channels}, h);
+  check_optional(op, "source", source, h.sizes(), h);
+  if (source.has_value() && h.numel() > 0) {  // both contiguous: the same start, or disjoint ranges
+    const float* in = source->const_data_ptr<float>();
+    const float* out = h.const_data_ptr<float>();
+    TORCH_CHECK(in == out || in + h.numel() <= out || out + h.numel() <= in, op,
+                ": source must be h itself or not overlap it");
+  }
   TORCH_CHECK(n_sum >= 0 && n_sum <= s.batch, op, ": n_sum must be in [0, B = ", s.batch, "], got ", n_sum);
   const Goodness kind = goodness_of(op, goodness);
   at::Tensor g = at::empty({s.batch}, h.options());
   at::Tensor col_sum = at::empty(n_sum > 0 ? std::vector<int64_t>{s.locations, s.channels} : std::vector<int64_t>{0},
                                  h.options());
-  ff_kernels::cpu::relu_goodness(h.mutable_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
-                                 kind, g.mutable_data_ptr<float>(),
+  ff_kernels::cpu::relu_goodness(h.mutable_data_ptr<float>(),
+                                 source.has_value() ? source->const_data_ptr<float>() : nullptr,
+                                 bias.has_value() ? bias->const_data_ptr<float>() : nullptr, kind, g.mutable_data_ptr<float>(),
                                  n_sum > 0 ? col_sum.mutable_data_ptr<float>() : nullptr, n_sum, s,
                                  at::get_num_threads());
   return {g, col_sum};
@@ -368,7 +377,7 @@ TORCH_LIBRARY(ff_kernels, m) {
       "local2d_sgd_(Tensor x, Tensor h, Tensor coef, str goodness, int kernel, int stride, int padding, "
       "Tensor(a!) weight, Tensor(b!)? bias, Tensor(c!)? weight_buf, Tensor(d!)? bias_buf, "
       "float lr, float momentum, float weight_decay) -> ()");
-  m.def("ff_relu_goodness_(Tensor(a!) h, Tensor? bias, str goodness, int n_sum) -> (Tensor, Tensor)");
+  m.def("ff_relu_goodness_(Tensor(a!) h, Tensor? bias, str goodness, int n_sum, Tensor? source=None) -> (Tensor, Tensor)");
   m.def(
       "ff_output_delta_(Tensor(a!) h, Tensor scale, Tensor(b!) out, Tensor? coef, str goodness, Tensor? extra, "
       "int n_extra, bool bias_sum) -> Tensor");

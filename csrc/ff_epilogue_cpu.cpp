@@ -24,15 +24,16 @@ template <int Lanes>
 struct EpilogueKernels {
   using Vec = typename VecOf<Lanes>::type;
 
-  // x[0 .. C) = relu(x + bias) (bias may be null); adds x to col when kCol; returns the sum of
-  // x^2 (kSquared) or x. NaN stays NaN (relu(NaN) = NaN, as torch's).
+  // x[0 .. C) = relu(in + bias) (bias may be null; in may be x); adds x to col when kCol; returns
+  // the sum of x^2 (kSquared) or x. NaN stays NaN (relu(NaN) = NaN, as torch's).
   template <bool kCol>
-  static FF_ALWAYS_INLINE float relu_segment(float* x, const float* bias, int64_t C, Goodness kind, float* col) {
+  static FF_ALWAYS_INLINE float relu_segment(float* x, const float* in, const float* bias, int64_t C, Goodness kind,
+                                             float* col) {
     const Vec zero = {};
     Vec acc = {};
     int64_t c = 0;
     for (; c + Lanes <= C; c += Lanes) {
-      Vec v = load_vec<Lanes>(x + c);
+      Vec v = load_vec<Lanes>(in + c);
       if (bias != nullptr) v += load_vec<Lanes>(bias + c);
       v = v < zero ? zero : v;
       store_vec<Lanes>(x + c, v);
@@ -41,7 +42,7 @@ struct EpilogueKernels {
     }
     float total = sum_lanes<Lanes>(acc);
     for (; c < C; ++c) {
-      float v = x[c];
+      float v = in[c];
       if (bias != nullptr) v += bias[c];
       v = v < 0.0f ? 0.0f : v;
       x[c] = v;
@@ -51,16 +52,17 @@ struct EpilogueKernels {
     return total;
   }
 
-  static FF_ALWAYS_INLINE void relu_rows(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum, const EpilogueShape& s,
-                        const RowRange& r) {
+  static FF_ALWAYS_INLINE void relu_rows(float* h, const float* source, const float* bias, Goodness kind, float* g,
+                                         int64_t n_sum, const EpilogueShape& s, const RowRange& r) {
     const int64_t B = s.batch, C = s.channels;
     std::fill(g + r.b0, g + r.b1, 0.0f);
     for (int64_t l = 0; l < s.locations; ++l) {
       const float* bl = bias != nullptr ? bias + l * C : nullptr;
       for (int64_t b = r.b0; b < r.b1; ++b) {
         float* x = h + (l * B + b) * C;
-        g[b] += r.partial != nullptr && b < n_sum ? relu_segment<true>(x, bl, C, kind, r.partial + l * C)
-                                                  : relu_segment<false>(x, bl, C, kind, nullptr);
+        const float* in = source + (l * B + b) * C;
+        g[b] += r.partial != nullptr && b < n_sum ? relu_segment<true>(x, in, bl, C, kind, r.partial + l * C)
+                                                  : relu_segment<false>(x, in, bl, C, kind, nullptr);
       }
     }
   }
@@ -115,14 +117,15 @@ struct EpilogueKernels {
   }
 };
 
-using ReluRows = void (*)(float*, const float*, Goodness, float*, int64_t, const EpilogueShape&, const RowRange&);
+using ReluRows = void (*)(float*, const float*, const float*, Goodness, float*, int64_t, const EpilogueShape&,
+                          const RowRange&);
 using OutputRows = void (*)(float*, const float*, float*, const float*, Goodness, const float*, int64_t,
                             const EpilogueShape&, const RowRange&);
 
 #define FF_DEFINE_EPILOGUE(suffix, target_attr, lanes)                                                              \
-  target_attr void relu_rows_##suffix(float* h, const float* bias, Goodness kind, float* g, int64_t n_sum,         \
-                                      const EpilogueShape& s, const RowRange& r) {                                  \
-    EpilogueKernels<lanes>::relu_rows(h, bias, kind, g, n_sum, s, r);                                             \
+  target_attr void relu_rows_##suffix(float* h, const float* source, const float* bias, Goodness kind, float* g,  \
+                                      int64_t n_sum, const EpilogueShape& s, const RowRange& r) {                   \
+    EpilogueKernels<lanes>::relu_rows(h, source, bias, kind, g, n_sum, s, r);                                     \
   }                                                                                                                 \
   target_attr void output_rows_##suffix(float* h, const float* scale, float* out, const float* coef,               \
                                         Goodness kind, const float* extra, int64_t n_extra, const EpilogueShape& s, \
@@ -176,10 +179,11 @@ void over_rows(const EpilogueShape& s, int num_threads, float* sum, Work work) {
 
 }  // namespace
 
-void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
-                   const EpilogueShape& s, int num_threads) {
+void relu_goodness(float* h, const float* source, const float* bias, Goodness kind, float* g, float* col_sum,
+                   int64_t n_sum, const EpilogueShape& s, int num_threads) {
   static const ReluRows rows = FF_PICK_BUILD(relu_rows);
-  over_rows(s, num_threads, col_sum, [&](const RowRange& r) { rows(h, bias, kind, g, n_sum, s, r); });
+  const float* in = source != nullptr ? source : h;
+  over_rows(s, num_threads, col_sum, [&](const RowRange& r) { rows(h, in, bias, kind, g, n_sum, s, r); });
 }
 
 float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_inverse_temperature, float threshold,

@@ -6,7 +6,8 @@
 // locally connected layer; L = 1 for a dense layer), B rows. Row b's units are h[:, b, :], and
 // its output row is out[b, l * C + c] (the (L, C) order, row-major (B, L * C)).
 //
-//   relu_goodness:    h = relu(h + bias[l])                       in place (no bias: relu(h))
+//   relu_goodness:    h = relu(source + bias[l])                  (no bias: relu(source); no source:
+//                                                                  source = h, in place)
 //                     g[b] = sum over l, c of h^2 (kSquared) or h (kSum)
 //                     col_sum[l, c] = sum over b < n_sum of h      (when col_sum is given)
 //   output_and_delta: out[b, l * C + c] = h * scale[b]             (the normalized output)
@@ -48,8 +49,8 @@ struct EpilogueShape {
   int64_t locations, batch, channels;  // L, B, C
 };
 
-void relu_goodness(float* h, const float* bias, Goodness kind, float* g, float* col_sum, int64_t n_sum,
-                   const EpilogueShape& shape, int num_threads);
+void relu_goodness(float* h, const float* source, const float* bias, Goodness kind, float* g, float* col_sum,
+                   int64_t n_sum, const EpilogueShape& shape, int num_threads);
 
 float loss_and_coef(const float* g, int64_t batch, int64_t n_pos, float signed_inverse_temperature, float threshold,
                     float* coef);

@@ -71,6 +71,36 @@ def test_compiled_passes_match_the_torch_passes(case):
         close_sums(sums, sums_ref, ref_h.abs().sum(1))
 
 
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_the_relu_pass_from_a_source_equals_the_pass_in_place(case):
+    """``source``: h = relu(source + bias) written into h, source untouched; the same bits, g and
+    column sums as the in-place pass over a copy of source."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    locations, _, channels = case["shape"]
+    source = torch.randn(case["shape"], generator=gen)
+    bias = torch.randn(locations, channels, generator=gen) if case["bias"] else None
+    kept, in_place = source.clone(), source.clone()
+    h = torch.full(case["shape"], float("nan"))  # every entry must be written
+    g, col = step_epilogue.relu_goodness_(h, bias, case["kind"], case["n_sum"], source=source)
+    g_in, col_in = step_epilogue.relu_goodness_(in_place, bias, case["kind"], case["n_sum"])
+    assert torch.equal(source, kept) and torch.equal(h, in_place) and torch.equal(g, g_in)
+    assert (col is None and col_in is None) or torch.equal(col, col_in)
+    ref = torch.empty(case["shape"])
+    step_epilogue.relu_goodness_torch(ref, bias, case["kind"], case["n_sum"], source=source)
+    assert torch.equal(ref, h)
+
+
+def test_the_relu_pass_refuses_a_source_that_overlaps_h():
+    storage = torch.randn(2 * 3 * 4 + 4)
+    h, shifted = storage[:24].view(2, 3, 4), storage[4:].view(2, 3, 4)
+    with pytest.raises(RuntimeError, match="source must be h itself or not overlap it"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h, None, "ssq", 0, shifted)
+    g, _ = torch.ops.ff_kernels.ff_relu_goodness_(h, None, "ssq", 0, h)  # itself: in place
+    assert (h >= 0).all()
+    torch.testing.assert_close(g, h.square().sum((0, 2)), rtol=1e-5, atol=0)
+
+
 def test_a_nan_activity_stays_nan_through_the_relu():
     h = torch.tensor([[[1.0, float("nan"), -2.0]]])
     g, _ = step_epilogue.relu_goodness_(h, None, "ssq")
@@ -89,6 +119,8 @@ def test_the_passes_say_which_argument_is_wrong():
         torch.ops.ff_kernels.ff_relu_goodness_(h[0], None, "ssq", 0)
     with pytest.raises(RuntimeError, match="h must be contiguous"):
         torch.ops.ff_kernels.ff_relu_goodness_(h.transpose(1, 2), None, "ssq", 0)
+    with pytest.raises(RuntimeError, match=r"source must have shape \[2, 3, 4\], got \[2, 3\]"):
+        torch.ops.ff_kernels.ff_relu_goodness_(h, None, "ssq", 0, torch.randn(2, 3))
     with pytest.raises(RuntimeError, match=r"out must have shape \[3, 8\], got \[3, 4\]"):
         torch.ops.ff_kernels.ff_output_delta_(h, torch.ones(3), torch.empty(3, 4), None, "ssq", None, 0, False)
     with pytest.raises(RuntimeError, match="extra and bias_sum belong to the delta, which needs coef"):

@@ -76,17 +76,20 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _normalize_in_place(z: torch.Tensor, goodness: str, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalized output, goodness (B,) float32) of the pre-activations ``z`` (B, D), float32 on
-    the CPU, in place of ``z``: the ReLU and the goodness in one compiled pass, then each row
-    times its :func:`step_epilogue.inverse_scale` (the same product as a training step's output)."""
-    g, _ = step_epilogue.relu_goodness_(z.unsqueeze(0), None, goodness)
-    return z.mul_(step_epilogue.inverse_scale(g, goodness, z.shape[1], rms).unsqueeze(1)), g
+def _normalize_into(h: torch.Tensor, goodness: str, rms: bool, bias: torch.Tensor | None = None,
+                    source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized output, goodness (B,) float32) in place of ``h`` (B, D), float32 on the CPU,
+    from the pre-activations ``source + bias`` (``source`` None: h's own values): the bias, the
+    ReLU and the goodness in one compiled pass, then each row times its
+    :func:`step_epilogue.inverse_scale` (the same product as a training step's output)."""
+    g, _ = step_epilogue.relu_goodness_(h.unsqueeze(0), None if bias is None else bias.unsqueeze(0), goodness,
+                                        source=None if source is None else source.unsqueeze(0))
+    return h.mul_(step_epilogue.inverse_scale(g, goodness, h.shape[1], rms).unsqueeze(1)), g
 
 
 def _passes_take(h: torch.Tensor, blocks: int | None) -> bool:
-    """Whether :func:`_normalize_in_place` takes ``h``: no blocks, a float32 CPU tensor, the compiled ops loaded."""
-    return blocks is None and h.dim() == 2 and step_epilogue.cpu_ops_take(h)
+    """Whether :func:`_normalize_into` takes ``h``: no blocks, a contiguous float32 CPU matrix, the compiled ops loaded."""
+    return blocks is None and h.dim() == 2 and h.is_contiguous() and step_epilogue.cpu_ops_take(h)
 
 
 def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None, blocks=None):
@@ -96,8 +99,8 @@ def forward(x, weight, bias, *, goodness, rms, mask, compute_dtype=None, blocks=
     Relies on the layer invariant that masked weights are exactly zero, so the mask costs nothing.
     """
     x_c, w_c = _cast(x, compute_dtype), _cast(weight, compute_dtype)
-    if _passes_take(x_c, blocks) and w_c.dtype == x_c.dtype:
-        return _normalize_in_place(_preactivations(x_c, w_c, bias), goodness, rms)
+    if _passes_take(x_c, blocks) and w_c.dtype == x_c.dtype and (bias is None or bias.dtype == x_c.dtype):
+        return _normalize_into(torch.mm(x_c, w_c.t()), goodness, rms, bias)  # the bias in the ReLU's pass
     h = _activities(x_c, w_c, bias)
     scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
@@ -108,7 +111,7 @@ def forward_from_preact(preact, *, goodness, rms, dtype, blocks=None):
     """:func:`forward` from the pre-activations ``preact`` (B, D_out): output in ``dtype``, goodness
     float32 (B,), or (B, k) for ``blocks=k``."""
     if _passes_take(preact, blocks) and dtype == preact.dtype:
-        return _normalize_in_place(preact.clone(memory_format=torch.contiguous_format), goodness, rms)
+        return _normalize_into(torch.empty_like(preact), goodness, rms, source=preact)
     h = preact.relu()
     scale = _row_scale(h, goodness, blocks)
     g = scale if goodness == "sum" else scale.square()
@@ -234,21 +237,27 @@ def _add_paired_weight_grad(target, delta, x, n_pos, label_columns, mask, alpha:
 def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rms, preact, peer):
     """The step of a layer without blocks from its forward GEMM to its delta, with the two passes
     of :mod:`.step_epilogue` over ``h`` (B, D_out) viewed as (1, B, D_out): the GEMM writes z
-    (bias included, by ``addmm`` as :func:`forward` and the callers' ``preact`` have it) into h,
-    or ``preact`` is copied there; the ReLU comes in the first pass.
+    without the bias, which the first pass adds with the ReLU (as :func:`forward` does), into h;
+    or the first pass reads the callers' ``preact`` (bias included) and writes h.
 
     Returns (loss, goodness (B,), normalized output (B, D_out) in h's dtype, delta (h itself),
     the peer derivative p (D_out,) float32 or None, the bias gradient (D_out,) float32 or None):
     when delta is in weight's dtype, p / Bp is already on the positive rows' delta (and in the
     bias gradient); the bias gradient is None when there is no bias or when p stays apart.
     """
-    if preact is None:
-        _preactivations(x, weight.to(x.dtype), bias, out=h)
-    else:
+    pass_bias = source = None
+    if preact is not None and preact.is_contiguous():
+        source = preact.unsqueeze(0)
+    elif preact is not None:
         h.copy_(preact)
+    elif bias is not None and bias.dtype == h.dtype:
+        torch.mm(x, weight.to(x.dtype).t(), out=h)
+        pass_bias = bias.unsqueeze(0)
+    else:
+        _preactivations(x, weight.to(x.dtype), bias, out=h)
     units = h.unsqueeze(0)
     with_peer = peer is not None and n_pos > 0
-    g, positive_sum = step_epilogue.relu_goodness_(units, None, goodness, n_pos if with_peer else 0)
+    g, positive_sum = step_epilogue.relu_goodness_(units, pass_bias, goodness, n_pos if with_peer else 0, source)
     loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
     p, extra = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=False) if with_peer else (None, None)
     fold = p is not None and h.dtype == weight.dtype

@@ -6,8 +6,9 @@ is ``out[b, l * C + c]``, rows (B, L * C). Between the GEMMs a step needs the Re
 (and, for peer normalization, the mean activity of the positive rows), then the normalized
 output, dL/dz in place of h and its column sums for the bias:
 
-    relu_goodness_(h, bias, goodness, n_sum) -> (g, col_sum)
-        h = relu(h + bias[l])                    in place (bias (L, C) or None)
+    relu_goodness_(h, bias, goodness, n_sum, source) -> (g, col_sum)
+        h = relu(source + bias[l])               (bias (L, C) or None; source (L, B, C) or None:
+                                                 h itself, in place)
         g (B,) float32: sum over l, c of h^2 ("ssq", "neg_ssq") or h ("sum")
         col_sum (L, C) float32: sum of h over rows 0 .. n_sum - 1 (None when n_sum is 0)
     output_and_delta_(h, scale, out, coef, goodness, extra, n_extra, bias_sum) -> col_sum
@@ -36,13 +37,14 @@ from .. import functional as FF
 from .ext_local2d import cpu_ops_take
 
 
-def relu_goodness_(h: torch.Tensor, bias: torch.Tensor | None, goodness: str, n_sum: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ReLU (after the bias) in place, goodness (B,) and the first ``n_sum`` rows' column sums; see the module doc."""
-    if cpu_ops_take(h, bias):
-        g, col_sum = torch.ops.ff_kernels.ff_relu_goodness_(h, bias, goodness, n_sum)
+def relu_goodness_(h: torch.Tensor, bias: torch.Tensor | None, goodness: str, n_sum: int = 0,
+                   source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ReLU (after the bias) of ``source`` (h itself when None) into h, goodness (B,) and the first
+    ``n_sum`` rows' column sums; see the module doc."""
+    if cpu_ops_take(h, bias, source):
+        g, col_sum = torch.ops.ff_kernels.ff_relu_goodness_(h, bias, goodness, n_sum, source)
         return g, (col_sum if n_sum > 0 else None)
-    return relu_goodness_torch(h, bias, goodness, n_sum)
+    return relu_goodness_torch(h, bias, goodness, n_sum, source)
 
 
 def loss_and_coef(g: torch.Tensor, n_pos: int, goodness: str, threshold: float, temperature: float
@@ -101,8 +103,10 @@ def peer_update_torch(peer, col_sum, n_pos, channels_major):
     return p, (by_location / n_pos).contiguous()
 
 
-def relu_goodness_torch(h, bias, goodness, n_sum=0):
+def relu_goodness_torch(h, bias, goodness, n_sum=0, source=None):
     """:func:`relu_goodness_` in torch ops (any dtype and device)."""
+    if source is not None:
+        h.copy_(source)
     if bias is not None:
         h.add_(bias.to(h.dtype).unsqueeze(1))
     h.relu_()
