@@ -37,6 +37,7 @@ from torch import nn
 
 from ... import functional
 from ...nn import FFLinear, FFSequential
+from ...ops import validation
 from ..data import MnistSplits, hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from . import supervised_parallel
 from .config import (
@@ -334,23 +335,28 @@ class SupervisedMNIST:
         model = self.model
         part = model.image_part(images) if model.share_first_layer else None
         self.optimizer.zero_grad(set_to_none=True)
-        # the head's logits and its cross-entropy gradient in closed form (no autograd graph)
-        logits = cross_entropy_grad_(model.head, model.neutral_features(images, part), labels)
-        probs = torch.softmax(logits, dim=1)
-        wrong = self.wrong_labels(probs, labels, generator)
-        shared = {}
-        if part is not None:  # the neutral, positive and negative rows share layer 1's image part
-            x, preact = model.training_rows(images, labels, wrong, part)
-            x_pos, x_neg = x.chunk(2)
-            # and a positive row equals its negative one past the label: layer 1's weight gradient
-            # reads the image columns once
-            shared = {"preact": preact, "label_columns": NUM_CLASSES}
-        else:
-            x_pos, x_neg = model.inputs(images, labels), model.inputs(images, wrong)
-        if self.config.optimizer == "sgd":
-            losses = model.net.ff_step(x_pos, x_neg, **self.sgd_hyper(), **shared)
-        else:
-            losses = model.net.ff_backward(x_pos, x_neg, **shared)
+        # The rows below are built here from images checked once (attach_mnist) and unit-mean-square
+        # labelled copies of them: the layers need not check them for NaN/Inf again. Non-finite
+        # weights (a divergence) still show: in the neutral pass's goodness and in the loss,
+        # which the training loop's guard checks every step.
+        with validation.trusted_inputs():
+            # the head's logits and its cross-entropy gradient in closed form (no autograd graph)
+            logits = cross_entropy_grad_(model.head, model.neutral_features(images, part), labels)
+            probs = torch.softmax(logits, dim=1)
+            wrong = self.wrong_labels(probs, labels, generator)
+            shared = {}
+            if part is not None:  # the neutral, positive and negative rows share layer 1's image part
+                x, preact = model.training_rows(images, labels, wrong, part)
+                x_pos, x_neg = x.chunk(2)
+                # and a positive row equals its negative one past the label: layer 1's weight gradient
+                # reads the image columns once
+                shared = {"preact": preact, "label_columns": NUM_CLASSES}
+            else:
+                x_pos, x_neg = model.inputs(images, labels), model.inputs(images, wrong)
+            if self.config.optimizer == "sgd":
+                losses = model.net.ff_step(x_pos, x_neg, **self.sgd_hyper(), **shared)
+            else:
+                losses = model.net.ff_backward(x_pos, x_neg, **shared)
         self.optimizer.step()
         errors = (probs.argmax(1) != labels).sum()
         return torch.stack(losses).mean(), errors, labels.shape[0]
