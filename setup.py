@@ -14,7 +14,7 @@ import warnings
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/bindings_recipe_ops.cpp", "csrc/ff_epilogue_cpu.cpp", "csrc/gather_cpu.cpp", "csrc/head_cpu.cpp", "csrc/hybrid_cpu.cpp", "csrc/local2d_cpu.cpp", "csrc/local2d_cpu_rows.cpp", "csrc/sgd_cpu.cpp"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/bindings_recipe_ops.cpp", "csrc/ff_epilogue_cpu.cpp", "csrc/gather_cpu.cpp", "csrc/head_cpu.cpp", "csrc/hybrid_cpu.cpp", "csrc/local2d_cpu.cpp", "csrc/local2d_cpu_rows.cpp", "csrc/sgd_cpu.cpp", "csrc/label_preacts_cpu.cpp"]
 CUDA_SOURCES = ["csrc/local2d_cuda.cu"]
 
 

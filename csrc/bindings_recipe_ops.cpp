@@ -5,9 +5,11 @@
 //   head_weight_grad_add_(dz, x, columns?, grad!) -> ()              grad[:, columns] += dz.T @ x
 //   cross_entropy_logit_grad(z, labels) -> dz                        (softmax(z) - onehot(labels)) / B
 //   hybrid_mix(images, partners, words, rows, cols, out!) -> ()      hybrid images from random bits
+//   label_preacts(preact, rows, index, divisor?, bias?) -> z          layer 1's z of R label sets
 //
-// Shapes and math: csrc/head_cpu.h (a softmax head's GEMMs and its cross-entropy gradient) and
-// csrc/hybrid_cpu.h (the hybrid negatives of section 3.2).
+// Shapes and math: csrc/head_cpu.h (a softmax head's GEMMs and its cross-entropy gradient),
+// csrc/hybrid_cpu.h (the hybrid negatives of section 3.2) and csrc/label_preacts_cpu.h (the
+// supervised recipe's shared first layer).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +20,7 @@
 
 #include "head_cpu.h"
 #include "hybrid_cpu.h"
+#include "label_preacts_cpu.h"
 #include "op_checks.h"
 
 namespace {
@@ -102,11 +105,36 @@ void hybrid_mix(const at::Tensor& images, const at::Tensor& partners, const at::
 
 }  // namespace
 
+at::Tensor label_preacts(const at::Tensor& preact, const at::Tensor& rows, const at::Tensor& index,
+                         const std::optional<at::Tensor>& divisor, const std::optional<at::Tensor>& bias) {
+  const char* op = "label_preacts";
+  TORCH_CHECK(preact.dim() == 2 && preact.is_cpu(), op, ": preact must be a 2-D CPU tensor (B, W), got shape ",
+              preact.sizes(), " on ", preact.device());
+  check_tensor(op, "preact", preact, preact.sizes(), preact);
+  const int64_t batch = preact.size(0), width = preact.size(1);
+  TORCH_CHECK(rows.dim() == 2, op, ": rows must be 2-D (K, W), got shape ", rows.sizes());
+  check_tensor(op, "rows", rows, {rows.size(0), width}, preact);
+  TORCH_CHECK(index.dim() == 2 && index.size(1) == batch, op, ": index must be (R, B = ", batch, "), got shape ",
+              index.sizes());
+  check_index(op, "index", index, 2, 0, rows.size(0) - 1);
+  const int64_t sets = index.size(0);
+  if (divisor.has_value()) check_tensor(op, "divisor", *divisor, {sets, batch}, preact);
+  if (bias.has_value()) check_tensor(op, "bias", *bias, {width}, preact);
+  at::Tensor z = at::empty({sets, batch, width}, preact.options());
+  ff_kernels::cpu::label_preacts(preact.const_data_ptr<float>(), rows.const_data_ptr<float>(),
+                                 index.const_data_ptr<int64_t>(),
+                                 divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr,
+                                 bias.has_value() ? bias->const_data_ptr<float>() : nullptr, z.mutable_data_ptr<float>(),
+                                 sets, batch, width, at::get_num_threads());
+  return z;
+}
+
 TORCH_LIBRARY_FRAGMENT(ff_kernels, m) {
   m.def("head_logits_add_(Tensor x, Tensor w, Tensor(a!) out) -> ()");
   m.def("head_weight_grad_add_(Tensor dz, Tensor x, Tensor? columns, Tensor(a!) grad) -> ()");
   m.def("cross_entropy_logit_grad(Tensor z, Tensor labels) -> Tensor");
   m.def("hybrid_mix(Tensor images, Tensor partners, Tensor words, Tensor rows, Tensor cols, Tensor(a!) out) -> ()");
+  m.def("label_preacts(Tensor preact, Tensor rows, Tensor index, Tensor? divisor, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
@@ -114,4 +142,5 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("head_weight_grad_add_", &head_weight_grad_add_);
   m.impl("cross_entropy_logit_grad", &cross_entropy_logit_grad);
   m.impl("hybrid_mix", &hybrid_mix);
+  m.impl("label_preacts", &label_preacts);
 }

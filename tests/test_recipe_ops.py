@@ -1,7 +1,9 @@
 """The recipes' compiled CPU ops (csrc/bindings_recipe_ops.cpp) against torch references: the
 hybrid images of section 3.2 (``hybrid_mix``) and the softmax head's pieces
 (``head_weight_grad_add_``, ``cross_entropy_logit_grad``, and the whole compiled head step of
-``softmax_head`` against its torch-op step).
+``softmax_head`` against its torch-op step), and the supervised recipe's layer-1 pre-activations
+of label sets (``label_preacts``, against the torch ops of ``first_preacts``: the same float32
+operations in the same order, so the same bits).
 
 Tolerances: a hybrid pixel is copied, so it equals its source image's pixel exactly; the mask's
 blurred value is a float32 sum in another order than torch's GEMMs, so a pixel may only differ
@@ -20,7 +22,8 @@ from torch import nn
 from ff_kernels.ops import ext_local2d
 from ff_kernels.paper.data import hybrid
 from ff_kernels.paper.data.hybrid import blur_matrix, random_bit_words, random_partners, unpack_bits
-from ff_kernels.paper.recipes import softmax_head
+from ff_kernels.paper.recipes import SupervisedMNISTConfig, softmax_head, supervised_mnist
+from ff_kernels.paper.recipes.supervised_mnist import LabelInInputNet
 
 pytestmark = pytest.mark.skipif(not ext_local2d.available(torch.device("cpu")),
                                 reason=f"ff_kernels._C not built: {ext_local2d.load_error()}")
@@ -147,3 +150,52 @@ def test_bit_words_check_their_arguments():
         unpack_bits(words, 65)
     with pytest.raises(ValueError, match=r"words must be an int64 \(N,\) tensor, got shape \(2,\), dtype torch.float32"):
         unpack_bits(words.float(), 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 3), st.sampled_from(["classes", "one class per set", "codes", "one code"]),
+       st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_label_preacts_equal_the_torch_ops_bit_for_bit(batch, sets, kind, input_norm, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = LabelInInputNet(SupervisedMNISTConfig(width=24, depth=2, input_norm=input_norm))
+    if not bias:
+        net.net[0].bias = None
+    images = torch.rand(batch, 784, generator=gen)
+    columns = batch if kind in ("classes", "codes") else 1
+    if kind in ("classes", "one class per set"):
+        labels = torch.randint(0, 10, (sets, columns), generator=gen)
+    else:
+        labels = torch.rand(sets, columns, 10, generator=gen)
+    part = net.image_part(images)
+    fast = net.first_preacts(part, labels)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(supervised_mnist, "cpu_ops_take", lambda *tensors: False)
+        torch_ops = net.first_preacts(part, labels)
+    assert torch.equal(fast, torch_ops)
+    # and both are the unshared rows' pre-activations up to rounding
+    rows = labels.expand(sets, batch) if labels.dim() == 2 else labels.expand(sets, batch, 10)
+    x = torch.cat([net.inputs(images, rows[r]) for r in range(sets)])
+    want = x @ net.net[0].weight.detach().t() + (0 if net.net[0].bias is None else net.net[0].bias.detach())
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.zeros(3, 4, 5), torch.zeros(10, 5), torch.zeros(1, 3, dtype=torch.long), None, None),
+     "preact must be a 2-D CPU tensor"),
+    ((torch.zeros(3, 5), torch.zeros(10, 4), torch.zeros(1, 3, dtype=torch.long), None, None),
+     r"rows must have shape \[10, 5\]"),
+    ((torch.zeros(3, 5), torch.zeros(10, 5), torch.zeros(1, 2, dtype=torch.long), None, None),
+     r"index must be \(R, B = 3\)"),
+    ((torch.zeros(3, 5), torch.zeros(10, 5), torch.full((1, 3), 10, dtype=torch.long), None, None),
+     r"index entries must lie in \[0, 9\], got 10 at 0"),
+    ((torch.zeros(3, 5), torch.zeros(10, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(1, 3), None),
+     r"divisor must have shape \[2, 3\]"),
+    ((torch.zeros(3, 5), torch.zeros(10, 5), torch.zeros(1, 3, dtype=torch.long), None, torch.zeros(4)),
+     r"bias must have shape \[5\]"),
+    ((torch.zeros(3, 5), torch.zeros(10, 5), torch.zeros(1, 3, dtype=torch.int32), None, None),
+     "index must be a contiguous 2-D int64 CPU tensor"),
+])
+def test_label_preacts_say_which_argument_is_wrong(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ff_kernels.label_preacts(*args)

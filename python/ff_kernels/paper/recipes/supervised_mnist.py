@@ -38,6 +38,7 @@ from torch import nn
 from ... import functional
 from ...nn import FFLinear, FFSequential
 from ...ops import validation
+from ...ops.ext_local2d import cpu_ops_take
 from ..data import MnistSplits, hard_wrong_labels, neutral_label, overlay_label, random_wrong_labels
 from . import supervised_parallel
 from .config import (
@@ -190,25 +191,36 @@ class LabelInInputNet(nn.Module):
         those input rows (:meth:`inputs`) up to rounding.
 
         labels: int64 classes (R, B), or (R, 1) for one class per set; or float codes (R, B, 10)
-        or (R, 1, 10) (e.g. the neutral label).
+        or (R, 1, 10) (e.g. the neutral label). On float32 CPU tensors one compiled pass
+        (``label_preacts``) writes ``(label row + image part) / divisor + bias``; elsewhere the
+        same operations in torch ops.
         """
         layer = self.net[0]
+        sets, batch = labels.shape[0], part.preact.shape[0]
         label_weight = layer.weight[:, :NUM_CLASSES].t()  # (10, width)
-        if labels.is_floating_point():
-            label_part, code_square = torch.matmul(labels, label_weight), labels.square().sum(2)
+        if labels.is_floating_point():  # each code's row of label weights, indexed per (set, image)
+            label_rows, code_square = torch.matmul(labels, label_weight).flatten(0, 1), labels.square().sum(2)
+            index = torch.arange(label_rows.shape[0], device=labels.device).view(labels.shape[:2])
         else:  # one-hot: a row of the label weights (from a contiguous copy of the label columns,
             # whose rows are strided in the weight), and a sum of squares of 1
-            label_part = label_weight.contiguous().index_select(0, labels.flatten()).view(*labels.shape, -1)
+            label_rows, index = label_weight.contiguous(), labels
             code_square = torch.ones(labels.shape, device=labels.device)
-        rows = (labels.shape[0], *part.preact.shape)  # (R, B, width); the label part is a fresh tensor
-        z = label_part.add_(part.preact) if label_part.shape == rows else label_part + part.preact
-        divisor = self._row_divisor(part, code_square)
-        if divisor is not None and layer.bias is not None:  # z / divisor + bias in one pass
-            torch.addcdiv(layer.bias, z, divisor, out=z)
+        index = index.expand(sets, batch)
+        divisor = self._row_divisor(part, code_square)  # (R, B or 1, 1) or None
+        if divisor is not None:
+            divisor = divisor.squeeze(-1).expand(sets, batch)
+        bias = layer.bias
+        if cpu_ops_take(part.preact, label_rows, divisor, bias) and part.preact.is_contiguous():
+            z = torch.ops.ff_kernels.label_preacts(part.preact, label_rows, index.contiguous(),
+                                                   None if divisor is None else divisor.contiguous(), bias)
+            return z.flatten(0, 1)
+        z = label_rows.index_select(0, index.flatten()).view(sets, batch, -1).add_(part.preact)
+        if divisor is not None and bias is not None:  # z / divisor + bias in one pass
+            torch.addcdiv(bias, z, divisor.unsqueeze(-1), out=z)
         elif divisor is not None:
-            z.div_(divisor)
-        elif layer.bias is not None:
-            z.add_(layer.bias)
+            z.div_(divisor.unsqueeze(-1))
+        elif bias is not None:
+            z.add_(bias)
         return z.flatten(0, 1)
 
     @torch.no_grad()
