@@ -1,9 +1,10 @@
 """CPU fast path for an FF linear layer: explicit local gradients with torch ops, no autograd.
 
-Per step it runs one GEMM for the positive and negative rows together (bias fused by
-``addmm``), the passes over the (B, D_out) activities of :mod:`.step_epilogue` (two compiled
-passes and a compiled loss for float32 on the CPU, torch ops otherwise and for block-wise
-layers), and one weight-gradient GEMM that
+Per step it runs one GEMM for the positive and negative rows together (the bias added in the
+first pass after it, or by ``addmm`` where that pass is torch ops), the passes over the
+(B, D_out) activities of :mod:`.step_epilogue` (two compiled passes and a compiled loss for
+float32 on the CPU, torch ops otherwise and for block-wise layers), and one weight-gradient
+GEMM that
 accumulates straight into ``weight.grad`` or into the momentum buffer (``addmm_`` with the
 momentum as beta; weight decay and the update then take one compiled pass over the weight and
 its buffer), so dW is never a separate tensor unless a mask, a dtype change or, off the CPU,
