@@ -17,8 +17,9 @@
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
 // ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
-// csrc/gather_cpu.h; ff_sgd_decay_apply_: csrc/sgd_cpu.h. The recipes' ops (the softmax head's, the hybrid images') are registered in
-// csrc/bindings_recipe_ops.cpp, as a fragment of the same library.
+// csrc/gather_cpu.h; ff_sgd_decay_apply_: csrc/sgd_cpu.h. The recipes' ops (the softmax head's,
+// the hybrid images', the supervised first layer's) are registered in csrc/bindings_recipe_ops.cpp,
+// as a fragment of the same library.
 //
 // Registered with TORCH_LIBRARY rather than as pybind11 functions because (1) the dispatcher
 // picks the CPU or CUDA kernel from the tensors' device, (2) the schemas declare which
