@@ -1,6 +1,7 @@
-"""The supervised recipe checks its images once, when it is built, and trusts the rows it
-builds from them in every step: the layers run no NaN/Inf reductions over them, while a
-divergence (non-finite weights) still stops the step with the layers' own error."""
+"""The MNIST recipes check their images once, when they are built, and trust the rows they
+build from them in every step (labelled copies, hybrids): the layers run no NaN/Inf reductions
+over them, while a divergence (non-finite weights) still stops the step with the layers' own
+error."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from ff_kernels.ops import linear as linear_ops
 from ff_kernels.ops import validation
 from ff_kernels.paper.data import MnistSplits
 from ff_kernels.paper.recipes import SupervisedMNIST, SupervisedMNISTConfig, UnsupervisedMNIST, UnsupervisedMNISTConfig
+from ff_kernels.paper.recipes.local_mnist import LocalMNIST, LocalMNISTConfig
 
 
 def splits(n: int = 30, seed: int = 0) -> MnistSplits:
@@ -34,8 +36,16 @@ def test_non_finite_images_are_refused_when_the_recipe_is_built(recipe, config, 
         recipe(config(), data)
 
 
-def test_a_step_reads_no_row_twice_for_nan(monkeypatch):
-    recipe = SupervisedMNIST(small_config(), splits())
+STEPPED_RECIPES = {
+    "supervised": lambda: SupervisedMNIST(small_config(), splits()),
+    "unsupervised": lambda: UnsupervisedMNIST(UnsupervisedMNISTConfig(width=16, depth=3, batch_size=10), splits()),
+    "local": lambda: LocalMNIST(LocalMNISTConfig(channels=(4, 6, 8), batch_size=10), splits()),
+}
+
+
+@pytest.mark.parametrize("name", list(STEPPED_RECIPES))
+def test_a_step_reads_no_row_twice_for_nan(monkeypatch, name):
+    recipe = STEPPED_RECIPES[name]()
     batch = torch.arange(10)
     recipe.train_step(batch, torch.Generator().manual_seed(0))  # warm: the momentum buffers exist
     checked = []
@@ -70,3 +80,17 @@ def test_non_finite_weights_still_stop_the_step_before_any_update():
         recipe.train_step(torch.arange(10), torch.Generator().manual_seed(0))
     for name, p in recipe.model.named_parameters():  # NaN where it was, every other entry unchanged
         assert torch.equal(p.isnan(), before[name].isnan()) and torch.equal(p.nan_to_num(), before[name].nan_to_num())
+
+
+@pytest.mark.parametrize("name", ["unsupervised", "local"])
+def test_non_finite_first_layer_weights_stop_a_hybrid_step_at_the_layer_above(name):
+    """The hybrid recipes have no neutral pass: a NaN weight in layer 1 makes its goodness NaN,
+    so layer 2 checks its inputs and refuses them before layer 2 or any layer above moves."""
+    recipe = STEPPED_RECIPES[name]()
+    with torch.no_grad():
+        recipe.model.net[0].weight.view(-1)[7] = float("nan")
+    above = {name: p.clone() for name, p in recipe.model.net[1:].named_parameters()}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        recipe.train_step(torch.arange(10), torch.Generator().manual_seed(0))
+    for name, p in recipe.model.net[1:].named_parameters():
+        assert torch.equal(p, above[name]), name

@@ -129,6 +129,7 @@ class FFSequential(nn.Sequential):
         layers: Iterable[int] | None = None,
         preact: torch.Tensor | None = None,
         label_columns: int | None = None,
+        inputs_checked: bool = False,
     ) -> list[FFLayerStep]:
         """The loop behind :meth:`ff_backward` and :meth:`ff_step`, for callers with their own step.
 
@@ -140,11 +141,15 @@ class FFSequential(nn.Sequential):
         ``label_columns`` (see ``FFLinear.ff_backward``) goes to the first layer only, as only its
         inputs hold the labels. A layer's inputs that are the outputs of an FF layer whose goodness
         was finite are not checked again for NaN/Inf (``validation.trusted_inputs``, CPU).
+        ``inputs_checked``: the caller knows ``x_pos`` and ``x_neg`` (and ``preact``) to be finite
+        and of bounded length (rows it built from data it checked once), so the first layer skips
+        their checks too. Non-finite weights still show, in that layer's goodness: the layer
+        above then checks its inputs and refuses them.
         """
         chosen = self._layer_indices(layers)
         n_pos = x_pos.shape[0]
         steps = []
-        checked = False  # the inputs are the checked outputs of the layer below (no need to check them again)
+        checked = inputs_checked  # the inputs are known finite: the caller's, or the checked outputs of the layer below
         for i, layer in enumerate(self):
             if i > max(chosen):
                 break

@@ -67,8 +67,8 @@ def trusted_inputs(trusted: bool = True):
     input tensors (:func:`check_finite`: x, x_pos, x_neg, preact) and the layers' overflow bound;
     the checks of parameters, shapes and hyper-parameters stay. For inputs that are known finite
     and of bounded length: the normalized outputs of a layer whose goodness was finite (see
-    ``nn.layer.output_is_checked``), which FFSequential feeds to the layer above (a ``preact``
-    only ever goes to the first layer, which is never trusted)."""
+    ``nn.layer.output_is_checked``), which FFSequential feeds to the layer above, and rows a
+    recipe builds from data it checked once (``FFSequential.train_steps(inputs_checked=True)``)."""
     previous = getattr(_trust, "on", False)
     _trust.on = previous or trusted
     try:

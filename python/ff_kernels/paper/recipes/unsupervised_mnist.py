@@ -239,10 +239,11 @@ class UnsupervisedMNIST:
         normalized outputs per layer), the outputs computed with the weights before the update."""
         if self.config.optimizer == "sgd":
             hyper = self.sgd_hyper()
-            steps = self.model.net.train_steps(
-                x_pos, x_neg, lambda layer, p, n: layer.ff_step(p, n, **hyper, return_step=True))
+            step_fn = lambda layer, p, n: layer.ff_step(p, n, **hyper, return_step=True)
         else:
-            steps = self.model.net.train_steps(x_pos, x_neg, lambda layer, p, n: layer.ff_backward(p, n, return_step=True))
+            step_fn = lambda layer, p, n: layer.ff_backward(p, n, return_step=True)
+        # the rows are the images checked once (attach_mnist) and their hybrids, at unit mean square
+        steps = self.model.net.train_steps(x_pos, x_neg, step_fn, inputs_checked=True)
         n_pos = x_pos.shape[0]
         return [step.loss for step in steps], [step.output[:n_pos] for step in steps]
 
