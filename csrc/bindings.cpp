@@ -14,6 +14,9 @@
 //   ff_inverse_scale(g, goodness, norm_divisor, eps) -> inv                          (CPU)
 //   ff_peer_update_(running_mean!, col_sum, n_pos, momentum, strength, channels_major) -> (p, extra)   (CPU)
 //   ff_sgd_decay_apply_(param!, buf!, lr, weight_decay) -> ()                       (CPU)
+//   ff_loss_output_delta_(h!, g, out!, n_pos, signed_inverse_temperature, threshold, goodness,
+//                         norm_divisor, eps, col_sum?, running_mean?!, momentum, strength,
+//                         channels_major, bias_sum) -> (loss, p, bias_sum)             (CPU)
 //   built_with_cuda() -> bool
 // Shapes and math: csrc/local2d_common.h and python/ff_kernels/functional_local.py; the two
 // ff_ ops (an FF layer's passes between its GEMMs): csrc/ff_epilogue_cpu.h; the gather_ ops:
@@ -292,6 +295,57 @@ std::tuple<at::Tensor, at::Tensor> ff_peer_update_(const at::Tensor& running_mea
   return {p, extra};
 }
 
+// The passes of a layer step after ff_relu_goodness_, in one call (each pass after a GEMM pays
+// for its code's cache misses, so fewer calls cost less): ff_loss_coef, ff_peer_update_ (when
+// col_sum is given: its extra term p / n_pos goes onto the first n_pos rows of the delta),
+// ff_inverse_scale and ff_output_delta_, in that order. Returns (loss, p or an empty tensor,
+// the delta's column sums or an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ff_loss_output_delta_(
+    const at::Tensor& h, const at::Tensor& g, const at::Tensor& out, int64_t n_pos, double signed_inverse_temperature,
+    double threshold, const std::string& goodness, double norm_divisor, double eps,
+    const std::optional<at::Tensor>& col_sum, const std::optional<at::Tensor>& running_mean, double momentum,
+    double strength, bool channels_major, bool bias_sum) {
+  const char* op = "ff_loss_output_delta_";
+  const ff_kernels::cpu::EpilogueShape s = epilogue_shape(op, h);
+  check_tensor(op, "g", g, {s.batch}, h);
+  check_tensor(op, "out", out, {s.batch, s.locations * s.channels}, h);
+  TORCH_CHECK(!out.is_same(h) && out.data_ptr() != h.data_ptr(), op, ": out must not be h");
+  TORCH_CHECK(n_pos >= 0 && n_pos <= s.batch, op, ": n_pos must be in [0, B = ", s.batch, "], got ", n_pos);
+  TORCH_CHECK(col_sum.has_value() == running_mean.has_value(), op,
+              ": col_sum and running_mean come together (peer normalization) or not at all");
+  const bool peer = col_sum.has_value();
+  if (peer) {
+    check_tensor(op, "col_sum", *col_sum, {s.locations, s.channels}, h);
+    check_tensor(op, "running_mean", *running_mean, {s.locations * s.channels}, h);
+    TORCH_CHECK(n_pos >= 1, op, ": peer normalization needs n_pos >= 1, got ", n_pos);
+    TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, op, ": momentum must be in [0, 1), got ", momentum);
+  }
+  const Goodness kind = goodness_of(op, goodness);
+  at::Tensor coef = at::empty({s.batch}, h.options());
+  const float loss = ff_kernels::cpu::loss_and_coef(g.const_data_ptr<float>(), s.batch, n_pos,
+                                                    static_cast<float>(signed_inverse_temperature),
+                                                    static_cast<float>(threshold), coef.mutable_data_ptr<float>());
+  at::Tensor p = at::empty({peer ? s.locations * s.channels : 0}, h.options());
+  at::Tensor extra = at::empty({peer ? s.locations : 0, s.channels}, h.options());
+  if (peer) {
+    ff_kernels::cpu::peer_update(running_mean->mutable_data_ptr<float>(), col_sum->const_data_ptr<float>(), s.locations,
+                                 s.channels, n_pos, static_cast<float>(momentum), static_cast<float>(strength),
+                                 channels_major, p.mutable_data_ptr<float>(), extra.mutable_data_ptr<float>());
+  }
+  at::Tensor inv = at::empty({s.batch}, h.options());
+  ff_kernels::cpu::inverse_scale(g.const_data_ptr<float>(), s.batch, kind, static_cast<float>(norm_divisor),
+                                 static_cast<float>(eps), inv.mutable_data_ptr<float>());
+  at::Tensor sum = at::empty(bias_sum ? std::vector<int64_t>{s.locations, s.channels} : std::vector<int64_t>{0},
+                             h.options());
+  ff_kernels::cpu::output_and_delta(h.mutable_data_ptr<float>(), inv.const_data_ptr<float>(),
+                                    out.mutable_data_ptr<float>(), coef.const_data_ptr<float>(), kind,
+                                    peer ? extra.const_data_ptr<float>() : nullptr, peer ? n_pos : 0,
+                                    bias_sum ? sum.mutable_data_ptr<float>() : nullptr, s, at::get_num_threads());
+  at::Tensor total = at::empty({}, h.options());
+  total.fill_(loss);
+  return {total, p, sum};
+}
+
 void ff_sgd_decay_apply_(const at::Tensor& param, const at::Tensor& buf, double lr, double weight_decay) {
   const char* op = "ff_sgd_decay_apply_";
   TORCH_CHECK(param.is_cpu(), op, ": param must be on the CPU, got ", param.device());
@@ -391,6 +445,10 @@ TORCH_LIBRARY(ff_kernels, m) {
       "bool channels_major) -> (Tensor, Tensor)");
   m.def("ff_loss_coef(Tensor g, int n_pos, float signed_inverse_temperature, float threshold) -> (Tensor, Tensor)");
   m.def("ff_sgd_decay_apply_(Tensor(a!) param, Tensor(b!) buf, float lr, float weight_decay) -> ()");
+  m.def(
+      "ff_loss_output_delta_(Tensor(a!) h, Tensor g, Tensor(b!) out, int n_pos, float signed_inverse_temperature, "
+      "float threshold, str goodness, float norm_divisor, float eps, Tensor? col_sum, Tensor(c!)? running_mean, "
+      "float momentum, float strength, bool channels_major, bool bias_sum) -> (Tensor, Tensor, Tensor)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
@@ -407,6 +465,7 @@ TORCH_LIBRARY_IMPL(ff_kernels, CPU, m) {
   m.impl("ff_peer_update_", &ff_peer_update_);
   m.impl("ff_inverse_scale", &ff_inverse_scale);
   m.impl("ff_sgd_decay_apply_", &ff_sgd_decay_apply_);
+  m.impl("ff_loss_output_delta_", &ff_loss_output_delta_);
 }
 
 #ifdef FF_WITH_CUDA

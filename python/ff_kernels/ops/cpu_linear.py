@@ -259,14 +259,11 @@ def _passes_step(x, h, weight, bias, n_pos, goodness, threshold, temperature, rm
     units = h.unsqueeze(0)
     with_peer = peer is not None and n_pos > 0
     g, positive_sum = step_epilogue.relu_goodness_(units, pass_bias, goodness, n_pos if with_peer else 0, source)
-    loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
-    p, extra = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=False) if with_peer else (None, None)
-    fold = p is not None and h.dtype == weight.dtype
-    extra = extra if fold else None
+    fold = with_peer and h.dtype == weight.dtype
     output = torch.empty_like(h)
-    scale = step_epilogue.inverse_scale(g, goodness, h.shape[1], rms)
-    bias_sum = step_epilogue.output_and_delta_(units, scale, output, coef, goodness, extra, n_pos,
-                                               bias_sum=bias is not None and (p is None or fold))
+    loss, p, bias_sum = step_epilogue.loss_output_delta_(
+        units, g, positive_sum, output, n_pos, goodness, threshold, temperature, h.shape[1], rms,
+        peer if with_peer else None, fold=fold, bias_sum=bias is not None and (not with_peer or fold))
     if bias_sum is not None:
         bias_sum = bias_sum[0]
     return loss, g, output, h, p, bias_sum

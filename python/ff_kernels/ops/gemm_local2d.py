@@ -189,14 +189,13 @@ def train_step(
     h = _preactivations(p, weight)  # (L, B, C_out)
     with_peer = peer is not None and n_pos > 0
     g, positive_sum = step_epilogue.relu_goodness_(h, bias, goodness, n_pos if with_peer else 0)
-    loss, coef = step_epilogue.loss_and_coef(g, n_pos, goodness, threshold, temperature)
-    peer_row = None
-    if with_peer:  # p (C_out * L,) is ordered like output.flatten(1); h is location-major
-        # p times the mean positive window = p / Bp on each positive row's delta
-        _, peer_row = step_epilogue.peer_update_(peer, positive_sum, n_pos, channels_major=True)
     output = h.new_empty(h.shape[1], spec.out_features)
-    bias_delta = step_epilogue.output_and_delta_(h, step_epilogue.inverse_scale(g, goodness, spec.out_features, rms), output, coef, goodness,
-                                                 peer_row, n_pos, bias_sum=bias is not None)  # h is now delta
+    # h becomes the delta; peer normalization's p (C_out * L,) is ordered like output.flatten(1)
+    # (channels-major) while h is location-major; p times the mean positive window = p / Bp on
+    # each positive row's delta
+    loss, _, bias_delta = step_epilogue.loss_output_delta_(
+        h, g, positive_sum, output, n_pos, goodness, threshold, temperature, spec.out_features, rms,
+        peer if with_peer else None, channels_major=True, bias_sum=bias is not None)
     delta = h.transpose(1, 2)  # (L, C_out, B)
     pt = p.transpose(0, 1)  # (L, B, K)
     with torch.no_grad():

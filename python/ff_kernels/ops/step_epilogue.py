@@ -65,15 +65,51 @@ def output_and_delta_(h: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, c
     return output_and_delta_torch(h, scale, out, coef, goodness, extra, n_extra, bias_sum)
 
 
+def _norm_divisor(goodness: str, n_features: int, rms: bool) -> float:
+    """What the compiled row scale divides the goodness's root (or sum) by: the unit count (its
+    root for the squared goodness) with ``rms``, else 1."""
+    return (n_features if goodness == "sum" else n_features**0.5) if rms else 1.0
+
+
 def inverse_scale(g: torch.Tensor, goodness: str, n_features: int, rms: bool) -> torch.Tensor:
     """``1 / functional.normalization_scale(g, goodness, n_features, rms)`` (B,): the factor of each
     row's normalized output; one compiled loop on a float32 CPU ``g`` (the same float32
     operations in the same order as the torch ops; torch's vectorized sqrt may differ from the
     correctly rounded one by an ulp)."""
     if g.dim() == 1 and cpu_ops_take(g):
-        divisor = (n_features if goodness == "sum" else n_features**0.5) if rms else 1.0
-        return torch.ops.ff_kernels.ff_inverse_scale(g, goodness, divisor, FF.NORM_EPS)
+        return torch.ops.ff_kernels.ff_inverse_scale(g, goodness, _norm_divisor(goodness, n_features, rms), FF.NORM_EPS)
     return FF.normalization_scale(g, goodness, n_features, rms).reciprocal_()
+
+
+def loss_output_delta_(h: torch.Tensor, g: torch.Tensor, positive_sum: torch.Tensor | None, out: torch.Tensor,
+                       n_pos: int, goodness: str, threshold: float, temperature: float, n_features: int, rms: bool,
+                       peer=None, channels_major: bool = False, fold: bool = True, bias_sum: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Everything a step does between :func:`relu_goodness_` and its weight-gradient GEMM:
+    :func:`loss_and_coef`, :func:`peer_update_` (when ``positive_sum``, the first ``n_pos`` rows'
+    column sums, is given, with ``peer``), :func:`inverse_scale` and :func:`output_and_delta_`
+    (with peer normalization's extra term on the first ``n_pos`` rows of the delta when ``fold``).
+
+    Returns (loss (0-dim), p (N,) float32 or None, the delta's column sums (L, C) float32 when
+    ``bias_sum``, else None). On float32 CPU tensors, with a folded peer term from a
+    :class:`~ff_kernels.nn.PeerNormalization` (or none), one compiled call
+    (``ff_loss_output_delta_``: the same four loops, so the same bits): each call right after a
+    GEMM costs tens of microseconds of cache misses on its own code, whatever it computes.
+    """
+    running_mean = getattr(peer, "running_mean", None) if positive_sum is not None else None
+    peer_compiled = positive_sum is None or (fold and running_mean is not None and running_mean.is_contiguous())
+    if peer_compiled and g.dim() == 1 and cpu_ops_take(h, g, out, positive_sum, running_mean):
+        loss, p, col_sum = torch.ops.ff_kernels.ff_loss_output_delta_(
+            h, g, out, n_pos, FF.goodness_sign(goodness) / temperature, threshold, goodness,
+            _norm_divisor(goodness, n_features, rms), FF.NORM_EPS, positive_sum, running_mean,
+            peer.momentum if running_mean is not None else 0.0, peer.strength if running_mean is not None else 0.0,
+            channels_major, bias_sum)
+        return loss, (p if positive_sum is not None else None), (col_sum if bias_sum else None)
+    loss, coef = loss_and_coef(g, n_pos, goodness, threshold, temperature)
+    p, extra = peer_update_(peer, positive_sum, n_pos, channels_major) if positive_sum is not None else (None, None)
+    col_sum = output_and_delta_(h, inverse_scale(g, goodness, n_features, rms), out, coef, goodness,
+                                extra if fold else None, n_pos, bias_sum)
+    return loss, p, col_sum
 
 
 def peer_update_(peer, col_sum: torch.Tensor, n_pos: int, channels_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
