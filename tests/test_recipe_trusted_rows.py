@@ -89,8 +89,8 @@ def test_non_finite_first_layer_weights_stop_a_hybrid_step_at_the_layer_above(na
     recipe = STEPPED_RECIPES[name]()
     with torch.no_grad():
         recipe.model.net[0].weight.view(-1)[7] = float("nan")
-    above = {name: p.clone() for name, p in recipe.model.net[1:].named_parameters()}
+    above = {key: p.clone() for key, p in recipe.model.net[1:].named_parameters()}
     with pytest.raises(ValueError, match="NaN or Inf"):
         recipe.train_step(torch.arange(10), torch.Generator().manual_seed(0))
-    for name, p in recipe.model.net[1:].named_parameters():
-        assert torch.equal(p, above[name]), name
+    for key, p in recipe.model.net[1:].named_parameters():
+        assert torch.equal(p, above[key]), key
