@@ -21,7 +21,10 @@ Between them, :func:`loss_and_coef` is :func:`functional.ff_loss_and_goodness_gr
 loss and dL/dG of the (B,) goodness) as one compiled loop instead of eight tensor ops, and
 :func:`peer_update_` turns the positive rows' column sums into peer normalization's
 derivative (the running mean's update and p, in the unit order and as the positive rows' extra
-term of the delta) in one compiled loop instead of about ten tensor ops.
+term of the delta) in one compiled loop instead of about ten tensor ops. A step calls them
+through :func:`loss_output_delta_`: the loss, the peer update, the row scale and the second pass
+in one compiled call (each call right after a GEMM pays tens of microseconds of cache misses on
+its own code, whatever it computes).
 
 On float32 CPU tensors with the compiled ops loaded each is one pass over h
 (csrc/ff_epilogue_cpu.cpp, vectorized, rows split among threads); otherwise, and as the
