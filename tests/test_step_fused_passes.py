@@ -1,7 +1,8 @@
 """The passes between a step's ReLU pass and its weight-gradient GEMM in one compiled call
 (``step_epilogue.loss_output_delta_`` -> ``ff_loss_output_delta_``) against the four calls it
 replaces (loss and dL/dG, peer normalization's update, the row scale, the output and delta),
-each already tested against its torch reference in test_step_passes.py.
+each already tested against its torch reference in test_step_passes.py, and against the torch
+ops themselves (the same function with the compiled ops switched off).
 
 The fused op runs the same four compiled loops in the same order, so every result is the same
 bits: loss, p, the running mean, the normalized output, the delta and its column sums.
@@ -76,6 +77,44 @@ def test_one_call_gives_the_bits_of_the_four(case):
     assert (col_sum is None) == (col_ref is None) == (not case["bias_sum"])
     if case["bias_sum"]:
         assert torch.equal(col_sum, col_ref)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_one_call_matches_the_torch_ops(case):
+    """The compiled call against the torch-op passes (``cpu_ops_take`` off). Tolerances: the loss
+    and dL/dG are a few float32 operations per row (test_step_passes' 2e-6); the row scale may
+    differ by an ulp of a sqrt, so the output and the delta agree to 1e-5 relative; p and the
+    column sums are sums in another order, to 1e-5 of the sum of magnitudes (a positive row's
+    delta carries p / n_pos, so its tolerance and the column sums' add p's)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    locations, batch, channels = case["shape"]
+    units = locations * channels
+    h = torch.randn(case["shape"], generator=gen)
+    g, positive_sum = step_epilogue.relu_goodness_(h, None, case["kind"], case["n_pos"] if case["peer"] else 0)
+    peers = [PeerNormalization(units, 0.05, 0.9) if case["peer"] else None for _ in range(2)]
+    outs = [torch.empty(batch, units) for _ in range(2)]
+    deltas = [h.clone(), h.clone()]
+    args = (case["n_pos"], case["kind"], case["threshold"], case["temperature"], units, case["rms"])
+    fast = step_epilogue.loss_output_delta_(deltas[0], g, positive_sum, outs[0], *args, peers[0],
+                                            case["channels_major"], bias_sum=case["bias_sum"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step_epilogue, "cpu_ops_take", lambda *tensors: False)
+        slow = step_epilogue.loss_output_delta_(deltas[1], g, positive_sum, outs[1], *args, peers[1],
+                                                case["channels_major"], bias_sum=case["bias_sum"])
+    torch.testing.assert_close(fast[0], slow[0], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+    # p's tolerance (a sum in another order, times the strength); a positive row's delta adds p / n_pos
+    p_tol = 1e-5 * 0.05 * float(peers[1].running_mean.abs().sum()) + 1e-12 if case["peer"] else 0.0
+    delta_atol = 1e-7 * float(deltas[1].abs().max()) + (p_tol / case["n_pos"] if case["peer"] else 0.0) + 1e-30
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-5, atol=delta_atol)
+    if case["peer"]:
+        torch.testing.assert_close(peers[0].running_mean, peers[1].running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast[1], slow[1], rtol=0, atol=p_tol)
+    assert (fast[2] is None) == (slow[2] is None) == (not case["bias_sum"])
+    if case["bias_sum"]:
+        magnitude = deltas[1].abs().sum(1)
+        assert torch.all((fast[2] - slow[2]).abs() <= 1e-5 * magnitude + p_tol + 1e-30)  # n_pos rows of p / n_pos
 
 
 def test_an_unfolded_or_plain_function_peer_takes_the_separate_calls():
